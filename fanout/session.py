@@ -1,0 +1,262 @@
+"""One client connection's control state: handshake, rooms, chat, heartbeats.
+
+The socket itself belongs to the compiled core (``fanout._core.Connection``):
+the session only sees decoded client frames and answers through
+``Connection.send``, the socket's single writer. Room broadcasts never pass
+through here; the core writes them to member sockets directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import DecodeError
+
+from . import _core
+from .auth import AuthError, Claims, verify
+from .logic import Rejected, check_room_name
+from .proto import fanout_pb2 as pb
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("fanout.session")
+
+
+def _frame(ftype: int, msg) -> bytes:
+    return _core.pack_frame(ftype, msg.SerializeToString())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Session:
+    """Control-plane state of one connection; the core's ``owner``."""
+
+    __slots__ = ("node", "conn", "id", "peer", "user", "device_id", "device_class",
+                 "claims", "rooms", "connected_at", "_hard_close")
+
+    def __init__(self, node: "Node", conn: _core.Connection, peer, session_id: str):
+        self.node = node
+        self.conn = conn
+        self.id = session_id
+        self.peer = peer
+        self.user: str | None = None
+        self.device_id = ""
+        self.device_class = ""
+        self.claims: Claims | None = None
+        self.rooms: set[str] = set()
+        self.connected_at = node.loop.time()
+        self._hard_close = None
+        conn.owner = self
+        conn.start_reading(self.on_readable)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.user!r} peer={self.peer!r}>"
+
+    @property
+    def closing(self) -> bool:
+        return self.conn.closing
+
+    # ---------------------------------------------------------------- input
+
+    def on_readable(self) -> None:
+        conn = self.conn
+        try:
+            frames = conn.read()
+        except _core.FrameError as exc:
+            self.fail(exc.reason, str(exc))
+            return
+        for ftype, _flags, body in frames:
+            if conn.closing:
+                return
+            entry = _HANDLERS.get(ftype)
+            if entry is None:
+                self.fail(pb.UNKNOWN_FRAME_TYPE, f"frame type 0x{ftype:02x} is not a client frame")
+                return
+            handler, message_type = entry
+            try:
+                msg = message_type.FromString(body)
+            except DecodeError as exc:
+                self.fail(pb.BAD_PROTOBUF, f"{message_type.__name__} does not decode: {exc}")
+                return
+            if self.user is None and ftype != _core.HELLO:
+                self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
+                return
+            handler(self, msg)
+        if conn.eof and not conn.closing:
+            log.debug("%s: peer closed", self)
+            conn.close()
+
+    def _hello(self, msg: pb.Hello) -> None:
+        if self.user is not None:
+            self.fail(pb.ALREADY_AUTHENTICATED, "this connection is already authenticated")
+            return
+        node = self.node
+        try:
+            claims = verify(msg.token, node.config.secret)
+        except AuthError as exc:
+            node.count("auth_failures")
+            node.count(f"auth_failures.{pb.Reason.Name(exc.reason)}")
+            self.fail(exc.reason, str(exc))
+            return
+        self.claims = claims
+        self.user = claims.user
+        self.device_id = msg.device_id
+        self.device_class = msg.device_class or "default"
+        replaced = node.logic.login(self.user, self.device_class, self.id)
+        cfg = node.config
+        self.send(_core.AUTH_OK, pb.AuthOk(
+            user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
+            idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
+        log.debug("%s: authenticated (device %r, class %r)", self, self.device_id, self.device_class)
+        if replaced is not None:
+            node.kick(replaced, pb.DUPLICATE_LOGIN,
+                      f"user {self.user} logged in again with device class {self.device_class}")
+        for point in msg.resume:
+            self._join_room(0, point.room, point.last_seq, point.epoch)
+
+    def _join(self, msg: pb.Join) -> None:
+        self._join_room(msg.req_id, msg.room, msg.last_seq, msg.epoch)
+
+    def _join_room(self, req_id: int, name: str, last_seq: int, epoch: str) -> None:
+        node = self.node
+        try:
+            check_room_name(name)
+        except Rejected as exc:
+            self.error(req_id, exc.reason, str(exc), name)
+            return
+        if not self.claims.may_join(name):
+            self.error(req_id, pb.ROOM_FORBIDDEN, f"token does not allow room {name!r}", name)
+            return
+        if name not in self.rooms and len(self.rooms) >= node.config.max_rooms_per_conn:
+            self.error(req_id, pb.TOO_MANY_ROOMS,
+                       f"already in {len(self.rooms)} rooms, the limit", name)
+            return
+        room = node.hub.room(name, *node.logic.head(name))
+        # A re-join on the same connection is a resume like any other.
+        room.discard(self.conn)
+        if not last_seq:
+            cursor = room.flushed_seq          # fresh join: from now on
+        elif not epoch or epoch == room.epoch:
+            cursor = min(last_seq, room.last_seq)
+        else:
+            cursor = 0                         # history was reset: from the start
+        self.send(_core.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
+        if cursor < room.flushed_seq:
+            cfg = node.config
+            gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min)
+            if gap_from:
+                node.count("gaps")
+                self.send(_core.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
+                                            epoch=room.epoch))
+            for frame in frames:
+                self.conn.send(frame, True)
+            node.count("replayed_frames", len(frames))
+        if not self.conn.closing:
+            room.add(self.conn)
+            self.rooms.add(name)
+            log.debug("%s: joined %s at seq %d", self, name, cursor)
+
+    def _leave(self, msg: pb.Leave) -> None:
+        if msg.room not in self.rooms:
+            self.error(msg.req_id, pb.NOT_A_MEMBER, f"not in room {msg.room!r}", msg.room)
+            return
+        self._leave_room(msg.room)
+        self.send(_core.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
+
+    def _leave_room(self, name: str) -> None:
+        self.rooms.discard(name)
+        room = self.node.hub.rooms.get(name)
+        if room is not None:
+            room.discard(self.conn)
+
+    def _chat(self, msg: pb.Chat) -> None:
+        if msg.room not in self.rooms:
+            self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {msg.room!r} before chatting in it",
+                       msg.room)
+            return
+        try:
+            seq = self.node.logic.chat(self.user, msg.room, msg.payload)
+        except Rejected as exc:
+            if exc.reason == pb.RATE_LIMITED:
+                self.node.count("rate_limited")
+            self.error(msg.req_id, exc.reason, str(exc), msg.room)
+            return
+        self.send(_core.ACK, pb.Ack(req_id=msg.req_id, room=msg.room, seq=seq))
+
+    def _ping(self, msg: pb.Ping) -> None:
+        self.send(_core.PONG, pb.Pong(nonce=msg.nonce, server_time_ms=_now_ms()))
+
+    # ---------------------------------------------------------------- output
+
+    def send(self, ftype: int, msg) -> None:
+        self.conn.send(_frame(ftype, msg))
+
+    def error(self, req_id: int, reason: int, message: str, room: str = "") -> None:
+        """A request failed; the connection stays open."""
+        log.debug("%s: request %d refused: %s (%s)", self, req_id,
+                  pb.Reason.Name(reason), message)
+        self.send(_core.ERROR, pb.Error(reason=reason, message=message, req_id=req_id, room=room))
+
+    def fail(self, reason: int, message: str) -> None:
+        """Protocol or auth failure: send Error with the reason, then close."""
+        self.node.count(f"closed.{pb.Reason.Name(reason)}")
+        log.info("%s: closing, %s: %s", self, pb.Reason.Name(reason), message)
+        self._close_with(_frame(_core.ERROR, pb.Error(reason=reason, message=message)))
+
+    def kick(self, reason: int, message: str, reconnect_after_ms: int = 0) -> None:
+        """Server-initiated close: send Kick with the reason, then close."""
+        self.node.count(f"kicked.{pb.Reason.Name(reason)}")
+        log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
+        self._close_with(_frame(_core.KICK, pb.Kick(
+            reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)))
+
+    def _close_with(self, frame: bytes) -> None:
+        if self.conn.closing:
+            return
+        self._detach()
+        self.conn.close_after(frame)
+        if self.conn.closed:
+            return
+        grace = self.node.config.close_grace_ms / 1000
+        self._hard_close = self.node.loop.call_later(grace, self.conn.close)
+
+    def _detach(self) -> None:
+        """Stop receiving broadcasts and give up the login; idempotent."""
+        for name in list(self.rooms):
+            self._leave_room(name)
+        if self.user is not None:
+            self.node.logic.logout(self.user, self.device_class, self.id)
+
+    # ---------------------------------------------------------------- core callbacks
+
+    def connection_failed(self, status: int) -> None:
+        if status == _core.STATUS_SLOW:
+            self.node.count("slow_consumers")
+            log.warning("%s: cut as slow consumer (backlog %d bytes in %d frames)", self,
+                        self.conn.backlog_bytes, self.conn.backlog_frames)
+            self.kick(pb.SLOW_CONSUMER, "write backlog over its bound")
+        else:
+            log.debug("%s: socket error, closing", self)
+            self.conn.close()
+
+    def connection_lost(self) -> None:
+        self._detach()
+        if self._hard_close is not None:
+            self._hard_close.cancel()
+            self._hard_close = None
+        self.node.forget(self)
+        log.debug("%s: closed", self)
+
+
+_HANDLERS = {
+    _core.HELLO: (Session._hello, pb.Hello),
+    _core.JOIN: (Session._join, pb.Join),
+    _core.LEAVE: (Session._leave, pb.Leave),
+    _core.CHAT: (Session._chat, pb.Chat),
+    _core.PING: (Session._ping, pb.Ping),
+}

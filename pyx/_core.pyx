@@ -1,0 +1,12 @@
+# cython: language_level=3
+# fanout._core: see fanout/_core.pxd for the data flow.
+#
+# One extension module, split into files by job (as uvloop does), so the
+# cdef classes call each other directly without cross-module imports.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+include "frame.pyx"
+include "connection.pyx"
+include "room.pyx"
+include "hub.pyx"

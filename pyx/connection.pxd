@@ -1,0 +1,70 @@
+# One client connection's socket, owned by the core.
+#
+# Exactly one writer per socket: every byte a client receives, control
+# replies included, goes through send_frame(), so frames never interleave.
+#
+# Write backlog: a ring of references to frame bytes objects (shared with
+# every other member of the room: no copy per recipient) plus the offset
+# already written of the oldest one. The frame objects stay alive, and so
+# their buffers valid, until the backlog drops its reference.
+#
+# Read side: frames are parsed from a scratch buffer shared by all
+# connections; only an incomplete tail is copied into a per-connection carry
+# buffer, so an idle connection holds no read memory.
+
+from cpython.ref cimport PyObject
+
+cdef enum SendStatus:
+    SEND_OK = 0          # written (or queued behind a backlog that is draining)
+    SEND_QUEUED = 1      # partially written; the rest waits for writability
+    SEND_SLOW = 2        # backlog over its bound: cut this consumer
+    SEND_DEAD = 3        # socket error (peer gone)
+    SEND_CLOSED = 4      # connection closing/closed: frame dropped by design
+
+cdef enum ConnState:
+    CONN_OPEN = 0
+    CONN_CLOSING = 1     # flushing a final Kick/Error, reading stopped
+    CONN_CLOSED = 2
+
+cdef class Connection:
+    cdef readonly int fd
+    cdef readonly int state
+    cdef object _loop
+    cdef public object owner          # control-layer session, see connection.pyx
+    cdef object _read_cb              # called with no arguments when readable
+    cdef bint _reading
+    cdef readonly bint eof            # peer closed or reset its side
+
+    # write backlog (ring of owned bytes references)
+    cdef PyObject** _bl
+    cdef Py_ssize_t _bl_cap
+    cdef Py_ssize_t _bl_head
+    cdef Py_ssize_t _bl_len
+    cdef Py_ssize_t _bl_offset        # bytes of the oldest frame already sent
+    cdef readonly Py_ssize_t backlog_bytes
+    cdef readonly Py_ssize_t max_backlog_bytes
+    cdef Py_ssize_t _max_backlog_frames
+    cdef bint _writer_armed
+
+    # read side
+    cdef char* _carry
+    cdef Py_ssize_t _carry_len
+    cdef Py_ssize_t _carry_cap
+    cdef readonly Py_ssize_t max_frame
+    cdef public double last_recv      # loop time of the last byte received
+
+    # counters
+    cdef readonly unsigned long long frames_sent
+    cdef readonly unsigned long long bytes_sent
+    cdef readonly unsigned long long bytes_received
+
+    cdef int send_frame(self, bytes frame) except -1
+    cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
+    cdef int _drain(self) except -1
+    cdef void _arm_writer(self) except *
+    cdef void _disarm_writer(self) except *
+    cdef void _release_backlog(self) noexcept
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1
+    cdef int _discard_input(self) except -1
+    cdef int _keep(self, const char* data, Py_ssize_t n) except -1
+    cdef void _report(self, int status) except *

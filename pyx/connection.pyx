@@ -1,0 +1,384 @@
+# Socket I/O of one client connection (see connection.pxd).
+#
+# Owner protocol: `owner` is the control-layer session. The core calls
+#   owner.connection_failed(status)  backlog over bound (SEND_SLOW) or socket
+#                                    error (SEND_DEAD); never from inside a
+#                                    room's write loop (the Hub defers it);
+#   owner.connection_lost()          exactly once, from close().
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+# EWOULDBLOCK equals EAGAIN on the platforms we build for (Linux, BSDs).
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memmove
+from posix.unistd cimport close as _close_fd
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
+    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
+    int c_shutdown "shutdown"(int fd, int how)
+    enum: MSG_NOSIGNAL
+    enum: MSG_DONTWAIT
+    enum: SHUT_WR
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t c_writev "writev"(int fd, const iovec* iov, int cnt)
+
+cdef enum:
+    SCRATCH_SIZE = 65536
+    MAX_IOV = 64                 # frames per writev; well under IOV_MAX
+    MAX_READS_PER_WAKE = 4       # bound one connection's share of a loop turn
+
+# One read buffer for every connection: the loop is single-threaded and a
+# read callback parses everything it reads before returning.
+cdef char _scratch[SCRATCH_SIZE]
+
+# Status codes, exported for the control layer.
+STATUS_SLOW = SEND_SLOW
+STATUS_DEAD = SEND_DEAD
+
+
+cdef void _on_writable(Connection conn) except *:
+    cdef int st = conn._drain()
+    if st == SEND_DEAD:
+        if conn.state == CONN_CLOSING:
+            conn.close()
+        else:
+            conn._report(SEND_DEAD)
+
+
+def _writable_cb(Connection conn):
+    _on_writable(conn)
+
+
+def _readable_cb(Connection conn):
+    if conn.state == CONN_CLOSING:
+        conn._discard_input()
+    elif conn.state == CONN_OPEN:
+        conn._read_cb()
+
+
+cdef class Connection:
+    """A client socket owned by the core: framed reads, zero-copy writes.
+
+    The connection takes ownership of ``fd`` (non-blocking) and closes it.
+    """
+
+    def __cinit__(self, int fd, loop, *, Py_ssize_t max_frame=65536,
+                  Py_ssize_t max_backlog_bytes=1 << 20,
+                  Py_ssize_t max_backlog_frames=1024):
+        if max_frame <= 0 or max_backlog_bytes <= 0 or max_backlog_frames <= 0:
+            raise ValueError("limits must be positive")
+        self.fd = fd
+        self.state = CONN_OPEN
+        self._loop = loop
+        self.max_frame = max_frame
+        self.max_backlog_bytes = max_backlog_bytes
+        self._max_backlog_frames = max_backlog_frames
+        self._bl = NULL
+        self._carry = NULL
+        self.last_recv = loop.time()
+
+    def __dealloc__(self):
+        self._release_backlog()
+        free(self._bl)
+        free(self._carry)
+        if self.fd >= 0:
+            _close_fd(self.fd)
+
+    # ---------------------------------------------------------------- writing
+
+    cdef int send_frame(self, bytes frame) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        cdef ssize_t w
+        if self.state != CONN_OPEN:
+            return SEND_CLOSED
+        if self._bl_len:
+            # Behind a backlog: queue in order (one writer), or give up on a
+            # consumer that cannot keep up rather than buffer without bound.
+            if (self.backlog_bytes + n > self.max_backlog_bytes
+                    or self._bl_len >= self._max_backlog_frames):
+                return SEND_SLOW
+            self._enqueue(frame, 0)
+            return SEND_OK
+        w = c_send(self.fd, PyBytes_AS_STRING(frame), <size_t>n,
+                   MSG_NOSIGNAL | MSG_DONTWAIT)
+        if w == n:
+            self.frames_sent += 1
+            self.bytes_sent += <unsigned long long>n
+            return SEND_OK
+        if w < 0:
+            if errno != EAGAIN and errno != EINTR:
+                return SEND_DEAD
+            w = 0
+        self.bytes_sent += <unsigned long long>w
+        self._enqueue(frame, w)
+        self._arm_writer()
+        return SEND_QUEUED
+
+    cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1:
+        cdef Py_ssize_t i, new_cap
+        cdef PyObject** grown
+        if self._bl_len == self._bl_cap:
+            new_cap = 8 if self._bl_cap == 0 else self._bl_cap * 2
+            grown = <PyObject**>malloc(new_cap * sizeof(PyObject*))
+            if grown == NULL:
+                raise MemoryError()
+            for i in range(self._bl_len):
+                grown[i] = self._bl[(self._bl_head + i) % self._bl_cap]
+            free(self._bl)
+            self._bl = grown
+            self._bl_cap = new_cap
+            self._bl_head = 0
+        Py_INCREF(frame)
+        self._bl[(self._bl_head + self._bl_len) % self._bl_cap] = <PyObject*>frame
+        if self._bl_len == 0:
+            self._bl_offset = offset
+        self._bl_len += 1
+        self.backlog_bytes += PyBytes_GET_SIZE(frame) - offset
+        return 0
+
+    cdef int _drain(self) except -1:
+        cdef iovec iov[MAX_IOV]
+        cdef int cnt, i
+        cdef ssize_t w
+        cdef Py_ssize_t left
+        cdef PyObject* head
+        while self._bl_len:
+            cnt = <int>(self._bl_len if self._bl_len < MAX_IOV else MAX_IOV)
+            for i in range(cnt):
+                head = self._bl[(self._bl_head + i) % self._bl_cap]
+                iov[i].iov_base = PyBytes_AS_STRING(<object>head)
+                iov[i].iov_len = <size_t>PyBytes_GET_SIZE(<object>head)
+            iov[0].iov_base = <char*>iov[0].iov_base + self._bl_offset
+            iov[0].iov_len -= <size_t>self._bl_offset
+            w = c_writev(self.fd, iov, cnt)
+            if w < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return SEND_QUEUED
+                return SEND_DEAD
+            self.bytes_sent += <unsigned long long>w
+            self.backlog_bytes -= w
+            while w > 0:
+                head = self._bl[self._bl_head]
+                left = PyBytes_GET_SIZE(<object>head) - self._bl_offset
+                if w < left:
+                    self._bl_offset += w
+                    break
+                w -= left
+                self._bl[self._bl_head] = NULL
+                Py_DECREF(<object>head)
+                self._bl_head = (self._bl_head + 1) % self._bl_cap
+                self._bl_len -= 1
+                self._bl_offset = 0
+                self.frames_sent += 1
+            if self._bl_len:
+                return SEND_QUEUED     # short write: the socket is full
+        self._disarm_writer()
+        if self.state == CONN_CLOSING:
+            # Final frame is out. Half-close and keep reading until the peer
+            # closes: closing with unread input would send RST, and an RST
+            # can destroy the Kick/Error the client has not read yet.
+            c_shutdown(self.fd, SHUT_WR)
+        return SEND_OK
+
+    cdef void _arm_writer(self) except *:
+        if not self._writer_armed and self.fd >= 0:
+            self._loop.add_writer(self.fd, _writable_cb, self)
+            self._writer_armed = True
+
+    cdef void _disarm_writer(self) except *:
+        if self._writer_armed:
+            self._writer_armed = False
+            self._loop.remove_writer(self.fd)
+
+    cdef void _release_backlog(self) noexcept:
+        cdef PyObject* obj
+        while self._bl_len:
+            obj = self._bl[self._bl_head]
+            self._bl[self._bl_head] = NULL
+            Py_DECREF(<object>obj)
+            self._bl_head = (self._bl_head + 1) % self._bl_cap
+            self._bl_len -= 1
+        self._bl_offset = 0
+        self.backlog_bytes = 0
+
+    cdef void _report(self, int status) except *:
+        owner = self.owner
+        if owner is not None and self.state == CONN_OPEN:
+            owner.connection_failed(status)
+
+    def send(self, bytes frame, bint force=False):
+        """Write one frame (control replies, replays). Returns the send
+        status; a slow or dead result is also reported to the owner.
+
+        ``force`` queues behind a backlog even past its bound: for replies
+        whose size the node bounds itself, such as a resume replay.
+        """
+        cdef int st
+        if force and self.state == CONN_OPEN and self._bl_len:
+            self._enqueue(frame, 0)
+            return SEND_OK
+        st = self.send_frame(frame)
+        if st == SEND_SLOW or st == SEND_DEAD:
+            self._report(st)
+        return st
+
+    def close_after(self, bytes frame):
+        """Send ``frame`` as the last thing on this connection, then close.
+
+        Queued frames not yet started are dropped (a frame already partly
+        written is finished, so the stream stays parseable). Reading stops;
+        the socket closes once the peer closes or the owner calls close().
+        """
+        cdef PyObject* obj
+        if self.state != CONN_OPEN:
+            return
+        self.state = CONN_CLOSING
+        while self._bl_len > (1 if self._bl_offset else 0):
+            obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
+            self.backlog_bytes -= PyBytes_GET_SIZE(<object>obj)
+            Py_DECREF(<object>obj)
+            self._bl_len -= 1
+        self._enqueue(frame, 0)
+        _on_writable(self)
+        if self._bl_len:
+            self._arm_writer()
+
+    def close(self):
+        """Close the socket now; tells the owner once."""
+        if self.state == CONN_CLOSED:
+            return
+        self.state = CONN_CLOSED
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
+        self._disarm_writer()
+        self._release_backlog()
+        free(self._carry)
+        self._carry = NULL
+        self._carry_len = self._carry_cap = 0
+        _close_fd(self.fd)
+        self.fd = -1
+        self._read_cb = None
+        owner = self.owner
+        self.owner = None
+        if owner is not None:
+            owner.connection_lost()
+
+    @property
+    def backlog_frames(self):
+        return self._bl_len
+
+    @property
+    def closing(self):
+        """True once a final frame is queued or the socket is closed."""
+        return self.state != CONN_OPEN
+
+    @property
+    def closed(self):
+        return self.state == CONN_CLOSED
+
+    # ---------------------------------------------------------------- reading
+
+    def start_reading(self, callback):
+        """Call ``callback()`` whenever the socket is readable; it should
+        call :meth:`read`."""
+        self._read_cb = callback
+        if not self._reading and self.state == CONN_OPEN:
+            self._loop.add_reader(self.fd, _readable_cb, self)
+            self._reading = True
+
+    def read(self):
+        """Drain the socket and return its complete frames as a list of
+        ``(type, flags, body)``, bodies inflated.
+
+        Sets :attr:`eof` when the peer closed. Raises ``FrameError`` on the
+        first frame that breaks the protocol.
+        """
+        cdef list out = []
+        cdef ssize_t r
+        cdef Py_ssize_t used, need
+        cdef char* grown
+        cdef int turn
+        for turn in range(MAX_READS_PER_WAKE):
+            r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+            if r == 0:
+                self.eof = True
+                break
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    self.eof = True   # reset by peer: same as a close for us
+                break
+            self.bytes_received += <unsigned long long>r
+            if self._carry_len == 0:
+                used = self._parse(_scratch, r, out)
+                if used < r:
+                    self._keep(_scratch + used, r - used)
+            else:
+                self._keep(_scratch, r)
+                used = self._parse(self._carry, self._carry_len, out)
+                if used:
+                    memmove(self._carry, self._carry + used, self._carry_len - used)
+                    self._carry_len -= used
+                if self._carry_len == 0:
+                    # idle connections should hold no read memory
+                    free(self._carry)
+                    self._carry = NULL
+                    self._carry_cap = 0
+            if r < SCRATCH_SIZE:
+                break
+        if out or self.eof:
+            self.last_recv = self._loop.time()
+        return out
+
+    cdef int _keep(self, const char* data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t need = self._carry_len + n
+        cdef char* grown
+        if need > self._carry_cap:
+            grown = <char*>realloc(self._carry, need)
+            if grown == NULL:
+                raise MemoryError()
+            self._carry = grown
+            self._carry_cap = need
+        memcpy(self._carry + self._carry_len, data, n)
+        self._carry_len = need
+        return 0
+
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1:
+        # Header checks come before waiting for a body, so the carry buffer
+        # never holds more than one frame of at most max_frame bytes.
+        cdef Py_ssize_t pos = 0, length
+        cdef const uint8_t* p
+        while n - pos >= HEADER_SIZE:
+            p = <const uint8_t*>(data + pos)
+            length = check_header(p, self.max_frame)
+            if length < 0:
+                raise FrameError(<int>-length,
+                                 _header_problem(<int>-length, p, self.max_frame))
+            if n - pos - HEADER_SIZE < length:
+                break
+            out.append((p[1], p[2], body_of(p[2], data + pos + HEADER_SIZE,
+                                            length, self.max_frame)))
+            pos += HEADER_SIZE + length
+        return pos
+
+    cdef int _discard_input(self) except -1:
+        cdef ssize_t r
+        while True:
+            r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+            if r > 0:
+                continue
+            if r < 0 and errno == EINTR:
+                continue
+            if r == 0 or (errno != EAGAIN):
+                self.close()
+            return 0

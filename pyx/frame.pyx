@@ -1,0 +1,233 @@
+# Framing and the pre-encoded RoomMessage records (see frame.pxd).
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
+from libc.string cimport memcpy
+
+import lz4.block as _lz4_block
+
+_lz4_compress = _lz4_block.compress
+_lz4_decompress = _lz4_block.decompress
+
+
+# Frame types (docs/protocol.md).
+HELLO = 0x01
+JOIN = 0x02
+LEAVE = 0x03
+CHAT = 0x04
+PING = 0x05
+AUTH_OK = 0x41
+ERROR = 0x42
+BATCH = 0x43
+KICK = 0x44
+PONG = 0x45
+GAP = 0x46
+ACK = 0x47
+
+
+class FrameError(Exception):
+    """The byte stream broke wire-protocol framing.
+
+    ``reason`` is the ``fanout.v1.Reason`` code sent back to the peer.
+    """
+
+    def __init__(self, int reason, str message):
+        super().__init__(message)
+        self.reason = reason
+
+
+cdef inline void _write_header(char* p, uint8_t ftype, uint8_t flags,
+                               uint32_t length) noexcept nogil:
+    p[0] = <char>WIRE_VERSION
+    p[1] = <char>ftype
+    p[2] = <char>flags
+    p[3] = 0
+    p[4] = <char>((length >> 24) & 0xFF)
+    p[5] = <char>((length >> 16) & 0xFF)
+    p[6] = <char>((length >> 8) & 0xFF)
+    p[7] = <char>(length & 0xFF)
+
+
+cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
+                       Py_ssize_t compress_min):
+    cdef uint8_t flags = 0
+    cdef object packed = None
+    cdef const char* src = body
+    cdef Py_ssize_t n = body_len
+    if compress_min > 0 and body_len >= compress_min:
+        # lz4 reads straight from our buffer through a memoryview (no copy);
+        # compressed output is used only when it is actually smaller.
+        packed = _lz4_compress(
+            PyMemoryView_FromMemory(<char*>body, body_len, PyBUF_READ),
+            store_size=True)
+        if PyBytes_GET_SIZE(packed) < body_len:
+            src = PyBytes_AS_STRING(packed)
+            n = PyBytes_GET_SIZE(packed)
+            flags = FLAG_LZ4
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n)
+    cdef char* out = PyBytes_AS_STRING(frame)
+    _write_header(out, ftype, flags, <uint32_t>n)
+    if n:
+        memcpy(out + HEADER_SIZE, src, n)
+    return frame
+
+
+cdef Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexcept nogil:
+    cdef Py_ssize_t length
+    if p[0] != WIRE_VERSION:
+        return -R_UNSUPPORTED_VERSION
+    if (p[2] & ~FLAG_LZ4) or p[3] != 0:
+        return -R_BAD_FRAME
+    length = ((<Py_ssize_t>p[4] << 24) | (<Py_ssize_t>p[5] << 16)
+              | (<Py_ssize_t>p[6] << 8) | <Py_ssize_t>p[7])
+    if length > max_body:
+        return -R_FRAME_TOO_LARGE
+    return length
+
+
+cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
+                   Py_ssize_t max_body):
+    cdef const uint8_t* u = <const uint8_t*>body
+    cdef Py_ssize_t size
+    if not (flags & FLAG_LZ4):
+        return PyBytes_FromStringAndSize(body, n)
+    if n < 4:
+        raise FrameError(R_BAD_COMPRESSION, "lz4 body shorter than its size prefix")
+    # Check the declared size before inflating: a small frame must not be
+    # able to make the node allocate more than max_body.
+    size = (<Py_ssize_t>u[0] | (<Py_ssize_t>u[1] << 8) | (<Py_ssize_t>u[2] << 16)
+            | (<Py_ssize_t>u[3] << 24))
+    if size > max_body:
+        raise FrameError(R_BAD_COMPRESSION,
+                         f"lz4 body inflates to {size} bytes, limit {max_body}")
+    try:
+        return _lz4_decompress(PyMemoryView_FromMemory(<char*>body, n, PyBUF_READ))
+    except Exception as exc:
+        raise FrameError(R_BAD_COMPRESSION, f"corrupt lz4 body: {exc}") from None
+
+
+cdef Py_ssize_t varint_size(uint64_t v) noexcept nogil:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef char* put_varint(char* p, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        p[0] = <char>((v & 0x7F) | 0x80)
+        v >>= 7
+        p += 1
+    p[0] = <char>v
+    return p + 1
+
+
+cdef inline Py_ssize_t _field_len(Py_ssize_t n) noexcept nogil:
+    # tag byte + length varint + data; proto3 omits empty fields
+    return 0 if n == 0 else 1 + varint_size(<uint64_t>n) + n
+
+
+cdef inline Py_ssize_t _field_varint(uint64_t v) noexcept nogil:
+    return 0 if v == 0 else 1 + varint_size(v)
+
+
+cdef inline char* _put_bytes(char* p, uint8_t tag, const char* data,
+                             Py_ssize_t n) noexcept nogil:
+    if n == 0:
+        return p
+    p[0] = <char>tag
+    p = put_varint(p + 1, <uint64_t>n)
+    memcpy(p, data, n)
+    return p + n
+
+
+cdef inline char* _put_uint(char* p, uint8_t tag, uint64_t v) noexcept nogil:
+    if v == 0:
+        return p
+    p[0] = <char>tag
+    return put_varint(p + 1, v)
+
+
+def encode_room_message(str room, unsigned long long seq, unsigned int kind,
+                        unsigned int priority, str sender, payload,
+                        unsigned long long server_ts_ms):
+    """Encode one RoomMessage as a ``Batch.messages`` record.
+
+    The result is ``0x0A varint(len) RoomMessage`` in canonical proto3 form
+    (fields in number order, defaults omitted), so concatenated records are
+    a valid ``Batch`` body. Called once per published message.
+    """
+    cdef bytes room_b = room.encode("utf-8")
+    cdef bytes sender_b = sender.encode("utf-8")
+    cdef const unsigned char[:] pl = payload
+    cdef Py_ssize_t room_n = len(room_b), sender_n = len(sender_b)
+    cdef Py_ssize_t pl_n = pl.shape[0]
+    cdef Py_ssize_t inner = (_field_len(room_n) + _field_varint(seq)
+                             + _field_varint(kind) + _field_varint(priority)
+                             + _field_len(sender_n) + _field_len(pl_n)
+                             + _field_varint(server_ts_ms))
+    cdef Py_ssize_t total = 1 + varint_size(<uint64_t>inner) + inner
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p[0] = <char>0x0A
+    p = put_varint(p + 1, <uint64_t>inner)
+    p = _put_bytes(p, 0x0A, PyBytes_AS_STRING(room_b), room_n)
+    p = _put_uint(p, 0x10, seq)
+    p = _put_uint(p, 0x18, kind)
+    p = _put_uint(p, 0x20, priority)
+    p = _put_bytes(p, 0x2A, PyBytes_AS_STRING(sender_b), sender_n)
+    if pl_n:
+        p = _put_bytes(p, 0x32, <const char*>&pl[0], pl_n)
+    p = _put_uint(p, 0x38, server_ts_ms)
+    return out
+
+
+def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0):
+    """Frame ``body`` (bytes-like) as ``ftype``; lz4 when it pays and
+    ``len(body) >= compress_min > 0``."""
+    cdef const unsigned char[:] view = body
+    cdef Py_ssize_t n = view.shape[0]
+    if ftype > 0xFF:
+        raise ValueError(f"frame type {ftype} out of range")
+    if n > 0xFFFFFFFF:
+        raise ValueError("body too large for one frame")
+    cdef const char* ptr = b""
+    if n:
+        ptr = <const char*>&view[0]
+    return build_frame(<uint8_t>ftype, ptr, n, compress_min)
+
+
+def parse_frames(data, Py_ssize_t max_body):
+    """Split complete frames off ``data``.
+
+    Returns ``(frames, consumed)`` where frames is a list of
+    ``(type, flags, body)`` with bodies inflated. Raises :class:`FrameError`
+    on the first invalid header or body. Used by tests and tools; a
+    :class:`Connection` runs the same checks on its socket.
+    """
+    cdef const unsigned char[:] view = data
+    cdef Py_ssize_t n = view.shape[0], pos = 0, length
+    cdef const uint8_t* p
+    cdef list frames = []
+    while n - pos >= HEADER_SIZE:
+        p = <const uint8_t*>&view[pos]
+        length = check_header(p, max_body)
+        if length < 0:
+            raise FrameError(<int>-length, _header_problem(<int>-length, p, max_body))
+        if n - pos - HEADER_SIZE < length:
+            break
+        frames.append((p[1], p[2], body_of(p[2], <const char*>p + HEADER_SIZE,
+                                           length, max_body)))
+        pos += HEADER_SIZE + length
+    return frames, pos
+
+
+cdef str _header_problem(int reason, const uint8_t* p, Py_ssize_t max_body):
+    if reason == R_UNSUPPORTED_VERSION:
+        return f"unsupported protocol version {p[0]}"
+    if reason == R_FRAME_TOO_LARGE:
+        length = (p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
+        return f"frame body of {length} bytes exceeds limit {max_body}"
+    return f"malformed frame header (flags=0x{p[2]:02x}, reserved=0x{p[3]:02x})"

@@ -1,0 +1,26 @@
+# The node's broadcast engine: every room on this node and when each flushes.
+#
+# Flush policy (adaptive):
+#   * quiet room (no flush in the last max_delay): flushed at the end of the
+#     current loop iteration; all such rooms share one call_soon;
+#   * hot room: flushed max_delay after its previous flush, so a busy room
+#     costs at most 1/max_delay frames per member per second;
+#   * a batch that reaches max_batch_bytes flushes at once.
+# Connections that a flush finds slow or dead are handed to their owner's
+# connection_failed(reason) after the write loop, never during it.
+
+cdef class Hub:
+    cdef object _loop
+    cdef readonly dict rooms
+    cdef readonly double max_delay
+    cdef readonly Py_ssize_t max_batch_bytes
+    cdef readonly Py_ssize_t compress_min
+    cdef readonly Py_ssize_t ring_size
+    cdef readonly Py_ssize_t ring_bytes
+    cdef list _soon                   # quiet rooms due at end of iteration
+    cdef bint _soon_scheduled
+    cdef readonly unsigned long long flushes
+
+    cpdef Room room(self, str name, str epoch, unsigned long long head_seq)
+    cdef void _schedule(self, Room room) except *
+    cdef void _flush(self, Room room) except *

@@ -1,0 +1,132 @@
+# Every room on this node and the adaptive flush schedule (see hub.pxd).
+
+
+def _flush_soon(Hub hub):
+    cdef list due = hub._soon
+    cdef Room room
+    hub._soon = []
+    hub._soon_scheduled = False
+    for room in due:
+        room._scheduled = False
+        hub._flush(room)
+
+
+def _flush_timer(Hub hub, Room room):
+    room._scheduled = False
+    hub._flush(room)
+
+
+cdef class Hub:
+    """The broadcast engine of one node.
+
+    :param loop: the event loop whose timers drive flushes.
+    :param max_delay: seconds a hot room may hold a message (default 0.05).
+    :param max_batch_bytes: a room's batch is flushed when it reaches this.
+    :param compress_min: smallest batch body worth lz4 (0 disables).
+    :param ring_size: messages per room kept for resume.
+    :param ring_bytes: bytes per room kept for resume.
+    """
+
+    def __cinit__(self, loop, *, double max_delay=0.05,
+                  Py_ssize_t max_batch_bytes=64 * 1024,
+                  Py_ssize_t compress_min=256, Py_ssize_t ring_size=1024,
+                  Py_ssize_t ring_bytes=1 << 20):
+        if max_delay < 0 or max_batch_bytes <= 0 or ring_size < 1 or ring_bytes < 1:
+            raise ValueError("invalid hub limits")
+        self._loop = loop
+        self.rooms = {}
+        self.max_delay = max_delay
+        self.max_batch_bytes = max_batch_bytes
+        self.compress_min = compress_min
+        self.ring_size = ring_size
+        self.ring_bytes = ring_bytes
+        self._soon = []
+
+    cpdef Room room(self, str name, str epoch, unsigned long long head_seq):
+        """The room ``name``; created (or reset, if its epoch moved on) with
+        ``head_seq`` as the newest message published so far."""
+        cdef Room room = self.rooms.get(name)
+        if room is None:
+            room = Room(name, epoch, head_seq, self.ring_size, self.ring_bytes)
+            room.last_activity = self._loop.time()
+            self.rooms[name] = room
+        elif room.epoch != epoch:
+            self._flush(room)
+            room.reset(epoch, head_seq)
+        return room
+
+    def publish(self, str room_name, str epoch, unsigned long long seq,
+                bytes record):
+        """Queue one pre-encoded record (see ``encode_room_message``) for the
+        room's next frame. Returns False for a duplicate ``seq``."""
+        cdef Room room = self.rooms.get(room_name)
+        if room is None:
+            # First message this node sees: the history before it lives
+            # elsewhere, so start the room just behind it.
+            room = Room(room_name, epoch, seq - 1 if seq else 0,
+                        self.ring_size, self.ring_bytes)
+            self.rooms[room_name] = room
+        elif room.epoch != epoch:
+            self._flush(room)
+            room.reset(epoch, seq - 1 if seq else 0)
+        if room._pend_len and room._pend_len + len(record) > self.max_batch_bytes:
+            self._flush(room)
+        if not room.append(seq, record):
+            return False
+        room.last_activity = self._loop.time()
+        if room._pend_len >= self.max_batch_bytes:
+            self._flush(room)
+        else:
+            self._schedule(room)
+        return True
+
+    cdef void _schedule(self, Room room) except *:
+        cdef double now, due
+        if room._scheduled:
+            return
+        room._scheduled = True
+        now = self._loop.time()
+        due = room.last_flush + self.max_delay
+        if due <= now:
+            # Quiet room: out at the end of this loop iteration.
+            self._soon.append(room)
+            if not self._soon_scheduled:
+                self._soon_scheduled = True
+                self._loop.call_soon(_flush_soon, self)
+        else:
+            self._loop.call_at(due, _flush_timer, self, room)
+
+    cdef void _flush(self, Room room) except *:
+        cdef list troubled
+        cdef Connection conn
+        if room._pend_len == 0:
+            return
+        room.last_flush = self._loop.time()
+        troubled = room.flush(self.compress_min)
+        self.flushes += 1
+        if troubled:
+            # After the write loop: cutting a member changes the member list.
+            for conn, st in troubled:
+                conn._report(st)
+
+    def flush(self, str room_name=None):
+        """Flush one room, or every room, now (drain, tests)."""
+        if room_name is not None:
+            room = self.rooms.get(room_name)
+            if room is not None:
+                self._flush(room)
+            return
+        for room in list(self.rooms.values()):
+            self._flush(room)
+
+    def sweep(self, double idle_ttl):
+        """Forget rooms with no members, nothing pending and no message for
+        ``idle_ttl`` seconds. Returns how many were removed."""
+        cdef double cutoff = self._loop.time() - idle_ttl
+        cdef Room room
+        dead = [name for name, room in self.rooms.items()
+                if not room._members and not room._pend_len
+                and room.last_activity < cutoff]
+        for name in dead:
+            del self.rooms[name]
+        return len(dead)

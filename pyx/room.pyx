@@ -1,0 +1,223 @@
+# One room's members, pending batch and resume ring (see room.pxd).
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
+
+cdef enum:
+    FRAME_BATCH = 0x43
+
+
+cdef class Room:
+    """A room on this node. Created by :class:`Hub`, not directly."""
+
+    def __cinit__(self, str name, str epoch, unsigned long long head_seq,
+                  Py_ssize_t ring_size, Py_ssize_t ring_bytes):
+        if ring_size < 1:
+            raise ValueError("ring_size must be >= 1")
+        self.name = name
+        self.epoch = epoch
+        self._members = []
+        self._slot = {}
+        self.last_seq = head_seq
+        self.flushed_seq = head_seq
+        self._ring_cap = ring_size
+        self._ring_max_bytes = ring_bytes
+        self.last_flush = -1e18
+        self.last_activity = 0.0
+
+    def __dealloc__(self):
+        self._ring_clear()
+        free(self._ring)
+        free(self._pend)
+
+    # ---------------------------------------------------------------- members
+
+    def add(self, Connection conn):
+        """Make ``conn`` a member; False if it already was."""
+        if conn in self._slot:
+            return False
+        self._slot[conn] = len(self._members)
+        self._members.append(conn)
+        return True
+
+    def discard(self, Connection conn):
+        """Remove ``conn``; False if it was not a member. O(1): the last
+        member takes the leaver's slot (member order carries no meaning)."""
+        cdef Py_ssize_t i = self._slot.pop(conn, -1)
+        if i < 0:
+            return False
+        last = self._members.pop()
+        if last is not conn:
+            self._members[i] = last
+            self._slot[last] = i
+        return True
+
+    def __len__(self):
+        return len(self._members)
+
+    def __contains__(self, conn):
+        return conn in self._slot
+
+    @property
+    def members(self):
+        return list(self._members)
+
+    # ---------------------------------------------------------------- batching
+
+    cdef int append(self, unsigned long long seq, bytes record) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(record)
+        cdef Py_ssize_t need
+        cdef char* grown
+        if seq <= self.last_seq:
+            return 0                       # already have it: drop the duplicate
+        if seq != self.last_seq + 1:
+            # The feed skipped numbers (history lost upstream). Old records
+            # cannot be contiguous with new ones, so start the ring afresh;
+            # clients see the jump in seq and report a gap.
+            self._ring_clear()
+        need = self._pend_len + n
+        if need > self._pend_cap:
+            need = max(need, 2 * self._pend_cap, 4096)
+            grown = <char*>realloc(self._pend, need)
+            if grown == NULL:
+                raise MemoryError()
+            self._pend = grown
+            self._pend_cap = need
+        memcpy(self._pend + self._pend_len, PyBytes_AS_STRING(record), n)
+        self._pend_len += n
+        self.pending_count += 1
+        self.last_seq = seq
+        self._ring_push(seq, record)
+        return 1
+
+    cdef list flush(self, Py_ssize_t compress_min):
+        cdef list troubled = None
+        cdef int st
+        cdef Py_ssize_t count = self.pending_count
+        cdef Py_ssize_t reached = 0
+        cdef bytes frame
+        cdef Connection member
+        if self._pend_len == 0:
+            return None
+        self.flushed_seq = self.last_seq
+        if not self._members:
+            self._pend_len = 0
+            self.pending_count = 0
+            return None
+        frame = build_frame(FRAME_BATCH, self._pend, self._pend_len, compress_min)
+        self.bytes_in += <unsigned long long>self._pend_len
+        self.bytes_out += <unsigned long long>PyBytes_GET_SIZE(frame)
+        self.frames_built += 1
+        self._pend_len = 0
+        self.pending_count = 0
+        # The hot loop: the same frame object to every member, from C.
+        for member in self._members:
+            st = member.send_frame(frame)
+            if st <= SEND_QUEUED:
+                reached += 1
+            elif st != SEND_CLOSED:
+                if troubled is None:
+                    troubled = []
+                troubled.append((member, st))
+        self.deliveries += <unsigned long long>(count * reached)
+        return troubled
+
+    def pending_bytes(self):
+        return self._pend_len
+
+    # ---------------------------------------------------------------- resume
+
+    cdef void _ring_push(self, unsigned long long seq, bytes record) noexcept:
+        cdef PyObject* old
+        if self._ring == NULL:
+            self._ring = <PyObject**>malloc(self._ring_cap * sizeof(PyObject*))
+            if self._ring == NULL:
+                return                      # no history beats no service
+        if self._ring_count == 0:
+            self._ring_first = seq
+        elif self._ring_count == self._ring_cap:
+            self._ring_pop()
+        Py_INCREF(record)
+        self._ring[seq % self._ring_cap] = <PyObject*>record
+        self._ring_count += 1
+        self._ring_bytes += PyBytes_GET_SIZE(record)
+        while self._ring_bytes > self._ring_max_bytes and self._ring_count > 1:
+            self._ring_pop()
+
+    cdef void _ring_pop(self) noexcept:
+        cdef Py_ssize_t i = self._ring_first % self._ring_cap
+        cdef PyObject* old = self._ring[i]
+        self._ring[i] = NULL
+        self._ring_bytes -= PyBytes_GET_SIZE(<object>old)
+        Py_DECREF(<object>old)
+        self._ring_count -= 1
+        self._ring_first += 1
+
+    cdef void _ring_clear(self) noexcept:
+        while self._ring_count:
+            self._ring_pop()
+        self._ring_first = 0
+
+    def reset(self, str epoch, unsigned long long head_seq):
+        """The room's history restarted upstream (new epoch): forget it."""
+        self._ring_clear()
+        self._pend_len = 0
+        self.pending_count = 0
+        self.epoch = epoch
+        self.last_seq = self.flushed_seq = head_seq
+
+    @property
+    def oldest_seq(self):
+        """Oldest seq that can still be replayed, 0 if none."""
+        return self._ring_first if self._ring_count else 0
+
+    def replay(self, unsigned long long after_seq, Py_ssize_t max_frame_bytes,
+               Py_ssize_t compress_min=0):
+        """Frames for a client that has seen everything up to ``after_seq``.
+
+        Returns ``(gap_from, gap_to, frames)``: ``gap_*`` are 0 unless the
+        range ``after_seq+1 .. gap_to`` has left the ring, in which case the
+        client must be told before the replayed batches. Replay ends at
+        ``flushed_seq``; later messages reach the client with the next flush.
+        """
+        cdef unsigned long long start = after_seq + 1
+        cdef unsigned long long end = self.flushed_seq
+        cdef unsigned long long first, seq
+        cdef unsigned long long gap_from = 0, gap_to = 0
+        cdef list frames = []
+        cdef bytearray buf
+        cdef object rec
+        if after_seq >= end:
+            return 0, 0, frames
+        first = self._ring_first if self._ring_count else end + 1
+        if start < first:
+            gap_from = start
+            gap_to = min(first - 1, end)
+            start = gap_to + 1
+        buf = bytearray()
+        seq = start
+        while seq <= end:
+            rec = <object>self._ring[seq % self._ring_cap]
+            if buf and len(buf) + len(rec) > max_frame_bytes:
+                frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min))
+                buf = bytearray()
+            buf += rec
+            seq += 1
+        if buf:
+            frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min))
+        return gap_from, gap_to, frames
+
+    def stats(self):
+        return {
+            "members": len(self._members),
+            "last_seq": self.last_seq,
+            "flushed_seq": self.flushed_seq,
+            "oldest_seq": self.oldest_seq,
+            "pending": self.pending_count,
+            "frames": self.frames_built,
+            "deliveries": self.deliveries,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }

@@ -1,0 +1,82 @@
+"""Build fanout's compiled core (pyx/ -> fanout._core) and its protobuf module.
+
+Build switches (environment variables), in the style of uvloop/asyncpg:
+  FANOUT_DEBUG=1     C asserts on (FANOUT_DEBUG macro), -O0 -g, Cython
+                     linetrace + profiling hooks, bounds checks.
+  FANOUT_ANNOTATE=1  write Cython's HTML annotation next to the sources.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+HERE = pathlib.Path(__file__).parent.resolve()
+PROTO_DIR = HERE / "fanout" / "proto"
+MIN_CYTHON = (3, 0)
+
+
+def _flag(name):
+    return os.environ.get(name, "") not in ("", "0", "false", "no")
+
+
+def generate_protobuf():
+    """fanout/proto/fanout.proto -> fanout_pb2.py (+ .pyi), with protoc from
+    grpcio-tools, a build requirement; regenerated when the .proto is newer."""
+    src = PROTO_DIR / "fanout.proto"
+    out = PROTO_DIR / "fanout_pb2.py"
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    rc = protoc.main([
+        "protoc", f"-I{PROTO_DIR}", f"-I{include}",
+        f"--python_out={PROTO_DIR}", f"--pyi_out={PROTO_DIR}", str(src),
+    ])
+    if rc != 0:
+        raise SystemExit(f"protoc failed on {src} (exit {rc})")
+
+
+class BuildPy(build_py):
+    def run(self):
+        generate_protobuf()
+        super().run()
+
+
+def extensions():
+    import Cython
+    from Cython.Build import cythonize
+
+    version = tuple(int(p) for p in Cython.__version__.split(".")[:2])
+    if version < MIN_CYTHON:
+        raise SystemExit(f"Cython >= {MIN_CYTHON} needed, found {Cython.__version__}")
+
+    debug = _flag("FANOUT_DEBUG")
+    macros = [("CYTHON_TRACE_NOGIL", "1"), ("FANOUT_DEBUG", "1")] if debug else [("NDEBUG", "1")]
+    cflags = ["-O0", "-g3", "-UNDEBUG"] if debug else ["-O2"]
+    directives = {
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": False,
+        "initializedcheck": debug,
+        "cdivision": True,
+        "embedsignature": True,
+        "linetrace": debug,
+        "profile": debug,
+    }
+    ext = Extension(
+        "fanout._core", ["pyx/_core.pyx"],
+        include_dirs=["pyx"], define_macros=macros, extra_compile_args=cflags,
+    )
+    return cythonize([ext], compiler_directives=directives,
+                     annotate=_flag("FANOUT_ANNOTATE"), include_path=[".", "pyx"],
+                     build_dir="build/cython")
+
+
+generate_protobuf()
+setup(ext_modules=extensions(), cmdclass={"build_py": BuildPy})
