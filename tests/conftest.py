@@ -114,3 +114,13 @@ def token(user: str = "alice", rooms="*", ttl: float = 3600, secret: str = SECRE
 
 
 __all__ = ["token", "SECRET", "DEV_SECRET"]
+
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """In-process async tests run once on uvloop and once on asyncio."""
+    import asyncio
+
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}

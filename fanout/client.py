@@ -1,0 +1,769 @@
+"""Asyncio client SDK for fanout nodes (wire protocol v1, docs/protocol.md).
+
+Typical use::
+
+    async with Client("127.0.0.1", 7000, token, device_class="mobile") as client:
+        await client.join("live:42")
+        await client.say("live:42", "hello")
+        async for event in client:
+            if isinstance(event, pb.RoomMessage):
+                show(event)
+            elif isinstance(event, pb.Gap):
+                warn_skipped(event.room, event.from_seq, event.to_seq)
+
+The client reconnects by itself after a dropped connection or a transient
+kick, and resumes every joined room from the last sequence number it
+delivered. Its one guarantee is *no silent loss*: for each joined room the
+events it yields account for every sequence number after the join exactly
+once, either as a :class:`~fanout.proto.fanout_pb2.RoomMessage` or inside a
+:class:`~fanout.proto.fanout_pb2.Gap`.
+
+The SDK is pure Python (it uses :mod:`fanout.wire`, never the compiled
+core) and costs two tasks and one socket per client, so one process can
+drive thousands of clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from fanout import wire
+from fanout.proto import fanout_pb2 as pb
+from fanout.wire import FrameType
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "AuthError",
+    "RequestError",
+    "KickedError",
+    "ConnectionLostError",
+    "Event",
+    "REQUEST_TIMEOUT",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a request (join, leave, say) waits for its Ack or Error,
+#: including any time spent waiting for a reconnect.
+REQUEST_TIMEOUT = 10.0
+
+#: What iteration yields.
+Event = pb.RoomMessage | pb.Gap | pb.Error
+
+_READ_SIZE = 65536
+# Used only if a node's AuthOk leaves the heartbeat fields at 0.
+_DEFAULT_PING_INTERVAL = 15.0
+_IDLE_PER_PING = 3
+# Reasons after which reconnecting cannot help: the credentials or the
+# client are wrong, or another device of this user took over. AUTH_TIMEOUT is
+# left out on purpose: a Hello delayed by a bad network deserves a retry.
+_FATAL_REASONS = frozenset(
+    {
+        pb.AUTH_REQUIRED,
+        pb.AUTH_MISSING,
+        pb.AUTH_INVALID,
+        pb.AUTH_EXPIRED,
+        pb.ALREADY_AUTHENTICATED,
+        pb.DUPLICATE_LOGIN,
+    }
+)
+_AUTH_REASONS = frozenset(range(pb.AUTH_REQUIRED, pb.ALREADY_AUTHENTICATED + 1))
+# Error reasons after which the node closes the connection (framing and auth).
+_CLOSING_ERRORS = frozenset(range(pb.BAD_FRAME, pb.BAD_COMPRESSION + 1)) | _AUTH_REASONS
+_END = object()  # queue marker: iteration is over
+
+
+class ClientError(Exception):
+    """Base class of the SDK's errors.
+
+    :ivar reason: a ``fanout.v1.Reason`` code (``int``); 0 when the error did
+        not come from the node.
+    :ivar message: human-readable detail.
+    """
+
+    def __init__(self, reason: int, message: str = "") -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        if not self.reason:
+            return self.message
+        try:
+            name = pb.Reason.Name(self.reason)
+        except ValueError:  # a reason added after this SDK was built
+            name = f"reason {self.reason}"
+        return f"{name}: {self.message}" if self.message else name
+
+
+class AuthError(ClientError):
+    """The node rejected the Hello (bad, expired or missing token, ...)."""
+
+
+class RequestError(ClientError):
+    """The node answered a join, leave or say with an Error.
+
+    :ivar room: the room of the failed request.
+    """
+
+    def __init__(self, reason: int, message: str = "", room: str = "") -> None:
+        super().__init__(reason, message)
+        self.room = room
+
+
+class KickedError(ClientError):
+    """The node ended the session for good (duplicate login, auth failure).
+
+    Raised by iteration; the client does not reconnect after it.
+    """
+
+
+class ConnectionLostError(ClientError):
+    """The connection ended before a reply arrived, or for good when the
+    client does not reconnect.
+
+    :ivar reconnect_after: seconds the node asked the client to wait before
+        reconnecting (from ``Kick.reconnect_after_ms``), else 0.
+    """
+
+    def __init__(self, reason: int, message: str = "", reconnect_after: float = 0.0) -> None:
+        super().__init__(reason, message)
+        self.reconnect_after = reconnect_after
+
+
+class _Pending:
+    """A request waiting for its Ack or Error."""
+
+    __slots__ = ("ftype", "room", "future")
+
+    def __init__(self, ftype: FrameType, room: str, future: asyncio.Future) -> None:
+        self.ftype = ftype
+        self.room = room
+        self.future = future
+
+
+class _Connection:
+    """One TCP connection; a :class:`Client` goes through many of them."""
+
+    __slots__ = ("reader", "writer", "decoder", "auth", "started", "last_recv", "error")
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, now: float
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = wire.FrameDecoder(wire.MAX_SERVER_FRAME)
+        self.auth: pb.AuthOk | None = None
+        self.started = now
+        self.last_recv = now
+        self.error: Exception | None = None
+
+    def send(self, ftype: FrameType, msg) -> None:
+        self.writer.write(wire.encode_frame(ftype, msg))
+
+    def fail(self, error: Exception) -> None:
+        """Record why the connection ends (first cause wins) and drop it.
+
+        Aborting makes the pending ``read()`` return, which ends the
+        connection's read loop.
+        """
+        if self.error is None:
+            self.error = error
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        if not self.writer.transport.is_closing():
+            self.writer.close()
+
+
+class Client:
+    """A connection to a fanout node that survives disconnects.
+
+    :param host: node address.
+    :param port: node TCP port.
+    :param token: JWT sent in every Hello. The attribute ``token`` may be
+        replaced at any time (e.g. after a refresh); the next reconnect uses it.
+    :param device_id: opaque install id, for the node's logs.
+    :param device_class: one login per user and device class; a newer login
+        of the same class kicks this one with ``DUPLICATE_LOGIN``.
+    :param reconnect: reconnect and resume after a lost connection or a
+        transient kick. If false, iteration raises
+        :class:`ConnectionLostError` instead.
+    :param backoff_min: base of the exponential reconnect backoff, seconds.
+    :param backoff_max: cap of the reconnect backoff, seconds.
+    :param connect_timeout: seconds for TCP connect plus the Hello/AuthOk
+        exchange.
+    :param client_name: sent in ``Hello.client`` for the node's logs.
+
+    Received events are buffered in an unbounded :class:`asyncio.Queue`: the
+    SDK never pushes back on the node, so an application that stops
+    consuming grows memory instead of getting kicked as a slow consumer.
+    """
+
+    #: Per-request timeout in seconds; may be overridden per instance.
+    request_timeout = REQUEST_TIMEOUT
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        device_id: str = "",
+        device_class: str = "default",
+        reconnect: bool = True,
+        backoff_min: float = 0.2,
+        backoff_max: float = 10.0,
+        connect_timeout: float = 5.0,
+        client_name: str = "fanout-py",
+    ) -> None:
+        if not 0 < backoff_min <= backoff_max:
+            raise ValueError("need 0 < backoff_min <= backoff_max")
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be positive")
+        self.host = host
+        self.port = port
+        self.token = token
+        self.device_id = device_id
+        self.device_class = device_class
+        self.reconnect = reconnect
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.connect_timeout = connect_timeout
+        self.client_name = client_name
+        #: Counters: frames received, messages and gaps yielded, duplicate
+        #: messages dropped, successful reconnects.
+        self.stats: dict[str, int] = {
+            "frames": 0,
+            "messages": 0,
+            "duplicates": 0,
+            "gaps": 0,
+            "reconnects": 0,
+        }
+
+        # room -> [epoch, seq]: the joined rooms and the last seq accounted
+        # for (delivered or covered by a Gap). A list so the hot path
+        # updates it in place.
+        self._cursors: dict[str, list] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._last_req_id = 0
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._conn: _Connection | None = None
+        self._auth: pb.AuthOk | None = None  # AuthOk of the current connection
+        self._ready = asyncio.Event()  # set while connected, and once ended
+        self._runner: asyncio.Task | None = None
+        self._started = False
+        self._closed = False
+        self._ended = False
+        self._end_error: Exception | None = None
+
+    # ------------------------------------------------------------ public API
+
+    async def connect(self) -> None:
+        """Connect, authenticate and resume the joined rooms.
+
+        One attempt only: failures are raised, not retried. Reconnecting
+        starts once a first connection has been established.
+
+        :raises AuthError: the node refused the token.
+        :raises KickedError: the node kicked the Hello for good.
+        :raises ConnectionLostError: the node closed or broke the connection.
+        :raises OSError: TCP connect failed.
+        :raises asyncio.TimeoutError: no AuthOk within ``connect_timeout``.
+        :raises RuntimeError: already connected, or closed.
+        """
+        if self._closed:
+            raise RuntimeError("client is closed")
+        if self._started:
+            raise RuntimeError("connect() was already called")
+        conn = await self._open()
+        self._started = True
+        self._runner = asyncio.get_running_loop().create_task(
+            self._run(conn), name=f"fanout-client-{self.host}:{self.port}"
+        )
+
+    async def close(self) -> None:
+        """Stop reconnecting, close the connection and end iteration.
+
+        Events still queued are discarded; pending requests fail with
+        :class:`ConnectionLostError`. Calling it again is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.wait({self._runner})  # unlike await, leaves our own cancellation alone
+        if self._conn is not None:  # the runner was cancelled before it started
+            self._conn.close()
+        self._disconnected(ConnectionLostError(0, "client closed"))
+        self._finish(None, discard_queued=True)
+
+    async def join(self, room: str, *, last_seq: int = 0, epoch: str = "") -> pb.Ack:
+        """Join a room, or resume it after ``last_seq`` of ``epoch``.
+
+        The Ack's ``seq`` becomes the room's cursor: the next event for the
+        room is its message ``seq + 1`` or a Gap starting there.
+
+        :param last_seq: 0 to start at the room's current head; else replay
+            every message after it (a Gap reports what is no longer kept).
+        :param epoch: the epoch ``last_seq`` belongs to.
+        :raises RequestError: the node refused (ROOM_FORBIDDEN, TOO_MANY_ROOMS, ...).
+        :raises ConnectionLostError: the connection dropped before the reply.
+        :raises asyncio.TimeoutError: no reply within ``request_timeout``.
+        """
+        return await self._request(
+            FrameType.JOIN, pb.Join(room=room, last_seq=last_seq, epoch=epoch)
+        )
+
+    async def leave(self, room: str) -> pb.Ack:
+        """Leave a room. Its messages are dropped from the moment of the call.
+
+        :raises RequestError: e.g. NOT_A_MEMBER.
+        :raises ConnectionLostError: the connection dropped before the reply
+            (the room is still left: it is not resumed).
+        :raises asyncio.TimeoutError: no reply within ``request_timeout``.
+        """
+        return await self._request(FrameType.LEAVE, pb.Leave(room=room))
+
+    async def say(self, room: str, payload: bytes | str) -> pb.Ack:
+        """Publish a chat message to a joined room.
+
+        :param payload: application bytes; a ``str`` is sent as UTF-8.
+        :returns: the Ack; its ``seq`` is the sequence number the node
+            assigned (this client receives the message too, with that seq).
+        :raises RequestError: e.g. RATE_LIMITED, MESSAGE_TOO_LARGE, NOT_A_MEMBER.
+        :raises ConnectionLostError: the connection dropped before the reply;
+            the message may or may not have been published.
+        :raises asyncio.TimeoutError: no reply within ``request_timeout``.
+        """
+        if isinstance(payload, str):
+            payload = payload.encode()
+        return await self._request(FrameType.CHAT, pb.Chat(room=room, payload=payload))
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """Wait for the next event.
+
+        :returns: a :class:`pb.RoomMessage`, a :class:`pb.Gap` (messages the
+            node can no longer deliver, announced by it or detected by the
+            client), or a :class:`pb.Error` with ``req_id`` 0 (the node
+            refused to resume that room; it is no longer joined). ``None``
+            once :meth:`close` was called.
+        :raises KickedError: kicked for good (after all earlier events).
+        :raises AuthError: re-authentication failed while reconnecting.
+        :raises ConnectionLostError: connection lost and ``reconnect`` is off.
+        :raises asyncio.TimeoutError: nothing within ``timeout`` seconds.
+        """
+        if timeout is None:
+            item = await self._events.get()
+        else:
+            item = await asyncio.wait_for(self._events.get(), timeout)
+        if item is _END:
+            self._events.put_nowait(_END)  # every later call ends the same way
+            if self._end_error is not None:
+                raise self._end_error
+            return None
+        return item
+
+    def cursor(self, room: str) -> tuple[str, int] | None:
+        """``(epoch, seq)`` of the last message accounted for in ``room``, or
+        ``None`` if the room is not joined."""
+        cur = self._cursors.get(room)
+        return None if cur is None else (cur[0], cur[1])
+
+    @property
+    def rooms(self) -> list[str]:
+        """The joined rooms (the ones resumed on reconnect)."""
+        return list(self._cursors)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is authenticated right now."""
+        return self._conn is not None
+
+    @property
+    def auth(self) -> pb.AuthOk | None:
+        """The AuthOk of the current connection, if connected."""
+        return self._conn.auth if self._conn is not None else None
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ connection lifecycle
+
+    async def _open(self) -> _Connection:
+        return await asyncio.wait_for(self._handshake(), self.connect_timeout)
+
+    async def _handshake(self) -> _Connection:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        conn = _Connection(reader, writer, asyncio.get_running_loop().time())
+        self._auth = None
+        try:
+            conn.send(FrameType.HELLO, self._hello())
+            # Frames that share a read with the AuthOk (resume Acks, Gaps,
+            # replays) are dispatched right away, in order, by _receive.
+            while self._auth is None:
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    raise ConnectionLostError(0, "node closed the connection during the handshake")
+                error = self._receive(conn, data)
+                if error is not None:
+                    raise error
+        except BaseException:
+            conn.writer.transport.abort()
+            self._auth = None
+            raise
+        conn.auth = self._auth
+        self._conn = conn
+        self._ready.set()
+        log.debug(
+            "connected to %s:%s as %s (session %s)",
+            self.host,
+            self.port,
+            conn.auth.user,
+            conn.auth.session,
+        )
+        return conn
+
+    def _hello(self) -> pb.Hello:
+        return pb.Hello(
+            token=self.token,
+            device_id=self.device_id,
+            device_class=self.device_class,
+            client=self.client_name,
+            resume=[
+                pb.ResumePoint(room=room, last_seq=seq, epoch=epoch)
+                for room, (epoch, seq) in self._cursors.items()
+            ],
+        )
+
+    async def _run(self, conn: _Connection) -> None:
+        """Serve connections until closed or ended for good."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        try:
+            while True:
+                error = await self._serve(conn)
+                self._disconnected(error)
+                if not self.reconnect or not self._retryable(error):
+                    self._finish(error)
+                    return
+                # A connection that dies right after connecting keeps
+                # backing off; only a stable one resets the backoff.
+                if loop.time() - conn.started >= self.backoff_max:
+                    attempt = 0
+                log.info("connection to %s:%s lost (%s); reconnecting", self.host, self.port, error)
+                while True:
+                    await asyncio.sleep(
+                        getattr(error, "reconnect_after", 0.0) + self._backoff(attempt)
+                    )
+                    attempt += 1
+                    try:
+                        conn = await self._open()
+                        break
+                    except (OSError, asyncio.TimeoutError, ClientError) as exc:
+                        if not self._retryable(exc):
+                            self._finish(exc)
+                            return
+                        log.info("reconnect to %s:%s failed (%s)", self.host, self.port, exc)
+                        error = exc
+                self.stats["reconnects"] += 1
+        except Exception as exc:  # a bug: end iteration with it instead of hanging
+            log.exception("fanout client failed")
+            self._disconnected(exc)
+            self._finish(exc)
+
+    @staticmethod
+    def _retryable(error: Exception) -> bool:
+        return not isinstance(error, (KickedError, AuthError)) or error.reason not in _FATAL_REASONS
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads a crowd of clients that lost the same node.
+        return random.uniform(
+            0.0, min(self.backoff_max, self.backoff_min * 2.0 ** min(attempt, 32))
+        )
+
+    async def _serve(self, conn: _Connection) -> Exception:
+        """Read and dispatch until the connection ends; return why it ended."""
+        pinger = asyncio.get_running_loop().create_task(self._keepalive(conn))
+        try:
+            while conn.error is None:
+                try:
+                    data = await conn.reader.read(_READ_SIZE)
+                except OSError as exc:
+                    conn.fail(ConnectionLostError(0, f"connection lost: {exc}"))
+                    break
+                if not data:
+                    conn.fail(ConnectionLostError(0, "node closed the connection"))
+                    break
+                error = self._receive(conn, data)
+                if error is not None:
+                    conn.fail(error)
+        finally:
+            pinger.cancel()
+            conn.close()
+        return conn.error
+
+    async def _keepalive(self, conn: _Connection) -> None:
+        """Ping on the node's schedule; declare the connection dead when
+        nothing at all (Pong, data) arrived for the idle timeout."""
+        loop = asyncio.get_running_loop()
+        interval = conn.auth.ping_interval_ms / 1000 or _DEFAULT_PING_INTERVAL
+        idle = conn.auth.idle_timeout_ms / 1000 or interval * _IDLE_PER_PING
+        nonce = 0
+        next_ping = loop.time() + interval
+        while True:
+            now = loop.time()
+            if now - conn.last_recv >= idle:
+                conn.fail(
+                    ConnectionLostError(
+                        pb.HEARTBEAT_TIMEOUT, f"nothing received from the node for {idle:g} s"
+                    )
+                )
+                return
+            if now >= next_ping:
+                nonce += 1
+                conn.send(FrameType.PING, pb.Ping(nonce=nonce))
+                next_ping = now + interval
+            await asyncio.sleep(min(next_ping, conn.last_recv + idle) - now)
+
+    def _disconnected(self, error: Exception) -> None:
+        """Forget the connection; fail the requests it carried (whether the
+        node acted on them is unknown)."""
+        self._conn = None
+        self._auth = None
+        if not self._ended:
+            self._ready.clear()
+        reason = getattr(error, "reason", 0)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(
+                    ConnectionLostError(reason, f"connection lost before the reply ({error})")
+                )
+        self._pending.clear()
+
+    def _finish(self, error: Exception | None, *, discard_queued: bool = False) -> None:
+        """End iteration with ``error`` (``None``: cleanly), after the events
+        already queued unless ``discard_queued``. Only :meth:`close` may end
+        an iteration that already ended, to make it end cleanly."""
+        if self._ended and not discard_queued:
+            return
+        if discard_queued:
+            while not self._events.empty():
+                self._events.get_nowait()
+        self._ended = True
+        self._end_error = error
+        self._ready.set()  # wake requests waiting for a connection
+        self._events.put_nowait(_END)
+
+    # ------------------------------------------------------------ requests
+
+    async def _request(self, ftype: FrameType, msg) -> pb.Ack:
+        return await asyncio.wait_for(self._exchange(ftype, msg), self.request_timeout)
+
+    async def _exchange(self, ftype: FrameType, msg) -> pb.Ack:
+        # While reconnecting, requests wait for the next connection.
+        while self._conn is None:
+            if self._ended or self._closed:
+                raise ConnectionLostError(
+                    0, f"client is not connected ({self._end_error or 'closed'})"
+                )
+            if not self._started:
+                raise RuntimeError("call connect() first")
+            await self._ready.wait()
+        conn = self._conn
+        future = self._register(ftype, msg)
+        try:
+            if ftype == FrameType.LEAVE:
+                # Left from now on: later messages are dropped, and the room
+                # is not resumed even if the reply is lost with the connection.
+                self._cursors.pop(msg.room, None)
+            conn.send(ftype, msg)
+            try:
+                await conn.writer.drain()
+            except ConnectionError:
+                pass  # the read loop notices too and fails `future`
+            return await future
+        finally:
+            self._pending.pop(msg.req_id, None)
+
+    def _register(self, ftype: FrameType, msg) -> asyncio.Future:
+        """Give ``msg`` a fresh nonzero req_id and track its reply."""
+        req_id = self._last_req_id
+        while True:
+            req_id = req_id % 0xFFFFFFFF + 1
+            if req_id not in self._pending:
+                break
+        self._last_req_id = msg.req_id = req_id
+        future = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = _Pending(ftype, msg.room, future)
+        return future
+
+    # ------------------------------------------------------------ frame handling
+
+    def _receive(self, conn: _Connection, data: bytes) -> ClientError | None:
+        """Handle bytes read from ``conn``; return an error if it must end."""
+        conn.last_recv = asyncio.get_running_loop().time()
+        try:
+            frames = conn.decoder.feed(data)
+        except wire.WireError as exc:
+            return ConnectionLostError(exc.reason, f"bad frame from the node: {exc.message}")
+        for ftype, _flags, body in frames:
+            error = self._dispatch(ftype, body)
+            if error is not None:
+                return error
+        return None
+
+    def _dispatch(self, ftype: int, body: bytes) -> ClientError | None:
+        """Decode and handle one frame body."""
+        self.stats["frames"] += 1
+        handler = self._HANDLERS.get(ftype)
+        if handler is None:
+            # Forward compatibility: a newer node may add frame types.
+            log.debug("ignoring frame type 0x%02x", ftype)
+            return None
+        try:
+            msg = wire.decode_message(ftype, body)
+        except wire.WireError as exc:
+            return ConnectionLostError(exc.reason, f"bad frame from the node: {exc.message}")
+        return handler(self, msg)
+
+    def _on_auth_ok(self, msg: pb.AuthOk) -> None:
+        if self._auth is None:
+            self._auth = msg
+        else:
+            log.warning("ignoring a second AuthOk")
+
+    def _on_error(self, err: pb.Error) -> ClientError | None:
+        if self._auth is None:  # answer to the Hello
+            cls = AuthError if err.reason in _AUTH_REASONS else ConnectionLostError
+            return cls(err.reason, err.message)
+        pending = self._pending.get(err.req_id) if err.req_id else None
+        if pending is not None:
+            if not pending.future.done():
+                pending.future.set_exception(RequestError(err.reason, err.message, pending.room))
+            return None
+        if err.reason in _CLOSING_ERRORS:
+            cls = KickedError if err.reason in _FATAL_REASONS else ConnectionLostError
+            return cls(err.reason, err.message)
+        if err.req_id == 0 and err.room in self._cursors:
+            # A resume point was refused: the room is no longer joined. The
+            # application is told, since its messages stop here.
+            log.warning(
+                "node refused to resume room %r: %s", err.room, ClientError(err.reason, err.message)
+            )
+            del self._cursors[err.room]
+            self._events.put_nowait(err)
+        else:
+            log.debug(
+                "unmatched Error (request timed out?): %s", ClientError(err.reason, err.message)
+            )
+        return None
+
+    def _on_kick(self, kick: pb.Kick) -> ClientError:
+        if kick.reason in _FATAL_REASONS:
+            return KickedError(kick.reason, kick.message)
+        return ConnectionLostError(kick.reason, kick.message, kick.reconnect_after_ms / 1000)
+
+    def _on_pong(self, pong: pb.Pong) -> None:
+        pass  # receiving it already refreshed conn.last_recv
+
+    def _on_ack(self, ack: pb.Ack) -> None:
+        if ack.req_id == 0:
+            # Reply to a Hello resume point: matched by room.
+            cur = self._cursors.get(ack.room)
+            if cur is not None:
+                cur[0], cur[1] = ack.epoch, ack.seq
+            return
+        pending = self._pending.get(ack.req_id)
+        if pending is None:
+            log.debug("unmatched Ack for req_id %d (request timed out?)", ack.req_id)
+            return
+        if pending.ftype == FrameType.JOIN:
+            # Set here, not in join(): the Gap and replay that follow the Ack
+            # may be in this very read and must see the new cursor.
+            self._cursors[pending.room] = [ack.epoch, ack.seq]
+        if not pending.future.done():
+            pending.future.set_result(ack)
+
+    def _on_gap(self, gap: pb.Gap) -> None:
+        cur = self._cursors.get(gap.room)
+        if cur is None:
+            return
+        if gap.to_seq <= cur[1]:
+            log.debug(
+                "ignoring stale Gap %s %d..%d (cursor %d)",
+                gap.room,
+                gap.from_seq,
+                gap.to_seq,
+                cur[1],
+            )
+            return
+        if gap.from_seq != cur[1] + 1:
+            # Keep the accounting contiguous: the yielded Gap always starts
+            # right after the cursor.
+            log.warning(
+                "Gap %s %d..%d does not start after cursor %d",
+                gap.room,
+                gap.from_seq,
+                gap.to_seq,
+                cur[1],
+            )
+            gap = pb.Gap(room=gap.room, from_seq=cur[1] + 1, to_seq=gap.to_seq, epoch=gap.epoch)
+        if gap.epoch:
+            cur[0] = gap.epoch
+        self._emit_gap(cur, gap)
+
+    def _on_batch(self, batch: pb.Batch) -> None:
+        cursors = self._cursors
+        stats = self.stats
+        put = self._events.put_nowait
+        for msg in batch.messages:
+            cur = cursors.get(msg.room)
+            if cur is None:
+                continue  # not joined (or just left)
+            seq = msg.seq
+            if seq <= cur[1]:
+                stats["duplicates"] += 1  # e.g. replay overlapping live delivery
+                continue
+            if seq > cur[1] + 1:
+                log.warning(
+                    "room %s: messages %d..%d missing without a Gap", msg.room, cur[1] + 1, seq - 1
+                )
+                self._emit_gap(
+                    cur, pb.Gap(room=msg.room, from_seq=cur[1] + 1, to_seq=seq - 1, epoch=cur[0])
+                )
+            cur[1] = seq
+            stats["messages"] += 1
+            put(msg)
+
+    def _emit_gap(self, cur: list, gap: pb.Gap) -> None:
+        cur[1] = gap.to_seq
+        self.stats["gaps"] += 1
+        self._events.put_nowait(gap)
+
+    _HANDLERS = {
+        FrameType.AUTH_OK: _on_auth_ok,
+        FrameType.ERROR: _on_error,
+        FrameType.BATCH: _on_batch,
+        FrameType.KICK: _on_kick,
+        FrameType.PONG: _on_pong,
+        FrameType.GAP: _on_gap,
+        FrameType.ACK: _on_ack,
+    }

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Write tests/vectors/frames.json: wire protocol v1 test vectors.
+
+Every value is fixed, so running this twice gives the same file (as long as
+the lz4 library compresses the same way; the compressed vector stays valid
+either way, only its bytes could differ).
+
+Usage::
+
+    python scripts/make_vectors.py          # (re)write the file
+    python scripts/make_vectors.py --check  # exit 1 if the file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from google.protobuf import json_format  # noqa: E402
+
+from fanout import wire  # noqa: E402
+from fanout.proto import fanout_pb2 as pb  # noqa: E402
+from fanout.wire import FrameType  # noqa: E402
+
+OUT = ROOT / "tests" / "vectors" / "frames.json"
+
+#: The limit the invalid vectors are checked against (the node's default
+#: client->server max_frame).
+INVALID_MAX_BODY = 65536
+
+TS = 1_700_000_000_000  # fixed "now" (unix ms) for every timestamp
+
+
+def chat_message(seq: int, text: str, sender: str = "u1001") -> pb.RoomMessage:
+    return pb.RoomMessage(
+        room="live:42",
+        seq=seq,
+        kind=pb.CHAT,
+        sender=sender,
+        payload=json.dumps({"text": text}, separators=(",", ":")).encode(),
+        server_ts_ms=TS + seq,
+    )
+
+
+def mixed_batch() -> pb.Batch:
+    """Three messages of two kinds, one with non-ASCII text."""
+    return pb.Batch(
+        messages=[
+            chat_message(1001, "hello"),
+            pb.RoomMessage(
+                room="live:42",
+                seq=1002,
+                kind=pb.GIFT,
+                priority=2,
+                sender="u2002",
+                payload=b'{"gift":"rocket","count":1}',
+                server_ts_ms=TS + 1002,
+            ),
+            chat_message(1003, "\u4f60\u597d", sender="u3003"),
+        ]
+    )
+
+
+def busy_batch() -> pb.Batch:
+    """40 similar chat lines, as a busy room produces them: compresses well."""
+    return pb.Batch(
+        messages=[
+            chat_message(2000 + i, f"gg wp {i % 7}", sender=f"u{5000 + i % 9}") for i in range(40)
+        ]
+    )
+
+
+def valid_messages() -> list[tuple[str, FrameType, object]]:
+    """(name, frame type, message) of every valid vector, in file order."""
+    return [
+        (
+            "hello_resume",
+            FrameType.HELLO,
+            pb.Hello(
+                token="eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MTAwMSJ9.c2lnbmF0dXJl",
+                device_id="dev-7f3a",
+                device_class="mobile",
+                resume=[
+                    pb.ResumePoint(room="live:42", last_seq=1003, epoch="e1"),
+                    pb.ResumePoint(room="live:7"),
+                ],
+                client="fanout-py/1.0",
+            ),
+        ),
+        ("join_fresh", FrameType.JOIN, pb.Join(req_id=1, room="live:42")),
+        (
+            "join_resume",
+            FrameType.JOIN,
+            pb.Join(req_id=2, room="live:42", last_seq=1003, epoch="e1"),
+        ),
+        ("leave", FrameType.LEAVE, pb.Leave(req_id=3, room="live:42")),
+        ("chat", FrameType.CHAT, pb.Chat(req_id=4, room="live:42", payload=b'{"text":"hi"}')),
+        ("ping", FrameType.PING, pb.Ping(nonce=7)),
+        (
+            "auth_ok",
+            FrameType.AUTH_OK,
+            pb.AuthOk(
+                user="u1001",
+                session="n1-000001",
+                ping_interval_ms=15000,
+                idle_timeout_ms=45000,
+                server_time_ms=TS,
+            ),
+        ),
+        (
+            "error_room_forbidden",
+            FrameType.ERROR,
+            pb.Error(reason=pb.ROOM_FORBIDDEN, message="room not allowed", req_id=1, room="vip:1"),
+        ),
+        ("ack_join", FrameType.ACK, pb.Ack(req_id=1, room="live:42", seq=1000, epoch="e1")),
+        ("ack_chat", FrameType.ACK, pb.Ack(req_id=4, room="live:42", seq=1004)),
+        ("gap", FrameType.GAP, pb.Gap(room="live:42", from_seq=1004, to_seq=1999, epoch="e1")),
+        ("batch_mixed", FrameType.BATCH, mixed_batch()),
+        ("batch_lz4", FrameType.BATCH, busy_batch()),
+        ("pong", FrameType.PONG, pb.Pong(nonce=7, server_time_ms=TS + 15)),
+        (
+            "kick_shutdown",
+            FrameType.KICK,
+            pb.Kick(reason=pb.SERVER_SHUTDOWN, message="node draining", reconnect_after_ms=3000),
+        ),
+    ]
+
+
+def invalid_frames() -> list[tuple[str, bytes, str]]:
+    """(name, frame bytes, expected Reason name) of every invalid vector."""
+    ping = pb.Ping(nonce=7).SerializeToString()
+    header = struct.Struct(">BBBBI")
+    # A compressible body whose LZ4 block is cut short: the size prefix
+    # promises more than the block can produce.
+    packed = wire.encode_frame(FrameType.BATCH, busy_batch())[wire.HEADER_SIZE :]
+    broken = packed[:-8]
+    return [
+        (
+            "bad_version",
+            header.pack(2, FrameType.PING, 0, 0, len(ping)) + ping,
+            "UNSUPPORTED_VERSION",
+        ),
+        (
+            "undefined_flag_bit",
+            header.pack(1, FrameType.PING, 0x80, 0, len(ping)) + ping,
+            "BAD_FRAME",
+        ),
+        ("reserved_byte_set", header.pack(1, FrameType.PING, 0, 1, len(ping)) + ping, "BAD_FRAME"),
+        # Rejected from the header alone; no body needs to follow.
+        (
+            "length_over_limit",
+            header.pack(1, FrameType.CHAT, 0, 0, INVALID_MAX_BODY + 1),
+            "FRAME_TOO_LARGE",
+        ),
+        (
+            "corrupt_lz4",
+            header.pack(1, FrameType.BATCH, wire.FLAG_LZ4, 0, len(broken)) + broken,
+            "BAD_COMPRESSION",
+        ),
+    ]
+
+
+def build() -> dict:
+    vectors = []
+    for name, ftype, msg in valid_messages():
+        frame = wire.encode_frame(ftype, msg)
+        vectors.append(
+            {
+                "name": name,
+                "direction": (
+                    "client_to_server" if ftype in wire.CLIENT_TO_SERVER else "server_to_client"
+                ),
+                "type": ftype.name,
+                "type_code": int(ftype),
+                "message_type": msg.DESCRIPTOR.full_name,
+                "compressed": bool(frame[2] & wire.FLAG_LZ4),
+                "frame_hex": frame.hex(),
+                "message": json_format.MessageToDict(msg, preserving_proto_field_name=True),
+            }
+        )
+    invalid = [
+        {"name": name, "frame_hex": frame.hex(), "max_body": INVALID_MAX_BODY, "reason": reason}
+        for name, frame, reason in invalid_frames()
+    ]
+    assert any(v["compressed"] for v in vectors), "batch_lz4 did not compress"
+    return {
+        "protocol_version": wire.VERSION,
+        "description": (
+            "fanout wire protocol v1 test vectors (docs/protocol.md). "
+            "Generated by scripts/make_vectors.py; do not edit by hand. "
+            "'message' is protobuf JSON (proto field names; bytes in base64; "
+            "64-bit integers as strings; default values omitted)."
+        ),
+        "valid": vectors,
+        "invalid": invalid,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
+            print(
+                f"{OUT.relative_to(ROOT)} is out of date; run scripts/make_vectors.py",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
