@@ -28,6 +28,19 @@ cdef extern from "<sys/uio.h>" nogil:
         size_t iov_len
     ssize_t c_writev "writev"(int fd, const iovec* iov, int cnt)
 
+# Invariant checks for debug builds only (setup.py: FANOUT_DEBUG=1); in a
+# release build the macro expands to nothing, so the hot path pays nothing.
+cdef extern from *:
+    """
+    #include <assert.h>
+    #ifdef FANOUT_DEBUG
+    #define FANOUT_ASSERT(cond) assert(cond)
+    #else
+    #define FANOUT_ASSERT(cond) ((void)0)
+    #endif
+    """
+    void FANOUT_ASSERT(bint cond) nogil
+
 cdef enum:
     SCRATCH_SIZE = 65536
     MAX_IOV = 64                 # frames per writev; well under IOV_MAX
@@ -154,6 +167,7 @@ cdef class Connection:
                 head = self._bl[(self._bl_head + i) % self._bl_cap]
                 iov[i].iov_base = PyBytes_AS_STRING(<object>head)
                 iov[i].iov_len = <size_t>PyBytes_GET_SIZE(<object>head)
+            FANOUT_ASSERT(self._bl_offset < <Py_ssize_t>iov[0].iov_len)
             iov[0].iov_base = <char*>iov[0].iov_base + self._bl_offset
             iov[0].iov_len -= <size_t>self._bl_offset
             w = c_writev(self.fd, iov, cnt)
@@ -180,6 +194,7 @@ cdef class Connection:
                 self.frames_sent += 1
             if self._bl_len:
                 return SEND_QUEUED     # short write: the socket is full
+        FANOUT_ASSERT(self.backlog_bytes == 0 and self._bl_offset == 0)
         self._disarm_writer()
         if self.state == CONN_CLOSING:
             # Final frame is out. Half-close and keep reading until the peer
