@@ -1,8 +1,9 @@
 """The bus that carries encoded room messages from the logic layer to nodes.
 
-A message travels as ``(room, epoch, seq, record)``: ``record`` is the
-``Batch.messages`` encoding made once by the logic layer, so no node ever
-re-encodes it. The embedded default is :class:`LocalBus` (same process,
+A message travels as ``(room, epoch, seq, record, sampled)``: ``record`` is
+the ``Batch.messages`` encoding made once by the logic layer, so no node ever
+re-encodes it; ``sampled`` says overload control dropped chat of the room
+just before it. The embedded default is :class:`LocalBus` (same process,
 synchronous); a network bus implements the same two methods.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-Subscriber = Callable[[str, str, int, bytes], object]
+Subscriber = Callable[[str, str, int, bytes, bool], object]
 
 
 class Bus(Protocol):
     def subscribe(self, callback: Subscriber) -> None: ...
-    def publish(self, room: str, epoch: str, seq: int, record: bytes) -> None: ...
+    def publish(self, room: str, epoch: str, seq: int, record: bytes,
+                sampled: bool = False) -> None: ...
 
 
 class LocalBus:
@@ -30,6 +32,7 @@ class LocalBus:
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.remove(callback)
 
-    def publish(self, room: str, epoch: str, seq: int, record: bytes) -> None:
+    def publish(self, room: str, epoch: str, seq: int, record: bytes,
+                sampled: bool = False) -> None:
         for callback in self._subscribers:
-            callback(room, epoch, seq, record)
+            callback(room, epoch, seq, record, sampled)

@@ -4,6 +4,7 @@
     fanout token --user U [--rooms a,b] [--ttl S]
     fanout listen ROOM [--host H --port N]
     fanout say ROOM TEXT [--kind chat]
+    fanout drain [--admin-host H --admin-port N --api-key KEY]
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("room")
     p.add_argument("text")
     _client_args(p)
+
+    p = sub.add_parser("drain", help="gracefully drain a node through its admin API",
+                       description="Ask a node to drain: it stops taking clients and "
+                                   "publishes, moves its clients away, then exits.")
+    p.add_argument("--admin-host", default="127.0.0.1")
+    p.add_argument("--admin-port", type=int,
+                   default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")))
+    p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
+                   help="the node's admin API key (default $FANOUT_API_KEY)")
     return parser
 
 
@@ -97,6 +107,40 @@ async def _say(args) -> int:
     return 0
 
 
+def _drain(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    host = f"[{args.admin_host}]" if ":" in args.admin_host else args.admin_host
+    where = f"{host}:{args.admin_port}"
+    if not args.api_key:
+        print("fanout drain: no API key; pass --api-key or set FANOUT_API_KEY", file=sys.stderr)
+        return 1
+    request = urllib.request.Request(f"http://{where}/v1/drain", method="POST",
+                                     headers={"Authorization": f"Bearer {args.api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+            detail = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            detail = exc.reason
+        print(f"fanout drain: {where} answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"fanout drain: cannot reach the admin API at {where}: {reason}", file=sys.stderr)
+        return 1
+    if status != 202:
+        print(f"fanout drain: {where} answered {status}, expected 202", file=sys.stderr)
+        return 1
+    print(f"node at {where} is draining; it exits when its clients have left", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node":
@@ -114,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
         print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl))
         return 0
+    if args.command == "drain":
+        return _drain(args)
     runner = _listen if args.command == "listen" else _say
     try:
         return asyncio.run(runner(args))

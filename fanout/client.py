@@ -68,11 +68,13 @@ _FATAL_REASONS = frozenset(
         pb.AUTH_EXPIRED,
         pb.ALREADY_AUTHENTICATED,
         pb.DUPLICATE_LOGIN,
+        pb.ADMIN_DISCONNECT,
     }
 )
 _AUTH_REASONS = frozenset(range(pb.AUTH_REQUIRED, pb.ALREADY_AUTHENTICATED + 1))
 # Error reasons after which the node closes the connection (framing and auth).
 _CLOSING_ERRORS = frozenset(range(pb.BAD_FRAME, pb.BAD_COMPRESSION + 1)) | _AUTH_REASONS
+_CLOSING_ERRORS |= {pb.CONNECTION_LIMIT, pb.CONNECTION_RATE_LIMITED}
 _END = object()  # queue marker: iteration is over
 
 
@@ -242,7 +244,9 @@ class Client:
             "duplicates": 0,
             "gaps": 0,
             "reconnects": 0,
+            "sampled_batches": 0,
         }
+        self._online: dict[str, int] = {}  # room -> last Presence count
 
         # room -> [epoch, seq]: the joined rooms and the last seq accounted
         # for (delivered or covered by a Gap). A list so the hot path
@@ -367,6 +371,11 @@ class Client:
                 raise self._end_error
             return None
         return item
+
+    def online(self, room: str) -> int | None:
+        """The room's online count from the node's last Presence frame, or
+        None before the first one."""
+        return self._online.get(room)
 
     def cursor(self, room: str) -> tuple[str, int] | None:
         """``(epoch, seq)`` of the last message accounted for in ``room``, or
@@ -684,6 +693,10 @@ class Client:
     def _on_pong(self, pong: pb.Pong) -> None:
         pass  # receiving it already refreshed conn.last_recv
 
+    def _on_presence(self, presence: pb.Presence) -> None:
+        if presence.room in self._cursors:
+            self._online[presence.room] = presence.online
+
     def _on_ack(self, ack: pb.Ack) -> None:
         if ack.req_id == 0:
             # Reply to a Hello resume point: matched by room.
@@ -733,6 +746,8 @@ class Client:
     def _on_batch(self, batch: pb.Batch) -> None:
         cursors = self._cursors
         stats = self.stats
+        if batch.sampled:
+            stats["sampled_batches"] += 1
         put = self._events.put_nowait
         for msg in batch.messages:
             cur = cursors.get(msg.room)
@@ -764,6 +779,7 @@ class Client:
         FrameType.BATCH: _on_batch,
         FrameType.KICK: _on_kick,
         FrameType.PONG: _on_pong,
+        FrameType.PRESENCE: _on_presence,
         FrameType.GAP: _on_gap,
         FrameType.ACK: _on_ack,
     }

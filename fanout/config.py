@@ -37,6 +37,9 @@ class NodeConfig:
     host: str = _field("127.0.0.1", "address the client port binds to")
     port: int = _field(7000, "client port (0: any free port)", minimum=0)
     secret: str = _field(DEV_SECRET, "HS256 secret that signs client tokens")
+    admin_host: str = _field("127.0.0.1", "address the admin HTTP API binds to (keep it private)")
+    admin_port: int = _field(7001, "admin HTTP API port (0: any free port, -1: no admin API)", minimum=-1)
+    api_key: str = _field("", "key for the admin API ('': generate one per run and log it)")
     loop: str = _field("uvloop", "event loop: uvloop or asyncio")
     log_level: str = _field("INFO", "DEBUG, INFO, WARNING or ERROR")
     # connections
@@ -48,6 +51,12 @@ class NodeConfig:
     max_rooms_per_conn: int = _field(16, "rooms one connection may join", minimum=1)
     max_backlog_bytes: int = _field(1 << 20, "unsent bytes after which a client is cut as slow", minimum=1024)
     max_backlog_frames: int = _field(1024, "unsent frames after which a client is cut as slow", minimum=2)
+    max_connections: int = _field(19_000, "connections this node holds at most", minimum=1)
+    conn_rate_per_ip: float = _field(500.0, "new connections per second per client address", minimum=0)
+    conn_burst_per_ip: float = _field(2000.0, "burst of new connections per client address", minimum=1)
+    presence_interval_ms: int = _field(10_000, "how often members get the room's online count (0: never)", minimum=0)
+    drain_grace_ms: int = _field(10_000, "longest a drain waits for clients to leave", minimum=0)
+    drain_jitter_ms: int = _field(5_000, "spread of the reconnect delays a drain hands out", minimum=0)
     # upstream chat
     max_chat_bytes: int = _field(2048, "largest chat payload", minimum=1)
     max_publish_bytes: int = _field(65_536, "largest server-side publish payload", minimum=1)
@@ -55,6 +64,11 @@ class NodeConfig:
     chat_burst: float = _field(10.0, "chat burst per user", minimum=1)
     # broadcast
     max_delay_ms: float = _field(50.0, "longest a hot room holds a message before its flush", minimum=0)
+    room_budget: float = _field(5000.0, "inbound messages per second per room before chat is sampled", minimum=1)
+    chat_sample_every: int = _field(10, "over budget, keep one chat message in this many", minimum=1)
+    lag_degraded_ms: float = _field(50.0, "event-loop lag that makes the node degrade", minimum=1)
+    lag_overloaded_ms: float = _field(200.0, "event-loop lag that makes the node overloaded (not ready)", minimum=1)
+    backlog_degraded_bytes: int = _field(256 << 20, "write backlog across connections that makes the node degrade", minimum=1)
     max_batch_bytes: int = _field(65_536, "flush a room's batch when it reaches this", minimum=256)
     compress_min: int = _field(256, "smallest batch worth lz4 (0: never compress)", minimum=0)
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
@@ -73,6 +87,8 @@ class NodeConfig:
             raise ConfigError(f"unknown log_level {self.log_level!r}")
         if self.idle_timeout_ms <= self.ping_interval_ms:
             raise ConfigError("idle_timeout_ms must be longer than ping_interval_ms")
+        if self.lag_overloaded_ms <= self.lag_degraded_ms:
+            raise ConfigError("lag_overloaded_ms must be above lag_degraded_ms")
         if not self.secret:
             raise ConfigError("secret must not be empty")
         return self

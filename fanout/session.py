@@ -99,8 +99,7 @@ class Session:
         try:
             claims = verify(msg.token, node.config.secret)
         except AuthError as exc:
-            node.count("auth_failures")
-            node.count(f"auth_failures.{pb.Reason.Name(exc.reason)}")
+            node.auth_failed(exc.reason)
             self.fail(exc.reason, str(exc))
             return
         self.claims = claims
@@ -150,12 +149,10 @@ class Session:
             cfg = node.config
             gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min)
             if gap_from:
-                node.count("gaps")
                 self.send(_core.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
                                             epoch=room.epoch))
             for frame in frames:
                 self.conn.send(frame, True)
-            node.count("replayed_frames", len(frames))
         if not self.conn.closing:
             room.add(self.conn)
             self.rooms.add(name)
@@ -182,8 +179,6 @@ class Session:
         try:
             seq = self.node.logic.chat(self.user, msg.room, msg.payload)
         except Rejected as exc:
-            if exc.reason == pb.RATE_LIMITED:
-                self.node.count("rate_limited")
             self.error(msg.req_id, exc.reason, str(exc), msg.room)
             return
         self.send(_core.ACK, pb.Ack(req_id=msg.req_id, room=msg.room, seq=seq))
@@ -204,22 +199,30 @@ class Session:
 
     def fail(self, reason: int, message: str) -> None:
         """Protocol or auth failure: send Error with the reason, then close."""
-        self.node.count(f"closed.{pb.Reason.Name(reason)}")
-        log.info("%s: closing, %s: %s", self, pb.Reason.Name(reason), message)
+        name = pb.Reason.Name(reason)
+        self.node.metrics.protocol_errors.labels(name).inc()
+        self.node.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
         self._close_with(_frame(_core.ERROR, pb.Error(reason=reason, message=message)))
 
-    def kick(self, reason: int, message: str, reconnect_after_ms: int = 0) -> None:
-        """Server-initiated close: send Kick with the reason, then close."""
-        self.node.count(f"kicked.{pb.Reason.Name(reason)}")
+    def kick(self, reason: int, message: str, reconnect_after_ms: int = 0,
+             drop_queued: bool = True) -> None:
+        """Server-initiated close: send Kick with the reason, then close.
+
+        ``drop_queued=False`` (a drain) delivers everything already queued
+        for the client before the Kick.
+        """
+        if self.conn.closing:
+            return
+        self.node.metrics.kicks.labels(pb.Reason.Name(reason)).inc()
         log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
         self._close_with(_frame(_core.KICK, pb.Kick(
-            reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)))
+            reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued)
 
-    def _close_with(self, frame: bytes) -> None:
+    def _close_with(self, frame: bytes, drop_queued: bool = True) -> None:
         if self.conn.closing:
             return
         self._detach()
-        self.conn.close_after(frame)
+        self.conn.close_after(frame, drop_queued)
         if self.conn.closed:
             return
         grace = self.node.config.close_grace_ms / 1000
@@ -236,9 +239,10 @@ class Session:
 
     def connection_failed(self, status: int) -> None:
         if status == _core.STATUS_SLOW:
-            self.node.count("slow_consumers")
-            log.warning("%s: cut as slow consumer (backlog %d bytes in %d frames)", self,
-                        self.conn.backlog_bytes, self.conn.backlog_frames)
+            self.node.metrics.slow_consumers.inc()
+            self.node.throttled.warning(
+                "slow", "%s: cut as slow consumer (backlog %d bytes in %d frames)", self,
+                self.conn.backlog_bytes, self.conn.backlog_frames)
             self.kick(pb.SLOW_CONSUMER, "write backlog over its bound")
         else:
             log.debug("%s: socket error, closing", self)

@@ -75,6 +75,7 @@ class FrameType(enum.IntEnum):
     PONG = 0x45
     GAP = 0x46
     ACK = 0x47
+    PRESENCE = 0x48
 
 
 #: The protobuf message class carried by each frame type.
@@ -91,6 +92,7 @@ MESSAGE_TYPES = {
     FrameType.PONG: pb.Pong,
     FrameType.GAP: pb.Gap,
     FrameType.ACK: pb.Ack,
+    FrameType.PRESENCE: pb.Presence,
 }
 
 #: Frame types a client may send.

@@ -245,18 +245,20 @@ cdef class Connection:
             self._report(st)
         return st
 
-    def close_after(self, bytes frame):
+    def close_after(self, bytes frame, bint drop_queued=True):
         """Send ``frame`` as the last thing on this connection, then close.
 
-        Queued frames not yet started are dropped (a frame already partly
-        written is finished, so the stream stays parseable). Reading stops;
-        the socket closes once the peer closes or the owner calls close().
+        With ``drop_queued`` (a slow consumer, bad input), queued frames not
+        yet started are dropped; a frame already partly written is finished
+        so the stream stays parseable. Without it (a drain) everything
+        queued goes out first. Reading stops; the socket closes once the
+        peer closes or the owner calls close().
         """
         cdef PyObject* obj
         if self.state != CONN_OPEN:
             return
         self.state = CONN_CLOSING
-        while self._bl_len > (1 if self._bl_offset else 0):
+        while drop_queued and self._bl_len > (1 if self._bl_offset else 0):
             obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
             self.backlog_bytes -= PyBytes_GET_SIZE(<object>obj)
             Py_DECREF(<object>obj)

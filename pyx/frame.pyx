@@ -24,6 +24,7 @@ KICK = 0x44
 PONG = 0x45
 GAP = 0x46
 ACK = 0x47
+PRESENCE = 0x48
 
 
 class FrameError(Exception):

@@ -12,7 +12,7 @@
 cdef class Hub:
     cdef object _loop
     cdef readonly dict rooms
-    cdef readonly double max_delay
+    cdef public double max_delay      # the node widens it under overload
     cdef readonly Py_ssize_t max_batch_bytes
     cdef readonly Py_ssize_t compress_min
     cdef readonly Py_ssize_t ring_size
@@ -20,7 +20,9 @@ cdef class Hub:
     cdef list _soon                   # quiet rooms due at end of iteration
     cdef bint _soon_scheduled
     cdef readonly unsigned long long flushes
+    cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
 
     cpdef Room room(self, str name, str epoch, unsigned long long head_seq)
     cdef void _schedule(self, Room room) except *
     cdef void _flush(self, Room room) except *
+    cdef void _report_all(self, list troubled) except *

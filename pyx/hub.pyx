@@ -56,9 +56,12 @@ cdef class Hub:
         return room
 
     def publish(self, str room_name, str epoch, unsigned long long seq,
-                bytes record):
+                bytes record, bint sampled=False):
         """Queue one pre-encoded record (see ``encode_room_message``) for the
-        room's next frame. Returns False for a duplicate ``seq``."""
+        room's next frame. Returns False for a duplicate ``seq``.
+
+        ``sampled``: overload control dropped chat of this room just before
+        this record; the batch carrying it will say so."""
         cdef Room room = self.rooms.get(room_name)
         if room is None:
             # First message this node sees: the history before it lives
@@ -71,9 +74,14 @@ cdef class Hub:
             room.reset(epoch, seq - 1 if seq else 0)
         if room._pend_len and room._pend_len + len(record) > self.max_batch_bytes:
             self._flush(room)
+        now = self._loop.time()
+        if room._pend_len == 0:
+            room.first_pending = now
         if not room.append(seq, record):
             return False
-        room.last_activity = self._loop.time()
+        if sampled:
+            room.sampled = True
+        room.last_activity = now
         if room._pend_len >= self.max_batch_bytes:
             self._flush(room)
         else:
@@ -98,16 +106,42 @@ cdef class Hub:
 
     cdef void _flush(self, Room room) except *:
         cdef list troubled
-        cdef Connection conn
-        if room._pend_len == 0:
+        cdef Py_ssize_t messages = room.pending_count, raw = room._pend_len
+        cdef Py_ssize_t members = len(room._members)
+        cdef unsigned long long wire_before = room.bytes_out
+        cdef double now
+        if raw == 0:
             return
-        room.last_flush = self._loop.time()
+        now = self._loop.time()
+        room.last_flush = now
         troubled = room.flush(self.compress_min)
         self.flushes += 1
         if troubled:
-            # After the write loop: cutting a member changes the member list.
-            for conn, st in troubled:
-                conn._report(st)
+            self._report_all(troubled)
+            members -= len(troubled)
+        if self.flush_observer is not None and members:
+            self.flush_observer(messages, members, raw, room.bytes_out - wire_before,
+                                now - room.first_pending)
+
+    cdef void _report_all(self, list troubled) except *:
+        # After the write loop: cutting a member changes the member list.
+        cdef Connection conn
+        for conn, st in troubled:
+            conn._report(st)
+
+    def broadcast(self, str room_name, bytes frame):
+        """Write a ready frame (e.g. presence) to every member of a room,
+        like a batch: one shared object, written from C. Returns the number
+        of members it was handed to."""
+        cdef Room room = self.rooms.get(room_name)
+        cdef list troubled
+        if room is None or not room._members:
+            return 0
+        troubled = room.send_all(frame)
+        if troubled:
+            self._report_all(troubled)
+            return len(room._members) - len(troubled)
+        return len(room._members)
 
     def flush(self, str room_name=None):
         """Flush one room, or every room, now (drain, tests)."""

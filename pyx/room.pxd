@@ -32,9 +32,11 @@ cdef class Room:
     cdef Py_ssize_t _ring_count
 
     # flush scheduling state, driven by Hub
+    cdef public double first_pending   # loop time the oldest pending record came
     cdef public double last_flush
     cdef public double last_activity
     cdef bint _scheduled
+    cdef public bint sampled           # next batch says overload control sampled chat
 
     # counters
     cdef readonly unsigned long long frames_built
@@ -44,6 +46,8 @@ cdef class Room:
 
     cdef int append(self, unsigned long long seq, bytes record) except -1
     cdef list flush(self, Py_ssize_t compress_min)
+    cdef list send_all(self, bytes frame)
+    cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef void _ring_push(self, unsigned long long seq, bytes record) noexcept
     cdef void _ring_pop(self) noexcept
     cdef void _ring_clear(self) noexcept

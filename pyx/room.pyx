@@ -68,8 +68,6 @@ cdef class Room:
 
     cdef int append(self, unsigned long long seq, bytes record) except -1:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(record)
-        cdef Py_ssize_t need
-        cdef char* grown
         if seq <= self.last_seq:
             return 0                       # already have it: drop the duplicate
         if seq != self.last_seq + 1:
@@ -77,14 +75,7 @@ cdef class Room:
             # cannot be contiguous with new ones, so start the ring afresh;
             # clients see the jump in seq and report a gap.
             self._ring_clear()
-        need = self._pend_len + n
-        if need > self._pend_cap:
-            need = max(need, 2 * self._pend_cap, 4096)
-            grown = <char*>realloc(self._pend, need)
-            if grown == NULL:
-                raise MemoryError()
-            self._pend = grown
-            self._pend_cap = need
+        self._reserve(n)
         memcpy(self._pend + self._pend_len, PyBytes_AS_STRING(record), n)
         self._pend_len += n
         self.pending_count += 1
@@ -93,36 +84,63 @@ cdef class Room:
         return 1
 
     cdef list flush(self, Py_ssize_t compress_min):
-        cdef list troubled = None
-        cdef int st
+        cdef list troubled
         cdef Py_ssize_t count = self.pending_count
-        cdef Py_ssize_t reached = 0
+        cdef Py_ssize_t reached
         cdef bytes frame
-        cdef Connection member
         if self._pend_len == 0:
             return None
         self.flushed_seq = self.last_seq
         if not self._members:
             self._pend_len = 0
             self.pending_count = 0
+            self.sampled = False
             return None
+        if self.sampled:
+            # Batch.sampled = true (field 2, varint 1): two bytes after the
+            # records keep the body a valid Batch.
+            self._reserve(2)
+            self._pend[self._pend_len] = <char>0x10
+            self._pend[self._pend_len + 1] = <char>0x01
+            self._pend_len += 2
+            self.sampled = False
         frame = build_frame(FRAME_BATCH, self._pend, self._pend_len, compress_min)
         self.bytes_in += <unsigned long long>self._pend_len
         self.bytes_out += <unsigned long long>PyBytes_GET_SIZE(frame)
         self.frames_built += 1
         self._pend_len = 0
         self.pending_count = 0
+        troubled = self.send_all(frame)
+        reached = len(self._members) - (len(troubled) if troubled else 0)
+        self.deliveries += <unsigned long long>(count * reached)
+        return troubled
+
+    cdef list send_all(self, bytes frame):
         # The hot loop: the same frame object to every member, from C.
+        # Returns (connection, status) for members that need the owner's
+        # attention; the caller reports them after the loop.
+        cdef list troubled = None
+        cdef int st
+        cdef Connection member
         for member in self._members:
             st = member.send_frame(frame)
-            if st <= SEND_QUEUED:
-                reached += 1
-            elif st != SEND_CLOSED:
+            if st > SEND_QUEUED and st != SEND_CLOSED:
                 if troubled is None:
                     troubled = []
                 troubled.append((member, st))
-        self.deliveries += <unsigned long long>(count * reached)
         return troubled
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self._pend_len + extra
+        cdef char* grown
+        if need > self._pend_cap:
+            need = max(need, 2 * self._pend_cap, 4096)
+            grown = <char*>realloc(self._pend, need)
+            if grown == NULL:
+                raise MemoryError()
+            self._pend = grown
+            self._pend_cap = need
+        return 0
 
     def pending_bytes(self):
         return self._pend_len
@@ -165,6 +183,7 @@ cdef class Room:
         self._ring_clear()
         self._pend_len = 0
         self.pending_count = 0
+        self.sampled = False
         self.epoch = epoch
         self.last_seq = self.flushed_seq = head_seq
 

@@ -123,7 +123,13 @@ def valid_messages() -> list[tuple[str, FrameType, object]]:
         ("gap", FrameType.GAP, pb.Gap(room="live:42", from_seq=1004, to_seq=1999, epoch="e1")),
         ("batch_mixed", FrameType.BATCH, mixed_batch()),
         ("batch_lz4", FrameType.BATCH, busy_batch()),
+        (
+            "batch_sampled",
+            FrameType.BATCH,
+            pb.Batch(messages=mixed_batch().messages[:1], sampled=True),
+        ),
         ("pong", FrameType.PONG, pb.Pong(nonce=7, server_time_ms=TS + 15)),
+        ("presence", FrameType.PRESENCE, pb.Presence(room="live:42", online=10000)),
         (
             "kick_shutdown",
             FrameType.KICK,

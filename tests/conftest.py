@@ -17,7 +17,9 @@ from fanout.auth import DEV_SECRET, mint
 sys.path.insert(0, str(Path(__file__).parent))
 
 LISTEN_RE = re.compile(r"fanout node listening on (\S+):(\d+)")
+ADMIN_RE = re.compile(r"fanout admin API listening on (\S+):(\d+)")
 SECRET = "test-secret-for-the-fanout-suite-0123456789"
+API_KEY = "test-api-key-for-the-fanout-suite"
 
 
 class NodeProcess:
@@ -29,9 +31,12 @@ class NodeProcess:
         self.env = {**os.environ, "FANOUT_SECRET": SECRET, **(env or {})}
         self.proc = None
         self.host = self.port = None
+        self.admin_port = None
+        self.api_key = API_KEY
 
     def start(self, port: int = 0) -> "NodeProcess":
-        cmd = [sys.executable, "-m", "fanout", "node", "--port", str(port), *self.args]
+        cmd = [sys.executable, "-m", "fanout", "node", "--port", str(port),
+               "--admin-port", "0", "--api-key", API_KEY, *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=self.env)
         deadline = time.monotonic() + 30
@@ -39,6 +44,9 @@ class NodeProcess:
             line = self.proc.stdout.readline().decode()
             if not line:
                 break
+            admin = ADMIN_RE.search(line)
+            if admin:
+                self.admin_port = int(admin.group(2))
             m = LISTEN_RE.search(line)
             if m:
                 self.host, self.port = m.group(1), int(m.group(2))

@@ -333,3 +333,25 @@ def test_batch_vector_is_concatenated_core_records():
                                                  m.payload, m.server_ts_ms)
                        for m in batch.messages)
     assert rebuilt == body
+
+
+async def test_sampled_flag_rides_on_the_next_batch_only():
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop, max_delay=0.0)
+    room = hub.room("r", "e", 0)
+    conn, peer = make_pair(loop)
+    room.add(conn)
+    hub.publish("r", "e", 1, record("r", 1), True)
+    hub.flush()
+    hub.publish("r", "e", 2, record("r", 2))
+    hub.flush()
+    data = await drain(peer, 1)
+    frames, _ = _core.parse_frames(data, MAX)
+    batches = [pb.Batch.FromString(body) for _t, _f, body in frames]
+    assert [(b.sampled, [m.seq for m in b.messages]) for b in batches] == [
+        (True, [1]), (False, [2])]
+    # the two appended bytes are protobuf's own encoding of the flag
+    expected = pb.Batch(messages=[pb.RoomMessage(room="r", seq=1, kind=pb.CHAT, sender="u",
+                                                 payload=b"m")], sampled=True)
+    assert frames[0][2] == expected.SerializeToString()
+    conn.close()

@@ -1,0 +1,400 @@
+"""The node's admin HTTP API: publish and disconnect for other services, room
+stats, drain, health and readiness probes, and Prometheus metrics.
+
+It runs on the node's own event loop, on its own port (``admin_host`` and
+``admin_port``), so its handlers call the :class:`~fanout.node.Node` directly,
+with no locks and no copies. ``/v1/*`` needs the node's API key. The probes
+and ``/metrics`` are open, so the admin port must never be reachable from
+the public internet. docs/api.md is the reference for every endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from google.protobuf.message import DecodeError
+from prometheus_client.exposition import choose_encoder
+
+from .logic import Rejected
+from .proto import fanout_pb2 as pb
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("fanout.admin")
+
+MAX_BATCH = 1000            # messages in one publish request
+MAX_BODY = 4 << 20          # request body bytes (a full batch of typical messages)
+SHUTDOWN_TIMEOUT = 2.0      # seconds in-flight requests get when the server closes
+DEFAULT_SENDER = "api"
+JSON_TYPE = "application/json"
+PROTOBUF_TYPE = "application/x-protobuf"
+PROTOBUF_TYPES = frozenset({PROTOBUF_TYPE, "application/protobuf"})
+
+#: HTTP status for each refusal reason a node can raise; any other reason is 400.
+REASON_STATUS = {
+    pb.BAD_REQUEST: 400,
+    pb.MESSAGE_TOO_LARGE: 413,
+    pb.ROOM_OVERLOADED: 429,
+    pb.DRAINING: 503,
+    pb.INTERNAL_ERROR: 500,
+}
+
+#: Error codes of failures that are HTTP's rather than the node's.
+HTTP_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    500: "INTERNAL_ERROR",
+}
+
+_PUBLISH_FIELDS = frozenset({"room", "kind", "priority", "sender", "payload", "payload_b64"})
+_DISCONNECT_FIELDS = frozenset({"user", "reason"})
+_MISSING = object()
+
+
+class ApiError(Exception):
+    """A request failed; rendered as ``{"error": {"code", "message"}}``.
+
+    :param status: HTTP status.
+    :param code: ``Reason`` name for refusals by the node, else an HTTP-ish code.
+    :param reason: the ``pb.Reason`` value that protobuf responses carry.
+    """
+
+    def __init__(self, status: int, code: str, message: str, *,
+                 reason: int = pb.REASON_UNSPECIFIED, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.headers = headers
+
+    @classmethod
+    def bad_request(cls, message: str) -> "ApiError":
+        return cls(400, "BAD_REQUEST", message, reason=pb.BAD_REQUEST)
+
+    @classmethod
+    def from_rejected(cls, exc: Rejected) -> "ApiError":
+        return cls(REASON_STATUS.get(exc.reason, 400), pb.Reason.Name(exc.reason), str(exc),
+                   reason=exc.reason)
+
+    @property
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body, status=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------- request parsing
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _field(obj: dict, name: str, kind: type, default: Any = _MISSING) -> Any:
+    """``obj[name]`` if it is a ``kind`` (bools are not ints), else ApiError."""
+    value = obj.get(name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ApiError.bad_request(f"'{name}' is required")
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = "an integer" if kind is int else "a string"
+        raise ApiError.bad_request(f"'{name}' must be {expected}, got {_json_type(value)}")
+    return value
+
+
+def _object(value: Any, what: str, allowed: frozenset) -> dict:
+    if not isinstance(value, dict):
+        raise ApiError.bad_request(f"{what} must be a JSON object, got {_json_type(value)}")
+    unknown = value.keys() - allowed
+    if unknown:
+        # Strict, so a misspelt optional field ("priorty") is an error, not a no-op.
+        raise ApiError.bad_request(f"unknown field(s) {', '.join(sorted(unknown))} in {what}; "
+                                   f"allowed: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _unsupported(ctype: str, accepted: str) -> ApiError:
+    return ApiError(415, "UNSUPPORTED_MEDIA_TYPE",
+                    f"Content-Type {ctype!r} is not supported here; send {accepted}")
+
+
+async def _read_json(request: web.Request, accepted: str = JSON_TYPE) -> Any:
+    if request.content_type != JSON_TYPE:
+        raise _unsupported(request.content_type, accepted)
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError.bad_request(f"body is not valid JSON: {exc}") from None
+
+
+def _payload(item: dict) -> bytes:
+    text = _field(item, "payload", str, None)
+    b64 = _field(item, "payload_b64", str, None)
+    if (text is None) == (b64 is None):
+        raise ApiError.bad_request("give exactly one of 'payload' (UTF-8 text) and "
+                                   "'payload_b64' (base64 bytes)")
+    if text is not None:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); UTF-8 does not
+            raise ApiError.bad_request("'payload' is not valid Unicode text; "
+                                       "send bytes as 'payload_b64'") from None
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError.bad_request("'payload_b64' is not valid base64") from None
+
+
+def _check_batch_size(count: int) -> None:
+    if count == 0:
+        raise ApiError.bad_request("no messages to publish")
+    if count > MAX_BATCH:
+        raise ApiError.bad_request(f"{count} messages in one request; at most {MAX_BATCH}")
+
+
+# ---------------------------------------------------------------- the server
+
+class AdminServer:
+    """The admin API of one node; made and started by :func:`start_admin`.
+
+    :param node: the node it serves; it needs ``api_key``, ``config``,
+        ``metrics``, ``ready``, ``draining``, ``degradation_level``,
+        ``publish``, ``disconnect_user``, ``room_info`` and ``start_drain``.
+    """
+
+    def __init__(self, node: "Node") -> None:
+        if not node.api_key:
+            raise ValueError("the admin API needs a non-empty API key")
+        self.node = node
+        # Room for one maximal payload as base64 (4/3 of its size) plus JSON.
+        self.max_body = max(MAX_BODY, 2 * node.config.max_publish_bytes)
+        app = web.Application(client_max_size=self.max_body, middlewares=[_guard])
+        app[_SERVER] = self
+        app.add_routes([
+            web.post("/v1/publish", self.publish),
+            web.post("/v1/disconnect", self.disconnect),
+            web.get("/v1/rooms/{room}", self.room),
+            web.post("/v1/drain", self.drain),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+        ])
+        # No access log: Prometheus and the orchestrator's probes would fill
+        # the node's log; the middleware logs failures instead.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+
+    async def start(self) -> None:
+        """Bind ``admin_host``:``admin_port`` and start serving.
+
+        :raises OSError: the address cannot be bound (the message names it).
+        """
+        host, port = self.node.config.admin_host, self.node.config.admin_port
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(exc.errno, f"admin API cannot listen on {host}:{port}: "
+                                     f"{exc.strerror or exc}") from exc
+        log.info("admin API listening on %s:%d", *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` actually bound; the port is real even for ``admin_port`` 0."""
+        host, port = self._runner.addresses[0][:2]
+        return host, port
+
+    async def close(self) -> None:
+        """Stop listening; in-flight requests get :data:`SHUTDOWN_TIMEOUT` seconds."""
+        await self._runner.cleanup()
+
+    # ------------------------------------------------------------ /v1
+
+    async def publish(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/publish``: one message or a batch, as JSON or protobuf."""
+        if request.content_type in PROTOBUF_TYPES:
+            return await self._publish_protobuf(request)
+        body = await _read_json(request, f"{JSON_TYPE} or {PROTOBUF_TYPE}")
+        if isinstance(body, dict) and "messages" in body:
+            _object(body, "a batch", frozenset({"messages"}))
+            items = body["messages"]
+            if not isinstance(items, list):
+                raise ApiError.bad_request(f"'messages' must be an array, got {_json_type(items)}")
+            _check_batch_size(len(items))
+            return web.json_response({"results": [self._publish_item(i) for i in items]})
+        return web.json_response({"seq": self._publish_json(body)})
+
+    def _publish_item(self, item: Any) -> dict:
+        # Batch items succeed or fail independently, in order.
+        try:
+            return {"seq": self._publish_json(item)}
+        except ApiError as exc:
+            return exc.body
+
+    def _publish_json(self, item: Any) -> int:
+        item = _object(item, "a message", _PUBLISH_FIELDS)
+        return self._publish(_field(item, "room", str), _field(item, "kind", str),
+                             _payload(item), _field(item, "sender", str, DEFAULT_SENDER),
+                             _field(item, "priority", int, 0))
+
+    async def _publish_protobuf(self, request: web.Request) -> web.Response:
+        req = pb.PublishRequest()
+        try:
+            req.ParseFromString(await request.read())
+        except DecodeError:
+            raise ApiError.bad_request("body is not a valid PublishRequest protobuf") from None
+        _check_batch_size(len(req.messages))
+        response = pb.PublishResponse()
+        status = 200
+        for m in req.messages:
+            try:
+                seq = self._publish(m.room, m.kind, m.payload, m.sender or DEFAULT_SENDER,
+                                    m.priority)
+                response.results.add(seq=seq)
+            except ApiError as exc:
+                response.results.add(reason=exc.reason, message=exc.message)
+                # A one-message request is not a batch: its status tells its fate.
+                if len(req.messages) == 1:
+                    status = exc.status
+        return web.Response(status=status, body=response.SerializeToString(),
+                            content_type=PROTOBUF_TYPE)
+
+    def _publish(self, room: str, kind: int | str, payload: bytes, sender: str,
+                 priority: int) -> int:
+        try:
+            return self.node.publish(room, kind, payload, sender=sender, priority=priority)
+        except Rejected as exc:
+            raise ApiError.from_rejected(exc) from None
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """``POST /v1/disconnect``: close every connection of a user on this node."""
+        body = _object(await _read_json(request), "the body", _DISCONNECT_FIELDS)
+        user = _field(body, "user", str)
+        if not user:
+            raise ApiError.bad_request("'user' must not be empty")
+        message = _field(body, "reason", str, "disconnected by the operator")
+        return web.json_response({"disconnected": self.node.disconnect_user(user, message)})
+
+    async def room(self, request: web.Request) -> web.Response:
+        """``GET /v1/rooms/{room}``: the room's state on this node."""
+        return web.json_response(self.node.room_info(request.match_info["room"]))
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """``POST /v1/drain``: start a graceful drain; the process exits when done."""
+        self.node.start_drain()
+        return web.json_response({"draining": True}, status=202)
+
+    # ------------------------------------------------------------ probes, metrics
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """``GET /healthz``: 200 while the process serves (liveness)."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """``GET /readyz``: 200 when the node takes new clients, else 503."""
+        node = self.node
+        ready = node.ready
+        return web.json_response({"ready": ready, "draining": node.draining,
+                                  "degradation_level": node.degradation_level},
+                                 status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: Prometheus text (or OpenMetrics, if the scraper asks)."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.node.metrics.registry),
+                            headers={"Content-Type": content_type})
+
+
+_SERVER = web.AppKey("server", AdminServer)
+
+
+def _authenticate(request: web.Request, key: str) -> None:
+    given = request.headers.get("X-API-Key")
+    if given is None:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+    if not given:
+        raise ApiError(401, "UNAUTHORIZED",
+                       "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    # Constant time, so response timing does not leak how much of a guess matched.
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode("utf-8")):
+        raise ApiError(403, "FORBIDDEN", "wrong API key")
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
+    """aiohttp's own refusals (routing, body size) in the API's error format."""
+    headers = None
+    if exc.status == 404:
+        message = f"no endpoint {request.path}"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+        headers = {"Allow": allowed}
+    elif exc.status == 413:
+        message = (f"request body over {request.app[_SERVER].max_body} bytes; "
+                   "send fewer messages per request")
+    else:
+        message = exc.text or exc.reason
+    return ApiError(exc.status, HTTP_CODES.get(exc.status, f"HTTP_{exc.status}"), message,
+                    headers=headers)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler) -> web.StreamResponse:
+    """Authenticates ``/v1/*``, turns every failure into a JSON error, logs it."""
+    try:
+        if request.path.startswith("/v1/"):
+            _authenticate(request, request.app[_SERVER].node.api_key)
+        return await handler(request)
+    except ApiError as exc:
+        error = exc
+    except Rejected as exc:
+        error = ApiError.from_rejected(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _http_error(request, exc)
+    except Exception:
+        log.exception("admin API: %s %s failed", request.method, request.path)
+        return ApiError(500, "INTERNAL_ERROR", "internal error; see the node's log").response()
+    # Refusals, including 503 DRAINING, are the caller's business: debug only,
+    # or a misbehaving client could flood the node's log.
+    log.debug("admin API: %s %s -> %d %s: %s", request.method, request.path,
+              error.status, error.code, error.message)
+    return error.response()
+
+
+async def start_admin(node: "Node") -> AdminServer:
+    """Start the admin API of ``node`` on ``config.admin_host``:``config.admin_port``.
+
+    Called by :meth:`Node.start`; the node closes it as the last step of a
+    stop or drain, so probes and metrics answer until the very end.
+
+    :returns: the running server (see :attr:`AdminServer.address`).
+    """
+    server = AdminServer(node)
+    await server.start()
+    return server
