@@ -234,3 +234,23 @@ def test_drain_under_load_loses_nothing(start_node):
     for seqs in streams:
         assert seqs == accepted
     assert refused and set(refused) <= {"DRAINING", "unreachable"}
+
+
+async def test_real_event_loop_lag_degrades_the_node():
+    cfg = config.load(None, env={}, overrides={"port": 0, "admin_port": -1, "secret": SECRET})
+    node = Node(cfg)
+    await node.start()
+    try:
+        assert node.ready
+        await asyncio.sleep(0.15)
+        time.sleep(0.35)                 # the loop is stuck, as under a CPU-bound burst
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            if node.degradation_level:
+                break
+        assert node.degradation_level == 2 and not node.ready
+        assert node.loop_lag >= 0.2
+        lag = node.metrics.registry.get_sample_value("fanout_event_loop_lag_seconds_count")
+        assert lag > 0
+    finally:
+        await node.stop(grace=0.1)
