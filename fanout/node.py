@@ -259,6 +259,10 @@ class Node:
         name = pb.Reason.Name(reason)
         self.metrics.connections_refused.labels(name).inc()
         self.throttled.warning(name, "refused connection from %s: %s", peer[0], message)
+        # Reading (in discard mode once closing) lets the socket go as soon
+        # as the peer closes, so a connect flood does not pin descriptors
+        # for the whole grace period.
+        conn.start_reading(_ignore)
         conn.close_after(_core.pack_frame(_core.ERROR, pb.Error(
             reason=reason, message=message).SerializeToString()))
         if not conn.closed:
@@ -429,6 +433,10 @@ class Node:
             "degradation_level": self.degradation_level,
             "draining": self.draining,
         }
+
+
+def _ignore() -> None:
+    pass
 
 
 def install_loop(kind: str) -> None:
