@@ -5,19 +5,6 @@ from typing import Callable
 
 from collections.abc import Buffer
 
-HELLO: int
-JOIN: int
-LEAVE: int
-CHAT: int
-PING: int
-AUTH_OK: int
-ERROR: int
-BATCH: int
-KICK: int
-PONG: int
-GAP: int
-ACK: int
-PRESENCE: int
 STATUS_SLOW: int
 STATUS_DEAD: int
 

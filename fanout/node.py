@@ -27,6 +27,7 @@ from .logic import KINDS, LocalLogic, Logic, Rejected, check_room_name
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
 from .proto import fanout_pb2 as pb
+from .wire import FrameType
 from .ratelimit import TokenBucket
 from .session import Session
 
@@ -263,7 +264,7 @@ class Node:
         # as the peer closes, so a connect flood does not pin descriptors
         # for the whole grace period.
         conn.start_reading(_ignore)
-        conn.close_after(_core.pack_frame(_core.ERROR, pb.Error(
+        conn.close_after(_core.pack_frame(FrameType.ERROR, pb.Error(
             reason=reason, message=message).SerializeToString()))
         if not conn.closed:
             self.loop.call_later(self.config.close_grace_ms / 1000, conn.close)
@@ -389,7 +390,7 @@ class Node:
             online = len(room)
             if online:
                 body = pb.Presence(room=name, online=online).SerializeToString()
-                self.hub.broadcast(name, _core.pack_frame(_core.PRESENCE, body))
+                self.hub.broadcast(name, _core.pack_frame(FrameType.PRESENCE, body))
 
     # ---------------------------------------------------------------- publishing
 

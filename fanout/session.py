@@ -18,6 +18,7 @@ from . import _core
 from .auth import AuthError, Claims, verify
 from .logic import Rejected, check_room_name
 from .proto import fanout_pb2 as pb
+from .wire import FrameType
 
 if TYPE_CHECKING:
     from .node import Node
@@ -83,7 +84,7 @@ class Session:
             except DecodeError as exc:
                 self.fail(pb.BAD_PROTOBUF, f"{message_type.__name__} does not decode: {exc}")
                 return
-            if self.user is None and ftype != _core.HELLO:
+            if self.user is None and ftype != FrameType.HELLO:
                 self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
                 return
             handler(self, msg)
@@ -108,7 +109,7 @@ class Session:
         self.device_class = msg.device_class or "default"
         replaced = node.logic.login(self.user, self.device_class, self.id)
         cfg = node.config
-        self.send(_core.AUTH_OK, pb.AuthOk(
+        self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
         log.debug("%s: authenticated (device %r, class %r)", self, self.device_id, self.device_class)
@@ -144,12 +145,12 @@ class Session:
             cursor = min(last_seq, room.last_seq)
         else:
             cursor = 0                         # history was reset: from the start
-        self.send(_core.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
+        self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
         if cursor < room.flushed_seq:
             cfg = node.config
             gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min)
             if gap_from:
-                self.send(_core.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
+                self.send(FrameType.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
                                             epoch=room.epoch))
             for frame in frames:
                 self.conn.send(frame, True)
@@ -163,7 +164,7 @@ class Session:
             self.error(msg.req_id, pb.NOT_A_MEMBER, f"not in room {msg.room!r}", msg.room)
             return
         self._leave_room(msg.room)
-        self.send(_core.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
+        self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
 
     def _leave_room(self, name: str) -> None:
         self.rooms.discard(name)
@@ -181,10 +182,10 @@ class Session:
         except Rejected as exc:
             self.error(msg.req_id, exc.reason, str(exc), msg.room)
             return
-        self.send(_core.ACK, pb.Ack(req_id=msg.req_id, room=msg.room, seq=seq))
+        self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room, seq=seq))
 
     def _ping(self, msg: pb.Ping) -> None:
-        self.send(_core.PONG, pb.Pong(nonce=msg.nonce, server_time_ms=_now_ms()))
+        self.send(FrameType.PONG, pb.Pong(nonce=msg.nonce, server_time_ms=_now_ms()))
 
     # ---------------------------------------------------------------- output
 
@@ -195,14 +196,14 @@ class Session:
         """A request failed; the connection stays open."""
         log.debug("%s: request %d refused: %s (%s)", self, req_id,
                   pb.Reason.Name(reason), message)
-        self.send(_core.ERROR, pb.Error(reason=reason, message=message, req_id=req_id, room=room))
+        self.send(FrameType.ERROR, pb.Error(reason=reason, message=message, req_id=req_id, room=room))
 
     def fail(self, reason: int, message: str) -> None:
         """Protocol or auth failure: send Error with the reason, then close."""
         name = pb.Reason.Name(reason)
         self.node.metrics.protocol_errors.labels(name).inc()
         self.node.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
-        self._close_with(_frame(_core.ERROR, pb.Error(reason=reason, message=message)))
+        self._close_with(_frame(FrameType.ERROR, pb.Error(reason=reason, message=message)))
 
     def kick(self, reason: int, message: str, reconnect_after_ms: int = 0,
              drop_queued: bool = True) -> None:
@@ -215,7 +216,7 @@ class Session:
             return
         self.node.metrics.kicks.labels(pb.Reason.Name(reason)).inc()
         log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
-        self._close_with(_frame(_core.KICK, pb.Kick(
+        self._close_with(_frame(FrameType.KICK, pb.Kick(
             reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued)
 
     def _close_with(self, frame: bytes, drop_queued: bool = True) -> None:
@@ -258,9 +259,9 @@ class Session:
 
 
 _HANDLERS = {
-    _core.HELLO: (Session._hello, pb.Hello),
-    _core.JOIN: (Session._join, pb.Join),
-    _core.LEAVE: (Session._leave, pb.Leave),
-    _core.CHAT: (Session._chat, pb.Chat),
-    _core.PING: (Session._ping, pb.Ping),
+    FrameType.HELLO: (Session._hello, pb.Hello),
+    FrameType.JOIN: (Session._join, pb.Join),
+    FrameType.LEAVE: (Session._leave, pb.Leave),
+    FrameType.CHAT: (Session._chat, pb.Chat),
+    FrameType.PING: (Session._ping, pb.Ping),
 }

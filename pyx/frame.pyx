@@ -11,20 +11,7 @@ _lz4_compress = _lz4_block.compress
 _lz4_decompress = _lz4_block.decompress
 
 
-# Frame types (docs/protocol.md).
-HELLO = 0x01
-JOIN = 0x02
-LEAVE = 0x03
-CHAT = 0x04
-PING = 0x05
-AUTH_OK = 0x41
-ERROR = 0x42
-BATCH = 0x43
-KICK = 0x44
-PONG = 0x45
-GAP = 0x46
-ACK = 0x47
-PRESENCE = 0x48
+# Frame type codes live in fanout.wire.FrameType, the one table of them.
 
 
 class FrameError(Exception):

@@ -15,8 +15,14 @@ from fanout.logic import Rejected
 from fanout.proto import fanout_pb2 as pb
 
 
-def in_process_config(**overrides):
-    return config.load(None, env={}, overrides={"port": 0, "secret": SECRET, **overrides})
+@pytest.fixture
+async def local_node():
+    """A node in the test's own event loop, on real loopback sockets."""
+    node = Node(config.load(None, env={}, overrides={"port": 0, "admin_port": -1,
+                                                     "secret": SECRET}))
+    await node.start()
+    yield node
+    await node.stop(grace=0.5)
 
 
 async def next_message(client, timeout=10):
@@ -25,67 +31,51 @@ async def next_message(client, timeout=10):
     return event
 
 
-async def test_server_side_publish_kinds_and_priority():
-    node = Node(in_process_config())
-    await node.start()
-    host, port = node.address
-    try:
-        async with Client(host, port, token("viewer")) as c:
-            await c.join("show")
-            assert node.publish("show", "gift", b"rocket", sender="gift-svc", priority=9) == 1
-            assert node.publish("show", pb.SYSTEM, "stream starts") == 2
-            gift, notice = await next_message(c), await next_message(c)
-            assert (gift.kind, gift.priority, gift.sender, gift.payload) == (
-                pb.GIFT, 9, "gift-svc", b"rocket")
-            assert (notice.kind, notice.sender, notice.payload) == (
-                pb.SYSTEM, "system", b"stream starts")
-            assert node.room_info("show")["online"] == 1
-        with pytest.raises(Rejected):
-            node.publish("show", "confetti", b"x")
-        with pytest.raises(Rejected):
-            node.publish("", "chat", b"x")
-        with pytest.raises(Rejected):
-            node.publish("show", "chat", b"x" * 100_000)
-    finally:
-        await node.stop()
+async def test_server_side_publish_kinds_and_priority(local_node):
+    node = local_node
+    async with Client(*node.address, token("viewer")) as c:
+        await c.join("show")
+        assert node.publish("show", "gift", b"rocket", sender="gift-svc", priority=9) == 1
+        assert node.publish("show", pb.SYSTEM, "stream starts") == 2
+        gift, notice = await next_message(c), await next_message(c)
+        assert (gift.kind, gift.priority, gift.sender, gift.payload) == (
+            pb.GIFT, 9, "gift-svc", b"rocket")
+        assert (notice.kind, notice.sender, notice.payload) == (
+            pb.SYSTEM, "system", b"stream starts")
+        assert node.room_info("show")["online"] == 1
+    with pytest.raises(Rejected):
+        node.publish("show", "confetti", b"x")
+    with pytest.raises(Rejected):
+        node.publish("", "chat", b"x")
+    with pytest.raises(Rejected):
+        node.publish("show", "chat", b"x" * 100_000)
 
 
-async def test_sdk_resumes_after_kick_without_loss():
-    node = Node(in_process_config())
-    await node.start()
-    host, port = node.address
-    try:
-        async with Client(host, port, token("viewer"), backoff_min=0.05, backoff_max=0.2) as c:
-            await c.join("r")
-            for i in range(5):
-                node.publish("r", "chat", f"before-{i}")
-            assert [(await next_message(c)).seq for _ in range(5)] == [1, 2, 3, 4, 5]
-            session = next(s for s in node.sessions.values() if s.user == "viewer")
-            session.kick(pb.SLOW_CONSUMER, "test kick")
-            for i in range(10):              # published while the client is away
-                node.publish("r", "chat", f"during-{i}")
-                await asyncio.sleep(0.005)
-            got = [await next_message(c) for _ in range(10)]
-            assert [m.seq for m in got] == list(range(6, 16))
-            assert c.stats["reconnects"] >= 1 and c.stats["gaps"] == 0
-    finally:
-        await node.stop()
+async def test_sdk_resumes_after_kick_without_loss(local_node):
+    node = local_node
+    async with Client(*node.address, token("viewer"), backoff_min=0.05, backoff_max=0.2) as c:
+        await c.join("r")
+        for i in range(5):
+            node.publish("r", "chat", f"before-{i}")
+        assert [(await next_message(c)).seq for _ in range(5)] == [1, 2, 3, 4, 5]
+        session = next(s for s in node.sessions.values() if s.user == "viewer")
+        session.kick(pb.SLOW_CONSUMER, "test kick")
+        for i in range(10):              # published while the client is away
+            node.publish("r", "chat", f"during-{i}")
+            await asyncio.sleep(0.005)
+        got = [await next_message(c) for _ in range(10)]
+        assert [m.seq for m in got] == list(range(6, 16))
+        assert c.stats["reconnects"] >= 1 and c.stats["gaps"] == 0
 
 
-async def test_duplicate_login_ends_the_older_client():
-    node = Node(in_process_config())
-    await node.start()
-    host, port = node.address
-    try:
-        first = Client(host, port, token("zoe"), device_class="mobile")
-        await first.connect()
-        async with Client(host, port, token("zoe"), device_class="mobile"):
-            with pytest.raises(KickedError) as err:
-                await first.next_event(timeout=10)
-            assert err.value.reason == pb.DUPLICATE_LOGIN
-        await first.close()
-    finally:
-        await node.stop()
+async def test_duplicate_login_ends_the_older_client(local_node):
+    first = Client(*local_node.address, token("zoe"), device_class="mobile")
+    await first.connect()
+    async with Client(*local_node.address, token("zoe"), device_class="mobile"):
+        with pytest.raises(KickedError) as err:
+            await first.next_event(timeout=10)
+        assert err.value.reason == pb.DUPLICATE_LOGIN
+    await first.close()
 
 
 def test_sdk_survives_node_restart(start_node):
