@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drain", help="gracefully drain a node through its admin API",
                        description="Ask a node to drain: it stops taking clients and "
                                    "publishes, moves its clients away, then exits.")
-    p.add_argument("--admin-host", default="127.0.0.1")
+    p.add_argument("--admin-host", default="127.0.0.1",
+                   help="address of the node's admin API (default 127.0.0.1)")
     p.add_argument("--admin-port", type=int,
-                   default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")))
+                   default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")),
+                   help="its port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="the node's admin API key (default $FANOUT_API_KEY)")
     return parser

@@ -41,6 +41,10 @@ def check_room_name(room: str) -> None:
 
 
 class Logic(Protocol):
+    def knows(self, room: str) -> bool:
+        """Whether ``room`` was ever joined or published to."""
+        return room in self._rooms
+
     def head(self, room: str) -> tuple[str, int]: ...
     def publish(self, room: str, kind: int, payload: bytes, *, sender: str,
                 priority: int = 0) -> int: ...

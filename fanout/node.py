@@ -21,6 +21,7 @@ import secrets
 import socket
 
 from . import _core
+from .admin import start_admin
 from .bus import Bus, LocalBus
 from .config import NodeConfig
 from .logic import KINDS, LocalLogic, Logic, Rejected, check_room_name
@@ -114,15 +115,14 @@ class Node:
         self._listener.setblocking(False)
         loop.add_reader(self._listener.fileno(), self._accept)
         self._stopped = loop.create_future()
+        if cfg.admin_port >= 0:
+            self.admin = await start_admin(self)
+        # Timers start last: start-up work must not read as event-loop lag.
         self._every(SWEEP_INTERVAL, self._sweep)
         self._lag_due = loop.time() + LAG_PROBE_INTERVAL
         self._every(LAG_PROBE_INTERVAL, self._probe_lag)
         if cfg.presence_interval_ms:
             self._every(cfg.presence_interval_ms / 1000, self._send_presence)
-        if cfg.admin_port >= 0:
-            from .admin import start_admin
-
-            self.admin = await start_admin(self)
         if cfg.uses_dev_secret:
             log.warning("using the built-in development secret: anyone can mint tokens; "
                         "set FANOUT_SECRET (or --secret) for anything but development")
@@ -414,6 +414,10 @@ class Node:
     def room_info(self, room: str) -> dict:
         """Online count, sequence and recent rates of ``room`` on this node."""
         check_room_name(room)
+        known = getattr(self.logic, "knows", None)
+        if known is not None and not known(room):
+            # Looking must not create: unknown names would pile up state.
+            return {"room": room, "epoch": "", "online": 0, "last_seq": 0}
         epoch, seq = self.logic.head(room)
         r = self.hub.rooms.get(room)
         info = {"room": room, "epoch": epoch, "online": len(r) if r is not None else 0,

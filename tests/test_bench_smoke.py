@@ -1,0 +1,36 @@
+"""Keeps bench/fanout_socketpairs.py from rotting: a tiny run must complete
+and report every variant. It never asserts on speed (shared, noisy CI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "fanout_socketpairs.py"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the C baseline needs cc")
+@pytest.mark.timeout(60)
+def test_fanout_socketpairs_bench_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--members", "50", "--rounds", "5",
+         "--repeat", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    variants = result["variants"]
+    assert {"engine", "naive", "c", "c_send"} <= variants.keys()
+    for name, v in variants.items():
+        assert v["writes_per_s"] > 0, name
+        assert v["errors"] == 0, name
+    assert variants["engine"]["failures"] == 0
+    assert result["params"] == {"members": 50, "frame_bytes": 2048, "rounds": 5, "repeat": 1}
+    assert set(result["ratios"]) == {"engine/c", "engine/c_send", "engine/naive"}
