@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard pyx/*.pyx pyx/*.pxd fanout/*.pxd fanout/proto/*.proto)
+SOURCES := pyproject.toml setup.py $(wildcard pyx/*.pyx pyx/*.pxd pyx/*.pxi fanout/*.pxd fanout/proto/*.proto)
 
 .PHONY: run test build debug clean
 

@@ -4,6 +4,9 @@ Build switches (environment variables), in the style of uvloop/asyncpg:
   FANOUT_DEBUG=1     C asserts on (FANOUT_DEBUG macro), -O0 -g, Cython
                      linetrace + profiling hooks, bounds checks.
   FANOUT_ANNOTATE=1  write Cython's HTML annotation next to the sources.
+  FANOUT_SLOW=1      a deliberately slowed core (busy work per recipient write),
+                     used only to show that `make perf-check` catches a
+                     regression; never for real use.
 """
 
 import os
@@ -58,6 +61,8 @@ def extensions():
 
     debug = _flag("FANOUT_DEBUG")
     macros = [("CYTHON_TRACE_NOGIL", "1"), ("FANOUT_DEBUG", "1")] if debug else [("NDEBUG", "1")]
+    if _flag("FANOUT_SLOW"):
+        macros.append(("FANOUT_SLOW", "1"))
     cflags = ["-O0", "-g3", "-UNDEBUG"] if debug else ["-O2"]
     directives = {
         "language_level": 3,
@@ -69,11 +74,13 @@ def extensions():
         "linetrace": debug,
         "profile": debug,
     }
-    ext = Extension(
-        "fanout._core", ["pyx/_core.pyx"],
-        include_dirs=["pyx"], define_macros=macros, extra_compile_args=cflags,
-    )
-    return cythonize([ext], compiler_directives=directives,
+    # One extension per top-level .pyx: the core, and (when present) the
+    # load generator, which lives in the package so `fanout load` ships.
+    modules = {"fanout._core": "pyx/_core.pyx", "fanout._loadgen": "pyx/loadgen.pyx"}
+    exts = [Extension(name, [src], include_dirs=["pyx"], define_macros=macros,
+                      extra_compile_args=cflags)
+            for name, src in modules.items() if (HERE / src).exists()]
+    return cythonize(exts, compiler_directives=directives,
                      annotate=_flag("FANOUT_ANNOTATE"), include_path=[".", "pyx"],
                      build_dir="build/cython")
 

@@ -38,8 +38,16 @@ cdef extern from *:
     #else
     #define FANOUT_ASSERT(cond) ((void)0)
     #endif
+    /* FANOUT_SLOW (setup.py) adds busy work to every recipient write, to
+       prove the performance regression check fails on a slower core. */
+    #ifdef FANOUT_SLOW
+    #define FANOUT_SLOWDOWN() do { volatile int i_; for (i_ = 0; i_ < 3000; i_++) {} } while (0)
+    #else
+    #define FANOUT_SLOWDOWN() ((void)0)
+    #endif
     """
     void FANOUT_ASSERT(bint cond) nogil
+    void FANOUT_SLOWDOWN() nogil
 
 cdef enum:
     SCRATCH_SIZE = 65536
@@ -110,6 +118,7 @@ cdef class Connection:
         cdef ssize_t w
         if self.state != CONN_OPEN:
             return SEND_CLOSED
+        FANOUT_SLOWDOWN()
         if self._bl_len:
             # Behind a backlog: queue in order (one writer), or give up on a
             # consumer that cannot keep up rather than buffer without bound.
