@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         except config_mod.ConfigError as exc:
             print(f"fanout node: {exc}", file=sys.stderr)
             return 2
-        run(cfg)
+        try:
+            run(cfg)
+        except OSError as exc:     # typically: the port is taken
+            print(f"fanout node: cannot serve on {cfg.host}:{cfg.port} "
+                  f"(admin {cfg.admin_host}:{cfg.admin_port}): {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "token":
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]

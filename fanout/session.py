@@ -87,7 +87,13 @@ class Session:
             if self.user is None and ftype != FrameType.HELLO:
                 self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
                 return
-            handler(self, msg)
+            try:
+                handler(self, msg)
+            except Exception:
+                # A bug must cost one connection, not the node's loop.
+                log.exception("%s: internal error handling %s", self, message_type.__name__)
+                self.fail(pb.INTERNAL_ERROR, "internal error")
+                return
         if conn.eof and not conn.closing:
             log.debug("%s: peer closed", self)
             conn.close()

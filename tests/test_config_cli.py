@@ -82,3 +82,9 @@ def test_listen_and_say(node):
 def test_say_reports_unreachable_node():
     out = run_cli("say", "lobby", "x", "--port", "1")
     assert out.returncode == 1 and "fanout say:" in out.stderr
+
+
+def test_node_reports_a_taken_port(node):
+    out = run_cli("node", "--port", str(node.port), "--admin-port", "0", timeout=30)
+    assert out.returncode == 1
+    assert "cannot serve on" in out.stderr and "Address already in use" in out.stderr
