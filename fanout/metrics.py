@@ -106,4 +106,4 @@ class CoreCollector:
                                 "Unsent bytes queued across all connections",
                                 value=node.write_backlog_bytes())
         yield GaugeMetricFamily("fanout_event_loop_lag_last_seconds",
-                                "Most recent event-loop lag sample", value=node.loop_lag)
+                                "Mean event-loop lag over the last second", value=node.loop_lag)
