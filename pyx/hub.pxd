@@ -1,11 +1,17 @@
 # The node's broadcast engine: every room on this node and when each flushes.
 #
-# Flush policy (adaptive):
-#   * quiet room (no flush in the last max_delay): flushed at the end of the
-#     current loop iteration; all such rooms share one call_soon;
-#   * hot room: flushed max_delay after its previous flush, so a busy room
-#     costs at most 1/max_delay frames per member per second;
+# Flush policy (adaptive), a token bucket of flushes per room: rate
+# 1/max_delay, burst FLUSH_BURST.
+#   * quiet room (a token left): flushed at the end of the current loop
+#     iteration; all such rooms share one call_soon;
+#   * hot room (out of tokens): flushed when its next token is due, so a busy
+#     room costs at most 1/max_delay frames per member per second;
 #   * a batch that reaches max_batch_bytes flushes at once.
+# A room at a few messages per second therefore never waits, while one at
+# thousands per second batches max_delay worth of messages per frame.
+
+cdef enum:
+    FLUSH_BURST = 3
 # Connections that a flush finds slow or dead are handed to their owner's
 # connection_failed(reason) after the write loop, never during it.
 

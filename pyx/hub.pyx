@@ -89,20 +89,29 @@ cdef class Hub:
         return True
 
     cdef void _schedule(self, Room room) except *:
-        cdef double now, due
+        cdef double now, tokens
         if room._scheduled:
             return
         room._scheduled = True
         now = self._loop.time()
-        due = room.last_flush + self.max_delay
-        if due <= now:
+        if self.max_delay > 0:
+            tokens = room._flush_tokens + (now - room._tokens_at) / self.max_delay
+            tokens = min(tokens, <double>FLUSH_BURST)
+        else:
+            tokens = FLUSH_BURST
+        # Spend the token now; below zero is the wait for the next one (at
+        # most one schedule is outstanding per room, so never below -1).
+        room._flush_tokens = tokens - 1
+        room._tokens_at = now
+        if room._flush_tokens >= 0:
             # Quiet room: out at the end of this loop iteration.
             self._soon.append(room)
             if not self._soon_scheduled:
                 self._soon_scheduled = True
                 self._loop.call_soon(_flush_soon, self)
         else:
-            self._loop.call_at(due, _flush_timer, self, room)
+            self._loop.call_at(now - room._flush_tokens * self.max_delay,
+                               _flush_timer, self, room)
 
     cdef void _flush(self, Room room) except *:
         cdef list troubled

@@ -25,6 +25,7 @@ cdef class Room:
         self._ring_cap = ring_size
         self._ring_max_bytes = ring_bytes
         self.last_flush = -1e18
+        self._flush_tokens = FLUSH_BURST
         self.last_activity = 0.0
 
     def __dealloc__(self):

@@ -232,16 +232,18 @@ async def test_hot_room_waits_max_delay_full_batch_does_not():
     room = hub.room("r", "e", 0)
     conn, peer = make_pair(loop)
     room.add(conn)
-    hub.publish("r", "e", 1, record("r", 1))
-    await asyncio.sleep(0.01)
-    assert room.flushed_seq == 1               # quiet: immediate
-    hub.publish("r", "e", 2, record("r", 2))
+    for seq in (1, 2, 3):                      # a quiet room may flush 3 times at once
+        hub.publish("r", "e", seq, record("r", seq))
+        await asyncio.sleep(0.01)
+        assert room.flushed_seq == seq         # end of the loop iteration
+    hub.publish("r", "e", 4, record("r", 4))
     await asyncio.sleep(0.05)
-    assert room.flushed_seq == 1               # hot: held until max_delay
+    assert room.flushed_seq == 3               # hot: held until its next token
+    hub.publish("r", "e", 5, record("r", 5))   # joins the held batch
     await asyncio.sleep(0.25)
-    assert room.flushed_seq == 2
-    hub.publish("r", "e", 3, record("r", 3, b"x" * 2500))   # over max_batch_bytes
-    assert room.flushed_seq == 3               # flushed synchronously
+    assert room.flushed_seq == 5
+    hub.publish("r", "e", 6, record("r", 6, b"x" * 2500))   # over max_batch_bytes
+    assert room.flushed_seq == 6               # flushed synchronously
     conn.close()
 
 
@@ -354,4 +356,24 @@ async def test_sampled_flag_rides_on_the_next_batch_only():
     expected = pb.Batch(messages=[pb.RoomMessage(room="r", seq=1, kind=pb.CHAT, sender="u",
                                                  payload=b"m")], sampled=True)
     assert frames[0][2] == expected.SerializeToString()
+    conn.close()
+
+
+async def test_hot_room_flush_rate_is_bounded_by_max_delay():
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop, max_delay=0.1)
+    room = hub.room("r", "e", 0)
+    conn, peer = make_pair(loop, max_backlog_bytes=1 << 24)
+    room.add(conn)
+    start = loop.time()
+    seq = 0
+    while loop.time() - start < 1.0:           # ~200 messages/s for a second
+        seq += 1
+        hub.publish("r", "e", seq, record("r", seq))
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.15)
+    assert room.flushed_seq == seq
+    # 1 s / 100 ms, plus the burst of 3 and the final partial window
+    assert 8 <= room.frames_built <= 15, room.frames_built
+    await drain(peer, 1)
     conn.close()
