@@ -5,6 +5,7 @@
     fanout listen ROOM [--host H --port N]
     fanout say ROOM TEXT [--kind chat]
     fanout drain [--admin-host H --admin-port N --api-key KEY]
+    fanout load [--viewers N --rooms R --rate MSGS --duration S --json FILE] ...
 """
 
 from __future__ import annotations
@@ -71,7 +72,66 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="the node's admin API key (default $FANOUT_API_KEY)")
+    _load_parser(sub)
     return parser
+
+
+def _load_parser(sub) -> None:
+    p = sub.add_parser(
+        "load", help="drive a node with many viewers and a publisher; measure and check",
+        description="Connect --viewers viewers (raw sockets + epoll in C, spread over "
+                    "processes of at most 19,000), publish --rate messages/s through the "
+                    "admin API, and report deliveries/s, frames/s, wire bytes per message, "
+                    "publish-to-receive latency, gaps, reorders and slow-consumer cuts. "
+                    "--rate 0 holds idle connections. Exit status: 0 all checks passed, "
+                    "3 a check failed, 1 the run failed, 2 bad arguments.")
+    env = os.environ.get
+    p.add_argument("--host", default=env("FANOUT_CONNECT_HOST", "127.0.0.1"),
+                   help="node address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
+                   help="node client port (default $FANOUT_PORT, else 7000)")
+    p.add_argument("--admin-host", default="", help="admin API address (default: --host)")
+    p.add_argument("--admin-port", type=int, default=int(env("FANOUT_ADMIN_PORT", "7001")),
+                   help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")
+    p.add_argument("--api-key", default=env("FANOUT_API_KEY", ""),
+                   help="admin API key, needed to publish (default $FANOUT_API_KEY)")
+    p.add_argument("--secret", default=env("FANOUT_SECRET", DEV_SECRET),
+                   help="the node's token secret (default $FANOUT_SECRET, else the dev secret)")
+    p.add_argument("--viewers", type=int, default=1000, help="viewer connections (default 1000)")
+    p.add_argument("--rooms", type=int, default=1,
+                   help="rooms; viewer i joins room i %% rooms (default 1)")
+    p.add_argument("--rate", type=float, default=2000.0,
+                   help="messages/s published in total, 0 for idle (default 2000)")
+    p.add_argument("--gift-share", type=float, default=0.5,
+                   help="fraction of messages that are gifts, the rest chat (default 0.5)")
+    p.add_argument("--payload-bytes", type=int, default=50,
+                   help="payload size incl. the 8-byte timestamp (default 50)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="measured seconds, after the warm-up (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of publishing before measuring (default 2)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="viewer processes (default ceil(viewers / 19000))")
+    p.add_argument("--decode-every", type=int, default=50,
+                   help="inflate and check every message of 1 viewer in N (default 50)")
+    p.add_argument("--latency-every", type=int, default=1,
+                   help="record the latency of 1 decoded message in N (default 1)")
+    p.add_argument("--connect-window", type=int, default=256,
+                   help="most viewers connecting at once (default 256)")
+    p.add_argument("--read-interval-ms", type=float, default=0.0,
+                   help="read viewers that are not decoded in rounds this far apart, so one "
+                        "read can take several frames (default 0: at once, like a client)")
+    p.add_argument("--max-retries", type=int, default=8,
+                   help="reconnects of a viewer refused before it joined, with the "
+                        "protocol's backoff (default 8)")
+    p.add_argument("--source-addrs", default="auto",
+                   help="'auto' (1000 viewers per 127.x source address on loopback), "
+                        "'none', or a comma-separated address list")
+    p.add_argument("--room-prefix", default="load-room-", help="room names are PREFIX<index>")
+    p.add_argument("--json", metavar="FILE", help="write the JSON result here ('-': stdout)")
+    p.add_argument("--node-pid", type=int, help="also report this node process's CPU use")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no live terminal view")
 
 
 def _token(args) -> str:
@@ -167,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "drain":
         return _drain(args)
+    if args.command == "load":
+        from .load import main as load_main
+
+        try:
+            return load_main(args)
+        except KeyboardInterrupt:
+            return 130
     runner = _listen if args.command == "listen" else _say
     try:
         return asyncio.run(runner(args))
