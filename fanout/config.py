@@ -71,6 +71,7 @@ class NodeConfig:
     backlog_degraded_bytes: int = _field(256 << 20, "write backlog across connections that makes the node degrade", minimum=1)
     max_batch_bytes: int = _field(65_536, "flush a room's batch when it reaches this", minimum=256)
     compress_min: int = _field(256, "smallest batch worth lz4 (0: never compress)", minimum=0)
+    compress_level: int = _field(4, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
     ring_bytes: int = _field(1 << 20, "bytes per room kept for resume", minimum=1024)
     room_idle_ttl_s: float = _field(300.0, "forget an empty, silent room's history after this", minimum=0)
@@ -81,6 +82,8 @@ class NodeConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name} must be >= {minimum}, got {value!r}")
+        if self.compress_level > 12:
+            raise ConfigError(f"compress_level must be 0-12, got {self.compress_level}")
         if self.loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"loop must be 'uvloop' or 'asyncio', got {self.loop!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -106,7 +106,8 @@ class Node:
         self.loop = loop = asyncio.get_running_loop()
         self.hub = _core.Hub(loop, max_delay=cfg.max_delay_ms / 1000,
                              max_batch_bytes=cfg.max_batch_bytes,
-                             compress_min=cfg.compress_min, ring_size=cfg.ring_size,
+                             compress_min=cfg.compress_min,
+                             compress_level=cfg.compress_level, ring_size=cfg.ring_size,
                              ring_bytes=cfg.ring_bytes)
         self.hub.flush_observer = self.metrics.observe_flush
         self.bus.subscribe(self.hub.publish)

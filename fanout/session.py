@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fanout.session")
 
+_NO_ROOMS: frozenset[str] = frozenset()   # shared by every session in no room
+
 
 def _frame(ftype: int, msg) -> bytes:
     return _core.pack_frame(ftype, msg.SerializeToString())
@@ -49,7 +51,9 @@ class Session:
         self.device_id = ""
         self.device_class = ""
         self.claims: Claims | None = None
-        self.rooms: set[str] = set()
+        # Most viewers join one room, many idle ones none: the set is made
+        # on first join (an empty set alone costs 216 bytes).
+        self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.connected_at = node.loop.time()
         self._hard_close = None
         conn.owner = self
@@ -154,7 +158,8 @@ class Session:
         self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
         if cursor < room.flushed_seq:
             cfg = node.config
-            gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min)
+            gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min,
+                                                   cfg.compress_level)
             if gap_from:
                 self.send(FrameType.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
                                             epoch=room.epoch))
@@ -162,6 +167,8 @@ class Session:
                 self.conn.send(frame, True)
         if not self.conn.closing:
             room.add(self.conn)
+            if self.rooms is _NO_ROOMS:
+                self.rooms = set()
             self.rooms.add(name)
             log.debug("%s: joined %s at seq %d", self, name, cursor)
 
@@ -173,7 +180,8 @@ class Session:
         self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
 
     def _leave_room(self, name: str) -> None:
-        self.rooms.discard(name)
+        if self.rooms is not _NO_ROOMS:
+            self.rooms.discard(name)
         room = self.node.hub.rooms.get(name)
         if room is not None:
             room.discard(self.conn)

@@ -18,9 +18,10 @@ cdef enum:
     R_BAD_COMPRESSION = 6
 
 # Build one frame: header + body (compressed when body_len >= compress_min
-# and the result is smaller). Returns a new bytes object the caller owns.
+# and the result is smaller; level 0 is lz4's fast mode, 1-12 its
+# high-compression levels). Returns a new bytes object the caller owns.
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
-                       Py_ssize_t compress_min)
+                       Py_ssize_t compress_min, int level)
 
 # Validate one header. Returns the body length, or -reason when invalid.
 cdef Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexcept nogil

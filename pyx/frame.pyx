@@ -38,17 +38,23 @@ cdef inline void _write_header(char* p, uint8_t ftype, uint8_t flags,
 
 
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
-                       Py_ssize_t compress_min):
+                       Py_ssize_t compress_min, int level):
     cdef uint8_t flags = 0
     cdef object packed = None
+    cdef object view
     cdef const char* src = body
     cdef Py_ssize_t n = body_len
     if compress_min > 0 and body_len >= compress_min:
         # lz4 reads straight from our buffer through a memoryview (no copy);
-        # compressed output is used only when it is actually smaller.
-        packed = _lz4_compress(
-            PyMemoryView_FromMemory(<char*>body, body_len, PyBUF_READ),
-            store_size=True)
+        # compressed output is used only when it is actually smaller. A frame
+        # is compressed once for all its recipients, so high compression
+        # costs little next to the writes and saves bandwidth on every one.
+        view = PyMemoryView_FromMemory(<char*>body, body_len, PyBUF_READ)
+        if level > 0:
+            packed = _lz4_compress(view, store_size=True, mode="high_compression",
+                                   compression=level)
+        else:
+            packed = _lz4_compress(view, store_size=True)
         if PyBytes_GET_SIZE(packed) < body_len:
             src = PyBytes_AS_STRING(packed)
             n = PyBytes_GET_SIZE(packed)
@@ -172,9 +178,9 @@ def encode_room_message(str room, unsigned long long seq, unsigned int kind,
     return out
 
 
-def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0):
+def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0, int level=0):
     """Frame ``body`` (bytes-like) as ``ftype``; lz4 when it pays and
-    ``len(body) >= compress_min > 0``."""
+    ``len(body) >= compress_min > 0`` (``level`` 1-12: high compression)."""
     cdef const unsigned char[:] view = body
     cdef Py_ssize_t n = view.shape[0]
     if ftype > 0xFF:
@@ -184,7 +190,7 @@ def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0):
     cdef const char* ptr = b""
     if n:
         ptr = <const char*>&view[0]
-    return build_frame(<uint8_t>ftype, ptr, n, compress_min)
+    return build_frame(<uint8_t>ftype, ptr, n, compress_min, level)
 
 
 def parse_frames(data, Py_ssize_t max_body):

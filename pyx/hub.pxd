@@ -21,6 +21,7 @@ cdef class Hub:
     cdef public double max_delay      # the node widens it under overload
     cdef readonly Py_ssize_t max_batch_bytes
     cdef readonly Py_ssize_t compress_min
+    cdef readonly int compress_level
     cdef readonly Py_ssize_t ring_size
     cdef readonly Py_ssize_t ring_bytes
     cdef list _soon                   # quiet rooms due at end of iteration

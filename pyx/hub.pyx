@@ -23,13 +23,15 @@ cdef class Hub:
     :param max_delay: seconds a hot room may hold a message (default 0.05).
     :param max_batch_bytes: a room's batch is flushed when it reaches this.
     :param compress_min: smallest batch body worth lz4 (0 disables).
+    :param compress_level: 0 lz4 fast mode, 1-12 lz4 high compression.
     :param ring_size: messages per room kept for resume.
     :param ring_bytes: bytes per room kept for resume.
     """
 
     def __cinit__(self, loop, *, double max_delay=0.05,
                   Py_ssize_t max_batch_bytes=64 * 1024,
-                  Py_ssize_t compress_min=256, Py_ssize_t ring_size=1024,
+                  Py_ssize_t compress_min=256, int compress_level=0,
+                  Py_ssize_t ring_size=1024,
                   Py_ssize_t ring_bytes=1 << 20):
         if max_delay < 0 or max_batch_bytes <= 0 or ring_size < 1 or ring_bytes < 1:
             raise ValueError("invalid hub limits")
@@ -38,6 +40,9 @@ cdef class Hub:
         self.max_delay = max_delay
         self.max_batch_bytes = max_batch_bytes
         self.compress_min = compress_min
+        if not 0 <= compress_level <= 12:
+            raise ValueError("compress_level must be 0-12")
+        self.compress_level = compress_level
         self.ring_size = ring_size
         self.ring_bytes = ring_bytes
         self._soon = []
@@ -123,7 +128,7 @@ cdef class Hub:
             return
         now = self._loop.time()
         room.last_flush = now
-        troubled = room.flush(self.compress_min)
+        troubled = room.flush(self.compress_min, self.compress_level)
         self.flushes += 1
         if troubled:
             self._report_all(troubled)

@@ -47,7 +47,7 @@ cdef class Room:
     cdef readonly unsigned long long bytes_out     # frames as built
 
     cdef int append(self, unsigned long long seq, bytes record) except -1
-    cdef list flush(self, Py_ssize_t compress_min)
+    cdef list flush(self, Py_ssize_t compress_min, int level)
     cdef list send_all(self, bytes frame)
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef void _ring_push(self, unsigned long long seq, bytes record) noexcept

@@ -84,7 +84,7 @@ cdef class Room:
         self._ring_push(seq, record)
         return 1
 
-    cdef list flush(self, Py_ssize_t compress_min):
+    cdef list flush(self, Py_ssize_t compress_min, int level):
         cdef list troubled
         cdef Py_ssize_t count = self.pending_count
         cdef Py_ssize_t reached
@@ -105,7 +105,7 @@ cdef class Room:
             self._pend[self._pend_len + 1] = <char>0x01
             self._pend_len += 2
             self.sampled = False
-        frame = build_frame(FRAME_BATCH, self._pend, self._pend_len, compress_min)
+        frame = build_frame(FRAME_BATCH, self._pend, self._pend_len, compress_min, level)
         self.bytes_in += <unsigned long long>self._pend_len
         self.bytes_out += <unsigned long long>PyBytes_GET_SIZE(frame)
         self.frames_built += 1
@@ -194,7 +194,7 @@ cdef class Room:
         return self._ring_first if self._ring_count else 0
 
     def replay(self, unsigned long long after_seq, Py_ssize_t max_frame_bytes,
-               Py_ssize_t compress_min=0):
+               Py_ssize_t compress_min=0, int level=0):
         """Frames for a client that has seen everything up to ``after_seq``.
 
         Returns ``(gap_from, gap_to, frames)``: ``gap_*`` are 0 unless the
@@ -221,12 +221,12 @@ cdef class Room:
         while seq <= end:
             rec = <object>self._ring[seq % self._ring_cap]
             if buf and len(buf) + len(rec) > max_frame_bytes:
-                frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min))
+                frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min, level))
                 buf = bytearray()
             buf += rec
             seq += 1
         if buf:
-            frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min))
+            frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min, level))
         return gap_from, gap_to, frames
 
     def stats(self):

@@ -377,3 +377,13 @@ async def test_hot_room_flush_rate_is_bounded_by_max_delay():
     assert 8 <= room.frames_built <= 15, room.frames_built
     await drain(peer, 1)
     conn.close()
+
+
+def test_high_compression_is_smaller_and_decodes_the_same():
+    body = b"".join(_core.encode_room_message("live:1", i, pb.GIFT, 0, f"fan{i % 37}",
+                                              f"sent a rose x{i % 9} 🌹".encode(), 1_763_900_000_000 + i)
+                    for i in range(1, 300))
+    fast = _core.pack_frame(0x43, body, 256, 0)
+    high = _core.pack_frame(0x43, body, 256, 4)
+    assert fast[2] == high[2] == 1 and len(high) < len(fast)
+    assert _core.parse_frames(high, MAX)[0][0][2] == body == wire.FrameDecoder().feed(high)[0][2]
