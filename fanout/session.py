@@ -9,6 +9,7 @@ through here; the core writes them to member sockets directly.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -39,16 +40,18 @@ def _now_ms() -> int:
 class Session:
     """Control-plane state of one connection; the core's ``owner``."""
 
-    __slots__ = ("node", "conn", "id", "peer", "user", "device_id", "device_class",
+    # Per-connection memory counts at 19k connections per process: keep
+    # only what later decisions need (the device id goes to the auth log).
+    __slots__ = ("node", "conn", "id", "host", "port", "user", "device_class",
                  "claims", "rooms", "connected_at", "_hard_close")
 
     def __init__(self, node: "Node", conn: _core.Connection, peer, session_id: str):
         self.node = node
         self.conn = conn
         self.id = session_id
-        self.peer = peer
+        self.host = sys.intern(peer[0])   # one string per client address
+        self.port = peer[1]
         self.user: str | None = None
-        self.device_id = ""
         self.device_class = ""
         self.claims: Claims | None = None
         # Most viewers join one room, many idle ones none: the set is made
@@ -60,7 +63,7 @@ class Session:
         conn.start_reading(self.on_readable)
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} user={self.user!r} peer={self.peer!r}>"
+        return f"<Session {self.id} user={self.user!r} peer={self.host}:{self.port}>"
 
     @property
     def closing(self) -> bool:
@@ -115,14 +118,13 @@ class Session:
             return
         self.claims = claims
         self.user = claims.user
-        self.device_id = msg.device_id
         self.device_class = msg.device_class or "default"
         replaced = node.logic.login(self.user, self.device_class, self.id)
         cfg = node.config
         self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
-        log.debug("%s: authenticated (device %r, class %r)", self, self.device_id, self.device_class)
+        log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, self.device_class)
         if replaced is not None:
             node.kick(replaced, pb.DUPLICATE_LOGIN,
                       f"user {self.user} logged in again with device class {self.device_class}")
