@@ -1,0 +1,128 @@
+"""Smoke tests of bench/scenarios.py and its peers (bench/peers/).
+
+They check that the scenario commands run and produce correct, complete
+results (files written, every message delivered, no gaps) and that each peer
+answers its protocol. They never assert on speed: figures from a smoke run
+on a shared machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fanout.auth import mint
+from fanout.proto import fanout_pb2 as pb
+from fanout.wire import FrameType as FT
+
+from rawclient import RawClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import scenarios  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+def _run_scenario(name: str, out: Path, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench.scenarios", name, "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = out / f"{name}.quick.json"
+    assert path.exists()
+    return json.loads(path.read_text())
+
+
+def test_wire_bytes_quick(tmp_path):
+    r = _run_scenario("wire-bytes", tmp_path, 60)
+    e = r["engine_end_to_end"]
+    assert e["refused"] == 0
+    assert e["published"] > 0
+    assert e["messages_delivered"] == e["expected_deliveries"]
+    assert e["gaps"] == 0
+    assert r["v1_end_to_end"]["gaps"] == 0 and r["v1_end_to_end"]["messages"] > 0
+    assert 0 < r["ratio_engine_to_v1"] < 1
+    assert r["verdict"] in ("met", "missed")
+    assert r["machine"]["cpus"] >= 1
+    # Batching can only lower the bytes per message.
+    per = [row["bytes_per_message"] for row in r["static_by_batch_size"]]
+    assert per == sorted(per, reverse=True)
+
+
+@pytest.mark.skipif(not scenarios.loadgen_available(), reason="`fanout load` not built yet")
+def test_quiet_rooms_quick(tmp_path):
+    r = _run_scenario("quiet-rooms", tmp_path, 90)
+    load = r["engine"]["load"]
+    assert load["gaps"] == 0 and load["reorders"] == 0 and load["divergences"] == 0
+    assert load["viewers_joined"] == 200
+    assert load["deliveries"] > 0 and load["deliveries"] == load["expected_deliveries"]
+    assert r["naive"]["gaps"] == 0 and r["naive"]["reader"]["messages"] > 0
+    assert r["verdict"] in ("met", "missed")
+
+
+def test_c_reference_speaks_enough_protocol(tmp_path):
+    frames = tmp_path / "frames.bin"
+    info = scenarios.write_frames_file(frames, n_frames=5, per_frame=40, room="r")
+    assert info["frames"] == 5
+    ref = scenarios.Proc([scenarios.build_c("c_tcp_reference"), "--frames", frames,
+                          "--viewers", 2, "--duration", 5], "c_reference")
+    try:
+        port = int(ref.wait_line(r"listening on \S+:(\d+)", 10).group(1))
+        clients = [RawClient("127.0.0.1", port) for _ in range(2)]
+        for i, c in enumerate(clients):
+            assert isinstance(c.hello(mint("x" * 32, f"u{i}")), pb.AuthOk)
+            ack = c.join("r", req_id=7)
+            assert isinstance(ack, pb.Ack) and ack.req_id == 7 and ack.room == "r"
+        for c in clients:
+            msgs = c.messages(200)
+            assert [m.seq for m in msgs] == list(range(1, 201))
+            c.send(FT.PING, pb.Ping(nonce=99))
+            assert c.expect(FT.PONG).nonce == 99
+        stats = ref.json_line(10)
+        assert stats["viewers_joined"] == 2
+        assert stats["frames_delivered"] == 10 and stats["errors"] == 0
+    finally:
+        ref.stop()
+
+
+def test_naive_frame_mode_answers_protocol():
+    srv = scenarios.Proc([scenarios.PY, "-m", "bench.peers.naive_server", "--format", "frame",
+                          "--viewers", 1, "--rate", 200, "--duration", 1, "--linger", 5],
+                         "naive")
+    try:
+        port = int(srv.wait_line(r"listening on \S+:(\d+)", 20).group(1))
+        c = RawClient("127.0.0.1", port)
+        assert isinstance(c.hello("t"), pb.AuthOk)
+        assert isinstance(c.join("room"), pb.Ack)
+        msgs = c.messages(50)
+        assert [m.seq for m in msgs] == list(range(1, 51))
+        c.send(FT.PING, pb.Ping(nonce=5))
+        while True:
+            ftype, msg = c.next()
+            if ftype == FT.PONG:
+                assert msg.nonce == 5
+                break
+        result = srv.json_line(10)
+        assert result["messages_published"] > 0
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("peer", ["naive", "websockets"])
+def test_json_peers_with_c_reader(peer):
+    if peer == "websockets":
+        pytest.importorskip("websockets", reason="the bench extra is not installed")
+    r = scenarios.run_py_peer(peer, viewers=20, rate=300, duration=1.5, rooms=2)
+    assert r["gaps"] == 0
+    assert r["reader"]["conns"] == 20
+    assert r["reader"]["messages"] > 0
+    # Every message published reached every viewer of its room (10 each).
+    assert r["reader"]["messages"] == r["messages_published"] * 10
+    assert r["reader"]["duplicates"] == 0
