@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*.pyx pyx/*.pxd pyx/*.pxi fanout/*.pxd fanout/proto/*.proto)
 
-.PHONY: run test build debug clean
+.PHONY: run test build debug clean perf-check bench bench-micro
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -19,7 +19,7 @@ build: $(STAMP)
 # Debug build: Cython linetrace/profile hooks, bounds checks, -O0 -g,
 # FANOUT_DEBUG C macro, and HTML annotation in build/cython/.
 debug: $(PY)
-	FANOUT_DEBUG=1 FANOUT_ANNOTATE=1 $(PY) -m pip install -q -e '.[test]'
+	FANOUT_DEBUG=1 FANOUT_ANNOTATE=1 $(PY) -m pip install -q -e '.[test,bench]'
 	rm -f $(STAMP)
 
 $(PY):
@@ -27,8 +27,35 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
+
+# Benchmarks (bench/README.md). These install the `bench` extra (pyperf,
+# pytest-benchmark) on top of the test one, in the same release build.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_OUT ?= build/pyperf.json
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# CI's performance regression gate (.ci/run): a short interleaved run whose
+# ratios must stay above bench/perf_thresholds.json. Under a minute.
+# PERF_CHECK_ARGS: e.g. "--json build/perf-check.json" or "--repeat 25".
+PERF_CHECK_ARGS ?=
+perf-check: $(BENCH_STAMP)
+	$(PY) bench/perf_check.py $(PERF_CHECK_ARGS)
+
+# The full pyperf suite; results in $(BENCH_OUT) (read it with
+# `$(PY) -m pyperf show` or compare two with `compare_to`).
+bench: $(BENCH_STAMP)
+	mkdir -p $(dir $(BENCH_OUT))
+	rm -f $(BENCH_OUT)
+	$(PY) bench/pyperf_suite.py -o $(BENCH_OUT)
+
+# pytest-benchmark of the same hot functions (opt-in: not collected by `make test`).
+bench-micro: $(BENCH_STAMP)
+	$(PY) -m pytest bench/test_micro.py --benchmark-only
 
 clean:
 	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/proto/fanout_pb2.py* .pytest_cache

@@ -22,6 +22,9 @@ Repeats interleave the variants (engine, naive, c, c_send, engine, ...) so a noi
 neighbour hurts every variant alike; the report is the median per variant and
 the ratios between medians. Absolute rates are not comparable across runs on
 a shared machine; the ratios are the result.
+
+Also a module: bench/pyperf_suite.py, bench/perf_check.py and
+bench/test_micro.py reuse EngineFanout, NaiveFanout, run_c and measure().
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ HEADER = 8
 FIRST_SEQ = 1 << 14
 TS_MS = 1_763_900_000_000
 MAX_FRAME = 64 * 1024   # well under the AF_UNIX send buffer: no short writes
+SEQ_LIMIT = 1 << 21     # first seq whose varint is 4 bytes
+VARIANTS = ("engine", "naive", "c", "c_send")
 
 
 # ---------------------------------------------------------------- helpers
@@ -137,100 +142,176 @@ class Owner:
         pass
 
 
-async def run_engine(n: int, frame_bytes: int, rounds: int) -> dict:
-    loop = asyncio.get_running_loop()
-    pairs = socketpairs(n)
-    peers = [p for _, p in pairs]
-    # compress_min=0: the frame is exactly the record, so every variant
-    # writes the same number of bytes (lz4 belongs to another benchmark).
-    hub = _core.Hub(loop, compress_min=0)
-    room = hub.room(ROOM, EPOCH, FIRST_SEQ - 1)
-    failures: list[int] = []
-    conns = []
-    for node_side, _ in pairs:
-        conn = _core.Connection(node_side.detach(), loop, max_backlog_bytes=1 << 24)
-        conn.owner = Owner(failures)
-        room.add(conn)
-        conns.append(conn)
-    expected = n * frame_bytes
-    buf = bytearray(MAX_FRAME)
-    seconds = 0.0
-    queued = 0
-    seq = FIRST_SEQ
-    try:
-        for r in range(rounds + 1):            # round 0 is an untimed warm-up
-            record = record_for(seq, frame_bytes)
-            t0 = time.perf_counter()
-            hub.publish(ROOM, EPOCH, seq, record)
-            hub.flush(ROOM)
-            elapsed = time.perf_counter() - t0
-            seq += 1
-            # A member left with a backlog took a short write; its rest goes
-            # out when the loop sees the socket writable, so let it run.
-            queued += sum(1 for c in conns if c.backlog_frames)
-            got = 0
-            if r == 0:
-                # The engine must write exactly the frame the other variants do.
-                first = peers[0].recv(MAX_FRAME)
-                if first != _core.pack_frame(FrameType.BATCH, record):
-                    raise RuntimeError("engine frame differs from pack_frame(BATCH, record)")
-                got = len(first)
-            got += drain(peers, buf)
-            deadline = time.monotonic() + 5
-            while got < expected and not failures and time.monotonic() < deadline:
-                await asyncio.sleep(0)
-                got += drain(peers, buf)
-            if failures:
-                raise RuntimeError(f"engine round {r}: members failed with {failures[:5]}")
-            if got != expected:
-                raise RuntimeError(f"engine round {r}: peers got {got} bytes, want {expected}")
-            if r:
-                seconds += elapsed
-            # Let the flush the publish scheduled (call_soon) run and find the
-            # room empty, as it would in a node, so nothing piles up.
+class EngineFanout:
+    """The engine variant's fixture: one Hub room whose n members are
+    Connections on fresh socketpairs. :meth:`run` times rounds of
+    ``hub.publish()`` + ``hub.flush()`` (one frame to every member) and drains
+    the peers untimed after each. Also used by bench/pyperf_suite.py,
+    bench/perf_check.py and bench/test_micro.py."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, frame_bytes: int):
+        self.n, self.frame_bytes = n, frame_bytes
+        pairs = socketpairs(n)
+        self.peers = [p for _, p in pairs]
+        # compress_min=0: the frame is exactly the record, so every variant
+        # writes the same number of bytes (lz4 belongs to another benchmark).
+        self.hub = _core.Hub(loop, compress_min=0)
+        self.room = self.hub.room(ROOM, EPOCH, FIRST_SEQ - 1)
+        self.failures: list[int] = []
+        self.conns: list = []
+        try:
+            for node_side, _ in pairs:
+                conn = _core.Connection(node_side.detach(), loop, max_backlog_bytes=1 << 24)
+                conn.owner = Owner(self.failures)
+                self.room.add(conn)
+                self.conns.append(conn)
+        except BaseException:
+            self.close()
+            for node_side, _ in pairs:
+                node_side.close()
+            raise
+        self.seq = FIRST_SEQ
+        self.rounds_done = 0
+        self.short_writes = 0      # members left with a backlog after a flush
+        self._checked = False
+        self._buf = bytearray(MAX_FRAME)
+
+    def publish_flush(self, record: bytes) -> None:
+        """The timed work of one round: one record in, one frame to every member."""
+        self.hub.publish(ROOM, EPOCH, self.seq, record)
+        self.hub.flush(ROOM)
+        self.seq += 1
+
+    def next_record(self) -> bytes:
+        if self.seq >= SEQ_LIMIT:
+            raise RuntimeError("too many rounds for fixed-size records")
+        return record_for(self.seq, self.frame_bytes)
+
+    async def settle(self, record: bytes) -> None:
+        """After a round (untimed): check and drain what every peer got."""
+        expected = self.n * self.frame_bytes
+        peers = self.peers
+        # A member left with a backlog took a short write; its rest goes
+        # out when the loop sees the socket writable, so let it run.
+        self.short_writes += sum(1 for c in self.conns if c.backlog_frames)
+        got = 0
+        if not self._checked:
+            # The engine must write exactly the frame the other variants do.
+            first = peers[0].recv(MAX_FRAME)
+            if first != _core.pack_frame(FrameType.BATCH, record):
+                raise RuntimeError("engine frame differs from pack_frame(BATCH, record)")
+            got = len(first)
+            self._checked = True
+        got += drain(peers, self._buf)
+        deadline = time.monotonic() + 5
+        while got < expected and not self.failures and time.monotonic() < deadline:
             await asyncio.sleep(0)
-        sent = sum(c.frames_sent for c in conns)
-        if sent != n * (rounds + 1):
-            raise RuntimeError(f"engine sent {sent} frames, want {n * (rounds + 1)}")
-    finally:
-        for c in conns:
+            got += drain(peers, self._buf)
+        if self.failures:
+            raise RuntimeError(f"engine round {self.rounds_done}: members failed "
+                               f"with {self.failures[:5]}")
+        if got != expected:
+            raise RuntimeError(f"engine round {self.rounds_done}: peers got {got} bytes, "
+                               f"want {expected}")
+        self.rounds_done += 1
+        # Let the flush the publish scheduled (call_soon) run and find the
+        # room empty, as it would in a node, so nothing piles up.
+        await asyncio.sleep(0)
+
+    async def run(self, rounds: int) -> float:
+        """Run ``rounds`` rounds; returns the seconds spent in the writes."""
+        seconds = 0.0
+        for _ in range(rounds):
+            record = self.next_record()
+            t0 = time.perf_counter()
+            self.publish_flush(record)
+            seconds += time.perf_counter() - t0
+            await self.settle(record)
+        return seconds
+
+    def check_sent(self) -> None:
+        sent = sum(c.frames_sent for c in self.conns)
+        if sent != self.n * self.rounds_done:
+            raise RuntimeError(f"engine sent {sent} frames, want {self.n * self.rounds_done}")
+
+    def close(self) -> None:
+        for c in self.conns:
             c.close()
-        for p in peers:
+        for p in self.peers:
             p.close()
+
+
+async def run_engine(n: int, frame_bytes: int, rounds: int) -> dict:
+    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes)
+    try:
+        await eng.run(1)                       # an untimed warm-up round
+        seconds = await eng.run(rounds)
+        eng.check_sent()
+    finally:
+        eng.close()
     return {"writes_per_s": n * rounds / seconds, "seconds": seconds,
-            "failures": len(failures), "short_writes": queued}
+            "failures": len(eng.failures), "short_writes": eng.short_writes}
+
+
+class NaiveFanout:
+    """The naive variant's fixture: the same frame bytes, ``sock.send(frame)``
+    in a Python for-loop over n socketpairs; :meth:`run` times the loops and
+    drains the peers untimed after each."""
+
+    def __init__(self, n: int, frame_bytes: int):
+        self.n, self.frame_bytes = n, frame_bytes
+        self.pairs = socketpairs(n)
+        self.nodes = [a for a, _ in self.pairs]
+        self.peers = [b for _, b in self.pairs]
+        self.frame = _core.pack_frame(FrameType.BATCH, record_for(FIRST_SEQ, frame_bytes))
+        self.short_writes = self.eagain = 0
+        self.rounds_done = 0
+        self._buf = bytearray(MAX_FRAME)
+
+    def send_all(self) -> None:
+        """The timed work of one round: one send per socket, from Python."""
+        frame, size = self.frame, self.frame_bytes
+        for s in self.nodes:
+            try:
+                if s.send(frame) != size:
+                    self.short_writes += 1
+            except BlockingIOError:
+                self.eagain += 1
+
+    def settle(self) -> None:
+        """After a round (untimed): drain every peer and check the bytes."""
+        got = drain(self.peers, self._buf)
+        expected = self.n * self.frame_bytes
+        if got != expected and not (self.short_writes or self.eagain):
+            raise RuntimeError(f"naive round {self.rounds_done}: peers got {got} bytes, "
+                               f"want {expected}")
+        self.rounds_done += 1
+
+    def run(self, rounds: int) -> float:
+        """Run ``rounds`` rounds; returns the seconds spent in the send loops."""
+        seconds = 0.0
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self.send_all()
+            seconds += time.perf_counter() - t0
+            self.settle()
+        return seconds
+
+    def close(self) -> None:
+        for a, b in self.pairs:
+            a.close()
+            b.close()
 
 
 def run_naive(n: int, frame_bytes: int, rounds: int) -> dict:
-    pairs = socketpairs(n)
-    nodes = [a for a, _ in pairs]
-    peers = [b for _, b in pairs]
-    frame = _core.pack_frame(FrameType.BATCH, record_for(FIRST_SEQ, frame_bytes))
-    expected = n * frame_bytes
-    buf = bytearray(MAX_FRAME)
-    seconds = 0.0
-    short = eagain = 0
+    naive = NaiveFanout(n, frame_bytes)
     try:
-        for r in range(rounds + 1):            # round 0 is an untimed warm-up
-            t0 = time.perf_counter()
-            for s in nodes:
-                try:
-                    if s.send(frame) != frame_bytes:
-                        short += 1
-                except BlockingIOError:
-                    eagain += 1
-            elapsed = time.perf_counter() - t0
-            got = drain(peers, buf)
-            if r:
-                seconds += elapsed
-            if got != expected and not (short or eagain):
-                raise RuntimeError(f"naive round {r}: peers got {got} bytes, want {expected}")
+        naive.run(1)                           # an untimed warm-up round
+        seconds = naive.run(rounds)
     finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
+        naive.close()
     return {"writes_per_s": n * rounds / seconds, "seconds": seconds,
-            "short_writes": short, "eagain": eagain}
+            "short_writes": naive.short_writes, "eagain": naive.eagain}
 
 
 def build_c() -> None:
@@ -248,6 +329,62 @@ def run_c(n: int, frame_bytes: int, rounds: int, call: str) -> dict:
     if not proc.stdout.strip():
         raise RuntimeError(f"c_reference {call} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
+
+
+def run_variant(name: str, n: int, frame_bytes: int, rounds: int,
+                loop: asyncio.AbstractEventLoop) -> dict:
+    """One repeat of one variant on fresh socketpairs (the C ones need
+    :func:`build_c` first)."""
+    if name == "engine":
+        return loop.run_until_complete(run_engine(n, frame_bytes, rounds))
+    if name == "naive":
+        return run_naive(n, frame_bytes, rounds)
+    if name == "c":
+        return run_c(n, frame_bytes, rounds, "writev")
+    if name == "c_send":
+        return run_c(n, frame_bytes, rounds, "send")
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def measure(n: int, frame_bytes: int, rounds: int, repeat: int,
+            variants: tuple[str, ...] = VARIANTS, *,
+            loop: asyncio.AbstractEventLoop | None = None,
+            progress=None) -> dict[str, list[dict]]:
+    """Interleaved repeats (engine, naive, c, c_send, engine, ...) so a noisy
+    neighbour hurts every variant alike. Returns each variant's per-repeat
+    results; ``progress(i, runs)`` is called after repeat ``i``."""
+    own_loop = loop is None
+    if own_loop:
+        loop = uvloop.new_event_loop()
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    try:
+        for i in range(repeat):
+            for name in variants:
+                gc.collect()   # a collection inside a timed loop is noise
+                runs[name].append(run_variant(name, n, frame_bytes, rounds, loop))
+            if progress is not None:
+                progress(i, runs)
+    finally:
+        if own_loop:
+            loop.close()
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Median, min and max writes/s per variant, and the summed error counts."""
+    variants = {}
+    for name, rs in runs.items():
+        rates = [r["writes_per_s"] for r in rs]
+        variants[name] = {
+            "writes_per_s": statistics.median(rates),
+            "min": min(rates), "max": max(rates),
+            "failures": sum(r.get("failures", 0) for r in rs),
+            "short_writes": sum(r.get("short_writes", 0) for r in rs),
+            "eagain": sum(r.get("eagain", 0) for r in rs),
+            "errors": sum(r.get("errors", 0) for r in rs),
+            "runs": rates,
+        }
+    return variants
 
 
 # ---------------------------------------------------------------- main
@@ -269,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if 2 * n + 64 > limit:
         ap.error(f"--members {n} needs {2 * n + 64} fds, the limit is {limit}")
-    if rounds + 1 >= (1 << 21) - FIRST_SEQ:
+    if rounds + 1 >= SEQ_LIMIT - FIRST_SEQ:
         ap.error("--rounds too large for fixed-size records")
 
     info = machine()
@@ -278,38 +415,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"members {n}, frame {size} B, rounds {rounds}, repeat {args.repeat}")
     build_c()
 
-    loop = uvloop.new_event_loop()
-    runs: dict[str, list[dict]] = {"engine": [], "naive": [], "c": [], "c_send": []}
-    try:
-        for i in range(args.repeat):
-            for name in runs:
-                gc.collect()   # a collection inside a timed loop is noise
-                if name == "engine":
-                    res = loop.run_until_complete(run_engine(n, size, rounds))
-                elif name == "naive":
-                    res = run_naive(n, size, rounds)
-                elif name == "c":
-                    res = run_c(n, size, rounds, "writev")
-                else:
-                    res = run_c(n, size, rounds, "send")
-                runs[name].append(res)
-            print(f"  repeat {i + 1}: " + ", ".join(
-                f"{k} {v[-1]['writes_per_s'] / 1e3:.0f}k/s" for k, v in runs.items()))
-    finally:
-        loop.close()
+    def progress(i: int, runs: dict[str, list[dict]]) -> None:
+        print(f"  repeat {i + 1}: " + ", ".join(
+            f"{k} {v[-1]['writes_per_s'] / 1e3:.0f}k/s" for k, v in runs.items()))
 
-    variants = {}
-    for name, rs in runs.items():
-        rates = [r["writes_per_s"] for r in rs]
-        variants[name] = {
-            "writes_per_s": statistics.median(rates),
-            "min": min(rates), "max": max(rates),
-            "failures": sum(r.get("failures", 0) for r in rs),
-            "short_writes": sum(r.get("short_writes", 0) for r in rs),
-            "eagain": sum(r.get("eagain", 0) for r in rs),
-            "errors": sum(r.get("errors", 0) for r in rs),
-            "runs": rates,
-        }
+    runs = measure(n, size, rounds, args.repeat, progress=progress)
+    variants = summarize(runs)
     eng = variants["engine"]["writes_per_s"]
     ratios = {"engine/c": eng / variants["c"]["writes_per_s"],
               "engine/c_send": eng / variants["c_send"]["writes_per_s"],
