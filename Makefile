@@ -30,31 +30,26 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# Benchmarks (bench/README.md). These install the `bench` extra (pyperf,
-# pytest-benchmark) on top of the test one, in the same release build.
-BENCH_STAMP := $(VENV)/.installed-bench
+# Benchmarks (bench/README.md). The release build in $(STAMP) already has
+# the `bench` extra (pyperf, pytest-benchmark).
 BENCH_OUT ?= build/pyperf.json
-
-$(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,bench]'
-	touch $(BENCH_STAMP)
 
 # CI's performance regression gate (.ci/run): a short interleaved run whose
 # ratios must stay above bench/perf_thresholds.json. Under a minute.
 # PERF_CHECK_ARGS: e.g. "--json build/perf-check.json" or "--repeat 25".
 PERF_CHECK_ARGS ?=
-perf-check: $(BENCH_STAMP)
+perf-check: $(STAMP)
 	$(PY) bench/perf_check.py $(PERF_CHECK_ARGS)
 
 # The full pyperf suite; results in $(BENCH_OUT) (read it with
 # `$(PY) -m pyperf show` or compare two with `compare_to`).
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	mkdir -p $(dir $(BENCH_OUT))
 	rm -f $(BENCH_OUT)
 	$(PY) bench/pyperf_suite.py -o $(BENCH_OUT)
 
 # pytest-benchmark of the same hot functions (opt-in: not collected by `make test`).
-bench-micro: $(BENCH_STAMP)
+bench-micro: $(STAMP)
 	$(PY) -m pytest bench/test_micro.py --benchmark-only
 
 clean:

@@ -28,7 +28,7 @@ the ratios this machine measures (see the file), so noise does not fail CI,
 while a core that is slower per recipient (FANOUT_SLOW=1, setup.py) does.
 
 Prints a table and exits 1 if any check fails (2 if the run itself was
-invalid: errors, short writes, or a missing threshold).
+invalid: errors, short writes, or a missing or unreadable threshold).
 """
 
 from __future__ import annotations
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be positive")
 
     started = time.monotonic()
-    thresholds = load_thresholds(args.thresholds)
+    try:
+        thresholds = load_thresholds(args.thresholds)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"cannot read thresholds from {args.thresholds}: {exc!r}", file=sys.stderr)
+        return 2
     info = fs.machine()
     print("perf-check: {nproc} CPUs, {cpu_model}; Python {python}, uvloop {uvloop}; "
           "load {loadavg:.2f}".format(**info))

@@ -166,9 +166,9 @@ def main() -> None:
                  + ", ".join(b[0] for b in BENCHMARKS))
     if not args.worker:
         fs.build_c()
-        info = fs.machine()
-        runner.metadata["fanout_machine"] = (
-            "{nproc} CPUs, {cpu_model}; uvloop {uvloop}; load {loadavg:.2f}".format(**info))
+    info = fs.machine()
+    runner.metadata["fanout_machine"] = (
+        "{nproc} CPUs, {cpu_model}; uvloop {uvloop}; load {loadavg:.2f}".format(**info))
     runner.metadata["fanout_core"] = _core.__file__
     runner.metadata["fanout_steady_malloc"] = str(steady)
 
