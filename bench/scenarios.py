@@ -201,13 +201,6 @@ def delta(after: dict, before: dict, key: str) -> float:
 
 # ---------------------------------------------------------------- load generator
 
-def loadgen_available() -> bool:
-    if not Path(FANOUT).exists():
-        return False
-    r = subprocess.run([FANOUT, "load", "--help"], capture_output=True, text=True, cwd=ROOT)
-    return r.returncode == 0
-
-
 def run_load(node_host: str, node_port: int, args: list[str], timeout: float,
              admin_port: int | None = None, node_pid: int | None = None
              ) -> tuple[dict, str, Proc]:

@@ -143,9 +143,6 @@ cdef class Room:
             self._pend_cap = need
         return 0
 
-    def pending_bytes(self):
-        return self._pend_len
-
     # ---------------------------------------------------------------- resume
 
     cdef void _ring_push(self, unsigned long long seq, bytes record) noexcept:
