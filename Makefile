@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard pyx/*.pyx pyx/*.pxd pyx/*.pxi fanout/*.pxd fanout/proto/*.proto)
+SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi fanout/*.pxd fanout/protocol/*.proto)
 
 .PHONY: run test build debug clean perf-check bench bench-micro
 
@@ -53,4 +53,4 @@ bench-micro: $(STAMP)
 	$(PY) -m pytest bench/test_micro.py --benchmark-only
 
 clean:
-	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/proto/fanout_pb2.py* .pytest_cache
+	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/fanout_pb2.py* .pytest_cache

@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = pathlib.Path(__file__).parent.resolve()
-PROTO_DIR = HERE / "fanout" / "proto"
+PROTO_DIR = HERE / "fanout" / "protocol"
 MIN_CYTHON = (3, 0)
 
 
@@ -27,7 +27,7 @@ def _flag(name):
 
 
 def generate_protobuf():
-    """fanout/proto/fanout.proto -> fanout_pb2.py (+ .pyi), with protoc from
+    """fanout/protocol/fanout.proto -> fanout_pb2.py (+ .pyi), with protoc from
     grpcio-tools, a build requirement; regenerated when the .proto is newer."""
     src = PROTO_DIR / "fanout.proto"
     out = PROTO_DIR / "fanout_pb2.py"
@@ -76,12 +76,13 @@ def extensions():
     }
     # One extension per top-level .pyx: the core, and (when present) the
     # load generator, which lives in the package so `fanout load` ships.
-    modules = {"fanout._core": "pyx/_core.pyx", "fanout._loadgen": "pyx/loadgen.pyx"}
-    exts = [Extension(name, [src], include_dirs=["pyx"], define_macros=macros,
+    modules = {"fanout._core": "pyx/core/_core.pyx", "fanout._loadgen": "pyx/loadgen/_loadgen.pyx"}
+    exts = [Extension(name, [src], include_dirs=["pyx/includes"], define_macros=macros,
                       extra_compile_args=cflags)
             for name, src in modules.items() if (HERE / src).exists()]
     return cythonize(exts, compiler_directives=directives,
-                     annotate=_flag("FANOUT_ANNOTATE"), include_path=[".", "pyx"],
+                     annotate=_flag("FANOUT_ANNOTATE"),
+                     include_path=[".", "pyx/includes", "pyx/core", "pyx/loadgen"],
                      build_dir="build/cython")
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import uvloop
 
 from fanout import _core
-from fanout.wire import FrameType
+from fanout.protocol.wire import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 C_SOURCE = ROOT / "bench" / "c_reference.c"

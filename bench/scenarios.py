@@ -368,9 +368,9 @@ class RawViewers:
     """
 
     def __init__(self, host: str, port: int, room: str, n: int) -> None:
-        from fanout import wire
-        from fanout.auth import mint
-        from fanout.proto import fanout_pb2 as pb
+        from fanout.protocol import wire
+        from fanout.protocol.auth import mint
+        from fanout.protocol import fanout_pb2 as pb
         self.wire, self.pb = wire, pb
         self.sel = selectors.DefaultSelector()
         self.viewers = []
@@ -432,7 +432,7 @@ def publish_stream(admin_port: int, room: str, rate: float, duration: float,
                    seed: int = 1, tick: float = 0.01) -> dict:
     """Publish the corpus to ``room`` through the admin API (protobuf batches
     every ``tick`` seconds) at ``rate`` messages/s for ``duration`` s."""
-    from fanout.proto import fanout_pb2 as pb
+    from fanout.protocol import fanout_pb2 as pb
     src = stream.messages(seed)
     conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
     headers = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {API_KEY}"}

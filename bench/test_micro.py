@@ -20,8 +20,8 @@ except ImportError:  # as a script: bench/ is sys.path[0]
     import fanout_socketpairs as fs
     import workloads as w
 from fanout import _core
-from fanout.auth import AuthError
-from fanout.wire import FrameType, decode_message
+from fanout.protocol.auth import AuthError
+from fanout.protocol.wire import FrameType, decode_message
 
 MEMBERS = 1000
 FRAME_BYTES = 2048

@@ -22,10 +22,11 @@ import ctypes
 import random
 from dataclasses import dataclass
 
-from fanout import _core, auth
-from fanout.corpus import Corpus
-from fanout.proto import fanout_pb2 as pb
-from fanout.wire import DEFAULT_COMPRESS_MIN, MAX_SERVER_FRAME, FrameDecoder, FrameType
+from fanout import _core
+from fanout.protocol import auth
+from fanout.load.corpus import Corpus
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import DEFAULT_COMPRESS_MIN, MAX_SERVER_FRAME, FrameDecoder, FrameType
 
 SEED = 20261123
 ROOM = "live-88231"

@@ -16,8 +16,8 @@ import dataclasses
 import os
 import sys
 
-from . import config as config_mod
-from .auth import DEV_SECRET, mint
+from .server import config as config_mod
+from .protocol.auth import DEV_SECRET, mint
 
 
 def _node_parser(sub) -> None:
@@ -206,7 +206,7 @@ def _drain(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node":
-        from .node import run
+        from .server.node import run
 
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_mod.NodeConfig)}
         try:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         return _drain(args)
     if args.command == "load":
-        from .load import main as load_main
+        from .load.run import main as load_main
 
         try:
             return load_main(args)

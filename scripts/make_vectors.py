@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from google.protobuf import json_format  # noqa: E402
 
-from fanout import wire  # noqa: E402
-from fanout.proto import fanout_pb2 as pb  # noqa: E402
-from fanout.wire import FrameType  # noqa: E402
+from fanout.protocol import wire  # noqa: E402
+from fanout.protocol import fanout_pb2 as pb  # noqa: E402
+from fanout.protocol.wire import FrameType  # noqa: E402
 
 OUT = ROOT / "tests" / "vectors" / "frames.json"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fanout.auth import DEV_SECRET, mint
+from fanout.protocol.auth import DEV_SECRET, mint
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import socket
 import time
 
-from fanout import wire
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import wire
+from fanout.protocol import fanout_pb2 as pb
 
 FT = wire.FrameType
 

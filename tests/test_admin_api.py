@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import token
 from fanout.client import Client
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana" / "fanout-dashboard.json"

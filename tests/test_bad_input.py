@@ -8,8 +8,8 @@ import lz4.block
 import pytest
 
 from conftest import token
-from fanout import wire
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import wire
+from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
 

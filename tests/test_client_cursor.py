@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from fanout import wire
+from fanout.protocol import wire
 from fanout.client import (
     AuthError,
     Client,
@@ -22,8 +22,8 @@ from fanout.client import (
     KickedError,
     RequestError,
 )
-from fanout.proto import fanout_pb2 as pb
-from fanout.wire import FrameType
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import FrameType
 
 ROOM = "live:42"
 

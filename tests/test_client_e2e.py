@@ -8,11 +8,11 @@ import signal
 import pytest
 
 from conftest import SECRET, token
-from fanout import config
+from fanout.server import config
 from fanout.client import Client, KickedError
-from fanout.node import Node
+from fanout.server.node import Node
 from fanout.logic import Rejected
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 
 
 @pytest.fixture

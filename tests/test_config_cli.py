@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from conftest import SECRET
-from fanout import config
+from fanout.server import config
 
 
 def test_precedence_file_env_flags(tmp_path):

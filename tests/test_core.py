@@ -9,8 +9,9 @@ import socket
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fanout import _core, wire
-from fanout.proto import fanout_pb2 as pb
+from fanout import _core
+from fanout.protocol import wire
+from fanout.protocol import fanout_pb2 as pb
 
 MAX = 1 << 20
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import token
 from fanout.client import Client
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
 CLIENTS = 1000

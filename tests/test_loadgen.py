@@ -15,11 +15,12 @@ import jwt
 import pytest
 
 from conftest import SECRET
-from fanout import _core, wire
+from fanout import _core
+from fanout.protocol import wire
 from fanout._loadgen import bucket_index, bucket_value, percentiles_of
-from fanout.corpus import Corpus, read_stamp
+from fanout.load.corpus import Corpus, read_stamp
 from fanout.load import LoadConfig, build_viewers, plan, run
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 
 FT = wire.FrameType
 

@@ -14,11 +14,11 @@ import urllib.request
 import pytest
 
 from conftest import API_KEY, SECRET, token
-from fanout import config
+from fanout.server import config
 from fanout.client import Client
-from fanout.logutil import ThrottledLog
-from fanout.node import Node
-from fanout.proto import fanout_pb2 as pb
+from fanout.server.logutil import ThrottledLog
+from fanout.server.node import Node
+from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
 

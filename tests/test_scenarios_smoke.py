@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fanout.auth import mint
-from fanout.proto import fanout_pb2 as pb
-from fanout.wire import FrameType as FT
+from fanout.protocol.auth import mint
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import FrameType as FT
 
 from rawclient import RawClient
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from conftest import token
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
 

@@ -14,9 +14,9 @@ from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanout import wire
-from fanout.proto import fanout_pb2 as pb
-from fanout.wire import FrameDecoder, FrameType, WireError, decode_message, encode_frame
+from fanout.protocol import wire
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import FrameDecoder, FrameType, WireError, decode_message, encode_frame
 
 VECTORS = json.loads(
     (Path(__file__).parent / "vectors" / "frames.json").read_text(encoding="utf-8")

@@ -57,7 +57,7 @@ class Server:
         self.frame = args.format == "frame"
         if self.frame:
             from fanout import _core
-            from fanout.proto import fanout_pb2 as pb
+            from fanout.protocol import fanout_pb2 as pb
             self._core, self.pb = _core, pb
 
     def join(self, room: str, transport) -> None:

@@ -58,7 +58,7 @@ PAYLOAD_BYTES = 50         # the reference load: about 50 B of payload each
 
 def _from_corpus(seed: int) -> Iterator[Msg] | None:
     try:
-        from fanout.corpus import Corpus
+        from fanout.load.corpus import Corpus
     except ImportError:
         return None
     return _adapt(Corpus(seed), seed)

@@ -15,9 +15,9 @@ import os
 import time
 from typing import Callable, Protocol
 
-from ._core import encode_room_message
-from .bus import Bus
-from .proto import fanout_pb2 as pb
+from .._core import encode_room_message
+from ..bus import Bus
+from ..protocol import fanout_pb2 as pb
 from .ratelimit import RateWindow, TokenBucket
 
 MAX_ROOM_NAME = 128

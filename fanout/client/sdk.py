@@ -15,8 +15,8 @@ The client reconnects by itself after a dropped connection or a transient
 kick, and resumes every joined room from the last sequence number it
 delivered. Its one guarantee is *no silent loss*: for each joined room the
 events it yields account for every sequence number after the join exactly
-once, either as a :class:`~fanout.proto.fanout_pb2.RoomMessage` or inside a
-:class:`~fanout.proto.fanout_pb2.Gap`.
+once, either as a :class:`~fanout.protocol.fanout_pb2.RoomMessage` or inside a
+:class:`~fanout.protocol.fanout_pb2.Gap`.
 
 The SDK is pure Python (it uses :mod:`fanout.wire`, never the compiled
 core) and costs two tasks and one socket per client, so one process can
@@ -29,9 +29,9 @@ import asyncio
 import logging
 import random
 
-from fanout import wire
-from fanout.proto import fanout_pb2 as pb
-from fanout.wire import FrameType
+from fanout.protocol import wire
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import FrameType
 
 __all__ = [
     "Client",

@@ -20,16 +20,16 @@ import random
 import secrets
 import socket
 
-from . import _core
+from .. import _core
 from .admin import start_admin
-from .bus import Bus, LocalBus
+from ..bus import Bus, LocalBus
 from .config import NodeConfig
-from .logic import KINDS, LocalLogic, Logic, Rejected, check_room_name
+from ..logic import KINDS, LocalLogic, Logic, Rejected, check_room_name
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
-from .proto import fanout_pb2 as pb
-from .wire import FrameType
-from .ratelimit import TokenBucket
+from ..protocol import fanout_pb2 as pb
+from ..protocol.wire import FrameType
+from ..logic.ratelimit import TokenBucket
 from .session import Session
 
 log = logging.getLogger("fanout.node")

@@ -21,8 +21,8 @@ from aiohttp import web
 from google.protobuf.message import DecodeError
 from prometheus_client.exposition import choose_encoder
 
-from .logic import Rejected
-from .proto import fanout_pb2 as pb
+from ..logic import Rejected
+from ..protocol import fanout_pb2 as pb
 
 if TYPE_CHECKING:
     from .node import Node

@@ -10,7 +10,7 @@ A frame is an 8-byte header followed by a body::
     version:u8  type:u8  flags:u8  reserved:u8  length:u32 big-endian
 
 The body is the protobuf message of the frame type
-(``fanout/proto/fanout.proto``). With :data:`FLAG_LZ4` set, the body is
+(``fanout/protocol/fanout.proto``). With :data:`FLAG_LZ4` set, the body is
 ``u32 little-endian uncompressed size`` followed by one raw LZ4 block.
 """
 
@@ -22,7 +22,7 @@ import struct
 import lz4.block
 from google.protobuf.message import DecodeError, Message
 
-from fanout.proto import fanout_pb2 as pb
+from fanout.protocol import fanout_pb2 as pb
 
 __all__ = [
     "VERSION",

@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .auth import DEV_SECRET
+from ..protocol.auth import DEV_SECRET
 
 ENV_PREFIX = "FANOUT_"
 

@@ -53,9 +53,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .auth import DEV_SECRET
+from ..protocol.auth import DEV_SECRET
 from .corpus import Corpus
-from .proto import fanout_pb2 as pb
+from ..protocol import fanout_pb2 as pb
 
 __all__ = ["LoadConfig", "LoadError", "run", "plan", "build_viewers", "Publisher", "MAX_PER_PROCESS", "SCHEMA", "CHECK_METHOD"]
 
@@ -229,9 +229,9 @@ def build_viewers(spec: dict):
     a minted token and Hello frame per viewer (user ``load-<proc>-<i>``, device
     class ``mobile``) and a Join frame per room.
     """
-    from . import _loadgen
-    from .auth import mint
-    from .wire import FrameType, encode_frame
+    from .. import _loadgen
+    from ..protocol.auth import mint
+    from ..protocol.wire import FrameType, encode_frame
 
     rooms = spec["rooms"]
     p = spec["proc"]
@@ -856,7 +856,7 @@ def _drain(fleet: _Fleet, progress: _Progress, cfg: LoadConfig, publisher) -> di
 
 def _result(cfg, specs, fleet, finals, joined, a, b, pub_a, pub_b, publisher, drained,
             driver_cpu0, node_cpu) -> dict:
-    from ._loadgen import bucket_value, percentiles_of
+    from .._loadgen import bucket_value, percentiles_of
 
     final = _merge([f["stats"] for f in finals])
     window = b["t"] - a["t"]

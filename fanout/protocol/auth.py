@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from .proto import fanout_pb2 as pb
+from . import fanout_pb2 as pb
 
 #: Used when no secret is configured, so the quick start works out of the box.
 #: The node logs a warning whenever it runs with it.

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
-from . import _core
-from .auth import AuthError, Claims, verify
-from .logic import Rejected, check_room_name
-from .proto import fanout_pb2 as pb
-from .wire import FrameType
+from .. import _core
+from ..protocol.auth import AuthError, Claims, verify
+from ..logic import Rejected, check_room_name
+from ..protocol import fanout_pb2 as pb
+from ..protocol.wire import FrameType
 
 if TYPE_CHECKING:
     from .node import Node

@@ -1,0 +1,2 @@
+"""The connector: the client port, sessions, the broadcast hub, overload
+control, the admin API and metrics of one node."""
