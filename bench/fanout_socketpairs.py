@@ -161,7 +161,7 @@ class EngineFanout:
         self.conns: list = []
         try:
             for node_side, _ in pairs:
-                conn = _core.Connection(node_side.detach(), loop, max_backlog_bytes=1 << 24)
+                conn = _core.TcpConnection(node_side.detach(), loop, max_backlog_bytes=1 << 24)
                 conn.owner = Owner(self.failures)
                 self.room.add(conn)
                 self.conns.append(conn)

@@ -99,7 +99,7 @@ def make_pair(loop, sndbuf=None, **limits):
     if sndbuf:
         node_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     node_side.setblocking(False)
-    conn = _core.Connection(node_side.detach(), loop, **limits)
+    conn = _core.TcpConnection(node_side.detach(), loop, **limits)
     conn.owner = Owner()
     client_side.setblocking(False)
     return conn, client_side
@@ -124,12 +124,13 @@ def drain(sock, n, loop_rounds=2000):
 async def test_partial_writes_resume_in_order():
     loop = asyncio.get_running_loop()
     conn, peer = make_pair(loop, sndbuf=4096, max_backlog_bytes=1 << 24)
-    frames = [_core.pack_frame(0x43, bytes([i]) * 50_000) for i in range(20)]
+    frames = [_core.core_frame(0x43, bytes([i]) * 50_000) for i in range(20)]
     statuses = [conn.send(f) for f in frames]
     assert 1 in statuses                       # SEND_QUEUED: the socket filled up
     assert conn.backlog_frames > 0
-    got = await drain(peer, sum(map(len, frames)))
-    assert got == b"".join(frames)             # whole, in order, no interleaving
+    wire = [_core.wire_bytes(f) for f in frames]
+    got = await drain(peer, sum(map(len, wire)))
+    assert got == b"".join(wire)               # whole, in order, no interleaving
     assert conn.backlog_frames == 0 and conn.backlog_bytes == 0
     owner = conn.owner
     assert owner.failed == []
@@ -140,7 +141,7 @@ async def test_partial_writes_resume_in_order():
 async def test_backlog_bound_reports_slow():
     loop = asyncio.get_running_loop()
     conn, peer = make_pair(loop, sndbuf=4096, max_backlog_bytes=100_000)
-    frame = _core.pack_frame(0x43, b"z" * 10_000)
+    frame = _core.core_frame(0x43, b"z" * 10_000)
     for _ in range(200):
         conn.send(frame)
         if conn.owner.failed:
@@ -155,12 +156,12 @@ async def test_close_after_delivers_final_frame_then_closes():
     conn, peer = make_pair(loop)
     owner = conn.owner
     conn.start_reading(lambda: None)
-    bye = _core.pack_frame(0x44, pb.Kick(reason=pb.SLOW_CONSUMER).SerializeToString())
+    bye = _core.core_frame(0x44, pb.Kick(reason=pb.SLOW_CONSUMER).SerializeToString())
     conn.close_after(bye)
     assert conn.closing
-    assert conn.send(_core.pack_frame(0x43, b"late")) == 4     # SEND_CLOSED, dropped
-    got = await drain(peer, len(bye))
-    assert got == bye
+    assert conn.send(_core.core_frame(0x43, b"late")) == 4     # SEND_CLOSED, dropped
+    got = await drain(peer, len(_core.wire_bytes(bye)))
+    assert got == _core.wire_bytes(bye)
     await asyncio.sleep(0.01)
     assert peer.recv(10) == b""                # FIN after the last frame
     peer.close()                               # the node sees EOF and closes
@@ -176,7 +177,7 @@ async def test_dead_peer_reported():
     conn, peer = make_pair(loop)
     peer.close()
     for _ in range(3):
-        conn.send(_core.pack_frame(0x43, b"x" * 1000))
+        conn.send(_core.core_frame(0x43, b"x" * 1000))
     assert conn.owner.failed and conn.owner.failed[0] == _core.STATUS_DEAD
     conn.close()
 
@@ -270,7 +271,7 @@ async def test_replay_and_gap_from_ring():
     gap_from, gap_to, frames = room.replay(5, 100)
     assert (gap_from, gap_to) == (6, 12)
     seqs = [m.seq for f in frames
-            for _t, _f, b in _core.parse_frames(f, MAX)[0]
+            for _t, _f, b in _core.parse_frames(_core.wire_bytes(f), MAX)[0]
             for m in pb.Batch.FromString(b).messages]
     assert seqs == list(range(13, 21))
     assert len(frames) > 1                     # chunked at max_frame_bytes
@@ -296,8 +297,35 @@ async def test_sweep_forgets_idle_empty_rooms():
     conn, _ = make_pair(loop)
     busy.add(conn)
     await asyncio.sleep(0.02)
-    assert hub.sweep(0.01) == 1
+    assert hub.sweep(0.01) == ["empty"]
     assert list(hub.rooms) == ["busy"]
+    conn.close()
+
+
+async def test_publish_never_creates_a_room():
+    # The bus is scoped by room: a record for a room this hub does not hold
+    # raced a retirement, and is not a reason to hold the room again.
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop)
+    assert not hub.publish("nobody-here", "e", 1, record("nobody-here", 1))
+    assert hub.rooms == {}
+
+
+async def test_retire_only_rooms_with_nothing_left_to_send():
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop)
+    room = hub.room("r", "e", 0)
+    conn, _ = make_pair(loop)
+    room.add(conn)
+    assert not hub.retire("r")                 # a member
+    room.discard(conn)
+    hub.room("s", "e", 0)
+    hub.publish("s", "e", 1, record("s", 1))
+    assert not hub.retire("s")                 # pending, then history to resume from
+    hub.flush()
+    assert not hub.retire("s") and hub.rooms["s"].holds_history
+    assert hub.retire("r") and "r" not in hub.rooms
+    assert not hub.retire("r")
     conn.close()
 
 
@@ -388,3 +416,99 @@ def test_high_compression_is_smaller_and_decodes_the_same():
     high = _core.pack_frame(0x43, body, 256, 4)
     assert fast[2] == high[2] == 1 and len(high) < len(fast)
     assert _core.parse_frames(high, MAX)[0][0][2] == body == wire.FrameDecoder().feed(high)[0][2]
+
+
+# ---------------------------------------------------------------- the transport seam
+
+def make_prefixed(loop, prefix, **limits):
+    node_side, client_side = socket.socketpair()
+    node_side.setblocking(False)
+    conn = _core.PrefixConnection(node_side.detach(), loop, prefix=prefix, **limits)
+    conn.owner = Owner()
+    client_side.setblocking(False)
+    return conn, client_side
+
+
+def test_the_base_is_not_a_kind():
+    a, b = socket.socketpair()
+    with pytest.raises(TypeError):
+        _core.Connection(a.detach(), asyncio.new_event_loop())
+    b.close()
+
+
+async def test_prefixed_kind_shares_the_frame_with_tcp_members():
+    """One frame object reaches TCP and prefixed members; the prefix is
+    written once into the frame's headroom, and TCP members never see it."""
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop)
+    room = hub.room("r", "e", 0)
+    tcp = [make_pair(loop) for _ in range(3)]
+    pre = [make_prefixed(loop, b"PFX!") for _ in range(3)]
+    for conn, _ in tcp + pre:
+        room.add(conn)
+    copies = _core.prefix_copies()
+    for seq in (1, 2):
+        hub.publish("r", "e", seq, record("r", seq))
+        hub.flush()
+    plain = [await drain(peer, 1) for _, peer in tcp]
+    prefixed = [await drain(peer, 1) for _, peer in pre]
+    assert len(set(plain)) == 1 and len(set(prefixed)) == 1
+    frames, used = _core.parse_frames(plain[0], MAX)
+    assert used == len(plain[0]) and len(frames) == 2
+    # prefixed stream: PFX! + frame, PFX! + frame
+    stream, seqs = prefixed[0], []
+    while stream:
+        assert stream[:4] == b"PFX!"
+        size = 8 + int.from_bytes(stream[8:12], "big")
+        [(ftype, _f, body)], used = _core.parse_frames(stream[4:4 + size], MAX)
+        seqs += [m.seq for m in pb.Batch.FromString(body).messages]
+        stream = stream[4 + used:]
+    assert seqs == [1, 2]
+    assert _core.prefix_copies() == copies      # no copy per recipient
+    for conn, _ in tcp + pre:
+        conn.close()
+
+
+async def test_two_prefix_kinds_in_one_room_copy_instead_of_clobbering():
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop)
+    room = hub.room("r", "e", 0)
+    a, pa = make_prefixed(loop, b"AA")
+    b, pb_ = make_prefixed(loop, b"BBB")
+    room.add(a)
+    room.add(b)
+    copies = _core.prefix_copies()
+    hub.publish("r", "e", 1, record("r", 1))
+    hub.flush()
+    got_a, got_b = await drain(pa, 1), await drain(pb_, 1)
+    assert got_a[:2] == b"AA" and got_b[:3] == b"BBB"
+    assert got_a[2:] == got_b[3:]               # the same wire frame behind each
+    assert _core.prefix_copies() == copies + 1  # the second kind wrote a copy
+    a.close()
+    b.close()
+
+
+async def test_prefixed_partial_writes_and_close_after_keep_the_prefix():
+    loop = asyncio.get_running_loop()
+    conn, peer = make_prefixed(loop, b"#", max_backlog_bytes=1 << 24)
+    conn.start_reading(lambda: None)
+    big = [_core.core_frame(0x43, bytes([i]) * 300_000) for i in range(4)]
+    for frame in big:
+        conn.send(frame)
+    assert conn.backlog_frames > 0              # the socketpair filled up
+    bye = _core.core_frame(0x44, pb.Kick(reason=pb.SERVER_SHUTDOWN).SerializeToString())
+    conn.close_after(bye, drop_queued=False)
+    expected = b"".join(b"#" + _core.wire_bytes(f) for f in big + [bye])
+    got = await drain(peer, len(expected))
+    assert got == expected
+    conn.close()
+
+
+def test_send_refuses_bare_wire_frames():
+    loop = asyncio.new_event_loop()
+    conn, peer = make_pair(loop)
+    with pytest.raises(ValueError, match="core frame"):
+        conn.send(_core.pack_frame(0x45, b""))
+    conn.close()
+    peer.close()
+    loop.close()

@@ -23,6 +23,7 @@ import lz4.block
 from google.protobuf.message import DecodeError, Message
 
 from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.errors import ReasonError
 
 __all__ = [
     "VERSION",
@@ -35,6 +36,8 @@ __all__ = [
     "CLIENT_TO_SERVER",
     "SERVER_TO_CLIENT",
     "WireError",
+    "KIND_NAMES",
+    "KIND_CODES",
     "encode_frame",
     "FrameDecoder",
     "decode_message",
@@ -102,22 +105,22 @@ CLIENT_TO_SERVER = frozenset(
 #: Frame types a server may send.
 SERVER_TO_CLIENT = frozenset(MESSAGE_TYPES) - CLIENT_TO_SERVER
 
+#: Message kinds by code, named as the admin API and tools spell them
+#: ("chat", "gift", "system"); the codes are ``fanout.proto``'s ``Kind``.
+KIND_NAMES = {v.number: v.name.lower() for v in pb.Kind.DESCRIPTOR.values if v.number}
+#: The same table by name.
+KIND_CODES = {name: code for code, name in KIND_NAMES.items()}
 
-class WireError(Exception):
+
+class WireError(ReasonError):
     """A frame or body violates the protocol.
+
+    The compiled core raises this same class (``fanout._core.FrameError``).
 
     :ivar reason: the ``fanout.v1.Reason`` code (an ``int``) a node would
         put in the :class:`Error` it sends before closing the connection.
     :ivar message: human-readable detail.
     """
-
-    def __init__(self, reason: int, message: str) -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{pb.Reason.Name(self.reason)}: {self.message}"
 
 
 def encode_frame(

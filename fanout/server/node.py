@@ -230,7 +230,7 @@ class Node:
             except OSError:
                 sock.close()          # reset before we got to it
                 continue
-            conn = _core.Connection(sock.detach(), self.loop, max_frame=cfg.max_frame,
+            conn = _core.TcpConnection(sock.detach(), self.loop, max_frame=cfg.max_frame,
                                     max_backlog_bytes=cfg.max_backlog_bytes,
                                     max_backlog_frames=cfg.max_backlog_frames)
             self.metrics.connections_accepted.inc()
@@ -266,7 +266,7 @@ class Node:
         # as the peer closes, so a connect flood does not pin descriptors
         # for the whole grace period.
         conn.start_reading(_ignore)
-        conn.close_after(_core.pack_frame(FrameType.ERROR, pb.Error(
+        conn.close_after(_core.core_frame(FrameType.ERROR, pb.Error(
             reason=reason, message=message).SerializeToString()))
         if not conn.closed:
             self.loop.call_later(self.config.close_grace_ms / 1000, conn.close)
@@ -396,7 +396,7 @@ class Node:
             online = len(room)
             if online:
                 body = pb.Presence(room=name, online=online).SerializeToString()
-                self.hub.broadcast(name, _core.pack_frame(FrameType.PRESENCE, body))
+                self.hub.broadcast(name, _core.core_frame(FrameType.PRESENCE, body))
 
     # ---------------------------------------------------------------- publishing
 

@@ -30,7 +30,7 @@ _NO_ROOMS: frozenset[str] = frozenset()   # shared by every session in no room
 
 
 def _frame(ftype: int, msg) -> bytes:
-    return _core.pack_frame(ftype, msg.SerializeToString())
+    return _core.core_frame(ftype, msg.SerializeToString())
 
 
 def _now_ms() -> int:

@@ -6,7 +6,11 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
+from wireformat cimport *
+
 include "frame.pyx"
 include "connection.pyx"
+include "tcp.pyx"
+include "prefixed.pyx"
 include "room.pyx"
 include "hub.pyx"

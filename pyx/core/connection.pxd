@@ -1,18 +1,35 @@
-# One client connection's socket, owned by the core.
+# Where a frame is written: the base of every client connection kind (as
+# uvloop's transports derive from one stream base). It owns the socket, its
+# write backlog and its read loop; a kind adds only what differs:
+#
+#   TcpConnection (tcp.pyx)          frames as they are; fanout framing on input
+#   PrefixConnection (prefixed.pyx)  a fixed header before every frame: the
+#                                    seam's second kind, used by the tests
+#   (a WebSocket kind: a frame header written once per flush into the
+#    frame's headroom, masked client frames undone in C)
 #
 # Exactly one writer per socket: every byte a client receives, control
 # replies included, goes through send_frame(), so frames never interleave.
 #
-# Write backlog: a ring of references to frame bytes objects (shared with
-# every other member of the room: no copy per recipient) plus the offset
-# already written of the oldest one. The frame objects stay alive, and so
-# their buffers valid, until the backlog drops its reference.
+# Write backlog: a ring of references to core frames (frame.pxd; shared with
+# every other member of the room, no copy per recipient) plus the absolute
+# offset already written of the oldest one. The frame objects stay alive, and
+# so their buffers valid, until the backlog drops its reference.
+#
+# Prefixed kinds: before a frame's first write on such a connection,
+# _prefixed() makes sure the frame's headroom holds this kind's header
+# (_prefix_tag names the kind): written once per frame for all connections of
+# the kind by _write_prefix(); if another prefixed kind got there first, the
+# connection writes a private copy (counted in prefix_copies; rooms are
+# expected to hold one prefixed kind at most).
 #
 # Read side: frames are parsed from a scratch buffer shared by all
-# connections; only an incomplete tail is copied into a per-connection carry
-# buffer, so an idle connection holds no read memory.
+# connections (the loop is single-threaded); only an incomplete tail is
+# copied into a per-connection carry buffer, so an idle connection holds no
+# read memory. The kind's input framing is _parse().
 
 from cpython.ref cimport PyObject
+from libc.stdint cimport uint8_t
 
 cdef enum SendStatus:
     SEND_OK = 0          # written (or queued behind a backlog that is draining)
@@ -34,13 +51,14 @@ cdef class Connection:
     cdef object _read_cb              # called with no arguments when readable
     cdef bint _reading
     cdef readonly bint eof            # peer closed or reset its side
+    cdef uint8_t _prefix_tag          # 0: frames go out as they are (plain kinds)
 
     # write backlog (ring of owned bytes references)
     cdef PyObject** _bl
     cdef Py_ssize_t _bl_cap
     cdef Py_ssize_t _bl_head
     cdef Py_ssize_t _bl_len
-    cdef Py_ssize_t _bl_offset        # bytes of the oldest frame already sent
+    cdef Py_ssize_t _bl_offset        # absolute offset into the oldest frame
     cdef readonly Py_ssize_t backlog_bytes
     cdef readonly Py_ssize_t max_backlog_bytes
     cdef Py_ssize_t _max_backlog_frames
@@ -58,13 +76,19 @@ cdef class Connection:
     cdef readonly unsigned long long bytes_sent
     cdef readonly unsigned long long bytes_received
 
+    # the hot path: one frame, from C, for every member of a flushed room
     cdef int send_frame(self, bytes frame) except -1
+    cdef Py_ssize_t _start_of(self, object frame) noexcept
+    cdef bytes _prefixed(self, bytes frame)
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
     cdef int _drain(self) except -1
     cdef void _arm_writer(self) except *
     cdef void _disarm_writer(self) except *
     cdef void _release_backlog(self) noexcept
-    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1
     cdef int _discard_input(self) except -1
     cdef int _keep(self, const char* data, Py_ssize_t n) except -1
     cdef void _report(self, int status) except *
+
+    # what a kind overrides
+    cdef Py_ssize_t _write_prefix(self, char* end, Py_ssize_t wire_len) except -1
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1

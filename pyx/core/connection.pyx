@@ -1,4 +1,5 @@
-# Socket I/O of one client connection (see connection.pxd).
+# Socket I/O of one client connection: the base of every kind (see
+# connection.pxd).
 #
 # Owner protocol: `owner` is the control-layer session. The core calls
 #   owner.connection_failed(status)  backlog over bound (SEND_SLOW) or socket
@@ -6,27 +7,15 @@
 #                                    room's write loop (the Hub defers it);
 #   owner.connection_lost()          exactly once, from close().
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 # EWOULDBLOCK equals EAGAIN on the platforms we build for (Linux, BSDs).
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove
-from posix.unistd cimport close as _close_fd
 
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
-    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
-    int c_shutdown "shutdown"(int fd, int how)
-    enum: MSG_NOSIGNAL
-    enum: MSG_DONTWAIT
-    enum: SHUT_WR
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    ssize_t c_writev "writev"(int fd, const iovec* iov, int cnt)
+from system cimport c_send, c_recv, c_shutdown, c_writev, c_close, iovec, \
+    MSG_NOSIGNAL, MSG_DONTWAIT, SHUT_WR
 
 # Invariant checks for debug builds only (setup.py: FANOUT_DEBUG=1); in a
 # release build the macro expands to nothing, so the hot path pays nothing.
@@ -58,9 +47,18 @@ cdef enum:
 # read callback parses everything it reads before returning.
 cdef char _scratch[SCRATCH_SIZE]
 
+# Frames a prefixed connection had to copy because another prefixed kind's
+# header already sat in the shared frame's headroom.
+cdef unsigned long long _prefix_copies = 0
+
 # Status codes, exported for the control layer.
 STATUS_SLOW = SEND_SLOW
 STATUS_DEAD = SEND_DEAD
+
+
+def prefix_copies():
+    """Frames copied for a prefixed connection (see connection.pxd)."""
+    return _prefix_copies
 
 
 cdef void _on_writable(Connection conn) except *:
@@ -86,22 +84,31 @@ def _readable_cb(Connection conn):
 cdef class Connection:
     """A client socket owned by the core: framed reads, zero-copy writes.
 
-    The connection takes ownership of ``fd`` (non-blocking) and closes it.
+    The base of every connection kind; instantiate a kind
+    (:class:`TcpConnection`). The connection takes ownership of ``fd``
+    (non-blocking) and closes it.
     """
 
-    def __cinit__(self, int fd, loop, *, Py_ssize_t max_frame=65536,
-                  Py_ssize_t max_backlog_bytes=1 << 20,
-                  Py_ssize_t max_backlog_frames=1024):
-        if max_frame <= 0 or max_backlog_bytes <= 0 or max_backlog_frames <= 0:
-            raise ValueError("limits must be positive")
+    def __cinit__(self, int fd, loop, *args, **kwargs):
+        # Owns fd from here on (closed in __dealloc__), whatever __init__ does.
+        # Limits and kind options are __init__'s, where each kind checks its own.
         self.fd = fd
         self.state = CONN_OPEN
         self._loop = loop
+        self._bl = NULL
+        self._carry = NULL
+
+    def __init__(self, int fd, loop, *, Py_ssize_t max_frame=65536,
+                  Py_ssize_t max_backlog_bytes=1 << 20,
+                  Py_ssize_t max_backlog_frames=1024):
+        if type(self) is Connection:
+            raise TypeError("Connection is the base of the connection kinds; "
+                            "use TcpConnection")
+        if max_frame <= 0 or max_backlog_bytes <= 0 or max_backlog_frames <= 0:
+            raise ValueError("limits must be positive")
         self.max_frame = max_frame
         self.max_backlog_bytes = max_backlog_bytes
         self._max_backlog_frames = max_backlog_frames
-        self._bl = NULL
-        self._carry = NULL
         self.last_recv = loop.time()
 
     def __dealloc__(self):
@@ -109,25 +116,29 @@ cdef class Connection:
         free(self._bl)
         free(self._carry)
         if self.fd >= 0:
-            _close_fd(self.fd)
+            c_close(self.fd)
 
     # ---------------------------------------------------------------- writing
 
     cdef int send_frame(self, bytes frame) except -1:
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t start, n
         cdef ssize_t w
         if self.state != CONN_OPEN:
             return SEND_CLOSED
         FANOUT_SLOWDOWN()
+        if self._prefix_tag:
+            frame = self._prefixed(frame)
+        start = self._start_of(frame)
+        n = PyBytes_GET_SIZE(frame) - start
         if self._bl_len:
             # Behind a backlog: queue in order (one writer), or give up on a
             # consumer that cannot keep up rather than buffer without bound.
             if (self.backlog_bytes + n > self.max_backlog_bytes
                     or self._bl_len >= self._max_backlog_frames):
                 return SEND_SLOW
-            self._enqueue(frame, 0)
+            self._enqueue(frame, start)
             return SEND_OK
-        w = c_send(self.fd, PyBytes_AS_STRING(frame), <size_t>n,
+        w = c_send(self.fd, PyBytes_AS_STRING(frame) + start, <size_t>n,
                    MSG_NOSIGNAL | MSG_DONTWAIT)
         if w == n:
             self.frames_sent += 1
@@ -138,9 +149,39 @@ cdef class Connection:
                 return SEND_DEAD
             w = 0
         self.bytes_sent += <unsigned long long>w
-        self._enqueue(frame, w)
+        self._enqueue(frame, start + w)
         self._arm_writer()
         return SEND_QUEUED
+
+    cdef Py_ssize_t _start_of(self, object frame) noexcept:
+        # Where this connection's bytes of `frame` begin (frame.pxd).
+        if self._prefix_tag:
+            return HEADROOM - (<const uint8_t*>PyBytes_AS_STRING(frame))[HR_LEN]
+        return HEADROOM
+
+    cdef bytes _prefixed(self, bytes frame):
+        cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame), plen
+        cdef bytes own
+        global _prefix_copies
+        if p[HR_TAG] == self._prefix_tag:
+            return frame                     # another member of the kind wrote it
+        if p[HR_TAG] != 0:
+            own = PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame), size)
+            _prefix_copies += 1
+            frame = own
+            p = <uint8_t*>PyBytes_AS_STRING(frame)
+        plen = self._write_prefix(<char*>p + HEADROOM, size - HEADROOM)
+        if plen <= 0 or plen > MAX_PREFIX:
+            raise ValueError(f"a connection prefix must be 1-{MAX_PREFIX} bytes, got {plen}")
+        p[HR_LEN] = <uint8_t>plen
+        p[HR_TAG] = self._prefix_tag
+        return frame
+
+    cdef Py_ssize_t _write_prefix(self, char* end, Py_ssize_t wire_len) except -1:
+        # A prefixed kind writes its header for a wire frame of wire_len
+        # bytes so that it ends at `end`, and returns its length.
+        raise NotImplementedError("a kind with a prefix tag must write its prefix")
 
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1:
         cdef Py_ssize_t i, new_cap
@@ -168,17 +209,16 @@ cdef class Connection:
         cdef iovec iov[MAX_IOV]
         cdef int cnt, i
         cdef ssize_t w
-        cdef Py_ssize_t left
+        cdef Py_ssize_t left, start
         cdef PyObject* head
         while self._bl_len:
             cnt = <int>(self._bl_len if self._bl_len < MAX_IOV else MAX_IOV)
             for i in range(cnt):
                 head = self._bl[(self._bl_head + i) % self._bl_cap]
-                iov[i].iov_base = PyBytes_AS_STRING(<object>head)
-                iov[i].iov_len = <size_t>PyBytes_GET_SIZE(<object>head)
-            FANOUT_ASSERT(self._bl_offset < <Py_ssize_t>iov[0].iov_len)
-            iov[0].iov_base = <char*>iov[0].iov_base + self._bl_offset
-            iov[0].iov_len -= <size_t>self._bl_offset
+                start = self._bl_offset if i == 0 else self._start_of(<object>head)
+                iov[i].iov_base = PyBytes_AS_STRING(<object>head) + start
+                iov[i].iov_len = <size_t>(PyBytes_GET_SIZE(<object>head) - start)
+            FANOUT_ASSERT(iov[0].iov_len > 0)
             w = c_writev(self.fd, iov, cnt)
             if w < 0:
                 if errno == EINTR:
@@ -199,7 +239,8 @@ cdef class Connection:
                 Py_DECREF(<object>head)
                 self._bl_head = (self._bl_head + 1) % self._bl_cap
                 self._bl_len -= 1
-                self._bl_offset = 0
+                self._bl_offset = (self._start_of(<object>self._bl[self._bl_head])
+                                   if self._bl_len else 0)
                 self.frames_sent += 1
             if self._bl_len:
                 return SEND_QUEUED     # short write: the socket is full
@@ -239,15 +280,19 @@ cdef class Connection:
             owner.connection_failed(status)
 
     def send(self, bytes frame, bint force=False):
-        """Write one frame (control replies, replays). Returns the send
-        status; a slow or dead result is also reported to the owner.
+        """Write one core frame (:func:`core_frame`: control replies,
+        replays). Returns the send status; a slow or dead result is also
+        reported to the owner.
 
         ``force`` queues behind a backlog even past its bound: for replies
         whose size the node bounds itself, such as a resume replay.
         """
         cdef int st
+        _check_core_frame(frame)
         if force and self.state == CONN_OPEN and self._bl_len:
-            self._enqueue(frame, 0)
+            if self._prefix_tag:
+                frame = self._prefixed(frame)
+            self._enqueue(frame, self._start_of(frame))
             return SEND_OK
         st = self.send_frame(frame)
         if st == SEND_SLOW or st == SEND_DEAD:
@@ -255,7 +300,8 @@ cdef class Connection:
         return st
 
     def close_after(self, bytes frame, bint drop_queued=True):
-        """Send ``frame`` as the last thing on this connection, then close.
+        """Send the core ``frame`` as the last thing on this connection,
+        then close.
 
         With ``drop_queued`` (a slow consumer, bad input), queued frames not
         yet started are dropped; a frame already partly written is finished
@@ -264,15 +310,23 @@ cdef class Connection:
         peer closes or the owner calls close().
         """
         cdef PyObject* obj
+        cdef Py_ssize_t started
+        _check_core_frame(frame)
         if self.state != CONN_OPEN:
             return
         self.state = CONN_CLOSING
-        while drop_queued and self._bl_len > (1 if self._bl_offset else 0):
-            obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
-            self.backlog_bytes -= PyBytes_GET_SIZE(<object>obj)
-            Py_DECREF(<object>obj)
-            self._bl_len -= 1
-        self._enqueue(frame, 0)
+        if self._bl_len:
+            started = self._bl_offset > self._start_of(<object>self._bl[self._bl_head])
+            while drop_queued and self._bl_len > (1 if started else 0):
+                obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
+                self.backlog_bytes -= (PyBytes_GET_SIZE(<object>obj)
+                                       - (self._bl_offset if self._bl_len == 1
+                                          else self._start_of(<object>obj)))
+                Py_DECREF(<object>obj)
+                self._bl_len -= 1
+        if self._prefix_tag:
+            frame = self._prefixed(frame)
+        self._enqueue(frame, self._start_of(frame))
         _on_writable(self)
         if self._bl_len:
             self._arm_writer()
@@ -290,7 +344,7 @@ cdef class Connection:
         free(self._carry)
         self._carry = NULL
         self._carry_len = self._carry_cap = 0
-        _close_fd(self.fd)
+        c_close(self.fd)
         self.fd = -1
         self._read_cb = None
         owner = self.owner
@@ -330,8 +384,7 @@ cdef class Connection:
         """
         cdef list out = []
         cdef ssize_t r
-        cdef Py_ssize_t used, need
-        cdef char* grown
+        cdef Py_ssize_t used
         cdef int turn
         for turn in range(MAX_READS_PER_WAKE):
             r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
@@ -366,6 +419,11 @@ cdef class Connection:
             self.last_recv = self._loop.time()
         return out
 
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1:
+        # A kind splits its input into (type, flags, body) frames and returns
+        # the bytes it consumed; the rest is carried to the next read.
+        raise NotImplementedError("a connection kind must parse its input")
+
     cdef int _keep(self, const char* data, Py_ssize_t n) except -1:
         cdef Py_ssize_t need = self._carry_len + n
         cdef char* grown
@@ -379,24 +437,6 @@ cdef class Connection:
         self._carry_len = need
         return 0
 
-    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1:
-        # Header checks come before waiting for a body, so the carry buffer
-        # never holds more than one frame of at most max_frame bytes.
-        cdef Py_ssize_t pos = 0, length
-        cdef const uint8_t* p
-        while n - pos >= HEADER_SIZE:
-            p = <const uint8_t*>(data + pos)
-            length = check_header(p, self.max_frame)
-            if length < 0:
-                raise FrameError(<int>-length,
-                                 _header_problem(<int>-length, p, self.max_frame))
-            if n - pos - HEADER_SIZE < length:
-                break
-            out.append((p[1], p[2], body_of(p[2], data + pos + HEADER_SIZE,
-                                            length, self.max_frame)))
-            pos += HEADER_SIZE + length
-        return pos
-
     cdef int _discard_input(self) except -1:
         cdef ssize_t r
         while True:
@@ -408,3 +448,14 @@ cdef class Connection:
             if r == 0 or (errno != EAGAIN):
                 self.close()
             return 0
+
+
+cdef int _check_core_frame(bytes frame) except -1:
+    # Control frames come from Python: refuse anything that is not a core
+    # frame (a bare wire frame would lose its first HEADROOM bytes).
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(frame)
+    if (size < HEADROOM + HEADER_SIZE or p[HEADROOM] != WIRE_VERSION
+            or body_length(p + HEADROOM) != size - HEADROOM - HEADER_SIZE):
+        raise ValueError("not a core frame: build it with core_frame()")
+    return 0

@@ -1,35 +1,46 @@
-# Wire protocol v1 framing (docs/protocol.md): an 8-byte header
-#   version:u8  type:u8  flags:u8  reserved:u8  length:u32be
-# followed by `length` body bytes; flag bit 0 means the body is
-# u32le(uncompressed size) + one raw LZ4 block.
+# Where a frame is built. Wire format and constants: pyx/includes/wireformat.pxd.
+#
+# A core frame is one bytes object, built once per room flush (or control
+# reply) and shared by every recipient. It starts with HEADROOM bytes that
+# no plain-TCP reader ever sees, so a transport kind that wraps each frame in
+# a header of its own (a WebSocket frame header) can write that header once
+# into the shared object instead of copying the frame per recipient:
+#
+#   [0]                HR_TAG: prefix kind whose header is in the headroom (0: none)
+#   [1]                HR_LEN: that header's length, at most MAX_PREFIX
+#   [2 .. HEADROOM)    free; a prefix ends exactly at HEADROOM
+#   [HEADROOM .. +8)   the wire header (version, type, flags, reserved, length)
+#   [HEADROOM+8 .. )   the body, lz4-compressed when that pays
+#
+# A plain connection writes [HEADROOM, end); a prefixed one writes
+# [HEADROOM - HR_LEN, end). The headroom is written at most once, by the
+# loop thread, before any write of the frame (connection.pyx), and never
+# again, so a backlog holding a half-written frame always sees the same
+# bytes. Frames are never hashed or used as keys: Python sees them as
+# immutable, and only the headroom ever changes.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
-    WIRE_VERSION = 1
-    HEADER_SIZE = 8
-    FLAG_LZ4 = 0x01
+    HEADROOM = 16
+    HR_TAG = 0
+    HR_LEN = 1
+    MAX_PREFIX = HEADROOM - 2
 
-# Reason codes the core itself raises (mirrors fanout.proto's Reason enum).
-cdef enum:
-    R_BAD_FRAME = 1
-    R_FRAME_TOO_LARGE = 2
-    R_UNSUPPORTED_VERSION = 5
-    R_BAD_COMPRESSION = 6
-
-# Build one frame: header + body (compressed when body_len >= compress_min
-# and the result is smaller; level 0 is lz4's fast mode, 1-12 its
-# high-compression levels). Returns a new bytes object the caller owns.
+# Build one core frame: headroom + header + body (compressed when body_len >=
+# compress_min > 0 and the result is smaller; level 0 is lz4's fast mode,
+# 1-12 its high-compression levels). A new bytes object the caller owns.
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
                        Py_ssize_t compress_min, int level)
 
-# Validate one header. Returns the body length, or -reason when invalid.
-cdef Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexcept nogil
-
-# Body bytes of a frame, inflated when flagged; raises FrameError.
+# Body bytes of one frame, inflated when flagged; raises FrameError.
 cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
                    Py_ssize_t max_body)
 
-# Protobuf varint helpers for the hand-rolled RoomMessage encoder.
-cdef Py_ssize_t varint_size(uint64_t v) noexcept nogil
-cdef char* put_varint(char* p, uint64_t v) noexcept nogil
+# Split complete wire frames off data into out as (type, flags, body), bodies
+# inflated; returns the bytes consumed. Raises FrameError on the first bad one.
+cdef Py_ssize_t split_frames(const char* data, Py_ssize_t n, Py_ssize_t max_body,
+                             list out) except -1
+
+# The reason text for a header check_header() refused.
+cdef str header_problem(int reason, const uint8_t* p, Py_ssize_t max_body)

@@ -1,40 +1,21 @@
-# Framing and the pre-encoded RoomMessage records (see frame.pxd).
+# Where a frame is built: core frames with headroom, and the once-encoded
+# RoomMessage records that batches concatenate (see frame.pxd).
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import lz4.block as _lz4_block
+
+from fanout.protocol.wire import WireError as FrameError
 
 _lz4_compress = _lz4_block.compress
 _lz4_decompress = _lz4_block.decompress
 
-
-# Frame type codes live in fanout.wire.FrameType, the one table of them.
-
-
-class FrameError(Exception):
-    """The byte stream broke wire-protocol framing.
-
-    ``reason`` is the ``fanout.v1.Reason`` code sent back to the peer.
-    """
-
-    def __init__(self, int reason, str message):
-        super().__init__(message)
-        self.reason = reason
-
-
-cdef inline void _write_header(char* p, uint8_t ftype, uint8_t flags,
-                               uint32_t length) noexcept nogil:
-    p[0] = <char>WIRE_VERSION
-    p[1] = <char>ftype
-    p[2] = <char>flags
-    p[3] = 0
-    p[4] = <char>((length >> 24) & 0xFF)
-    p[5] = <char>((length >> 16) & 0xFF)
-    p[6] = <char>((length >> 8) & 0xFF)
-    p[7] = <char>(length & 0xFF)
+# FrameError: the core raises the protocol's own error class (one base: ReasonError).
+#: Bytes before the wire header in every core frame (frame.pxd).
+FRAME_HEADROOM = HEADROOM
 
 
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
@@ -59,30 +40,17 @@ cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
             src = PyBytes_AS_STRING(packed)
             n = PyBytes_GET_SIZE(packed)
             flags = FLAG_LZ4
-    cdef bytes frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n)
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, HEADROOM + HEADER_SIZE + n)
     cdef char* out = PyBytes_AS_STRING(frame)
-    _write_header(out, ftype, flags, <uint32_t>n)
+    memset(out, 0, HEADROOM)
+    write_header(out + HEADROOM, ftype, flags, <uint32_t>n)
     if n:
-        memcpy(out + HEADER_SIZE, src, n)
+        memcpy(out + HEADROOM + HEADER_SIZE, src, n)
     return frame
-
-
-cdef Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexcept nogil:
-    cdef Py_ssize_t length
-    if p[0] != WIRE_VERSION:
-        return -R_UNSUPPORTED_VERSION
-    if (p[2] & ~FLAG_LZ4) or p[3] != 0:
-        return -R_BAD_FRAME
-    length = ((<Py_ssize_t>p[4] << 24) | (<Py_ssize_t>p[5] << 16)
-              | (<Py_ssize_t>p[6] << 8) | <Py_ssize_t>p[7])
-    if length > max_body:
-        return -R_FRAME_TOO_LARGE
-    return length
 
 
 cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
                    Py_ssize_t max_body):
-    cdef const uint8_t* u = <const uint8_t*>body
     cdef Py_ssize_t size
     if not (flags & FLAG_LZ4):
         return PyBytes_FromStringAndSize(body, n)
@@ -90,8 +58,7 @@ cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
         raise FrameError(R_BAD_COMPRESSION, "lz4 body shorter than its size prefix")
     # Check the declared size before inflating: a small frame must not be
     # able to make the node allocate more than max_body.
-    size = (<Py_ssize_t>u[0] | (<Py_ssize_t>u[1] << 8) | (<Py_ssize_t>u[2] << 16)
-            | (<Py_ssize_t>u[3] << 24))
+    size = lz4_stored_size(<const uint8_t*>body)
     if size > max_body:
         raise FrameError(R_BAD_COMPRESSION,
                          f"lz4 body inflates to {size} bytes, limit {max_body}")
@@ -101,22 +68,15 @@ cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
         raise FrameError(R_BAD_COMPRESSION, f"corrupt lz4 body: {exc}") from None
 
 
-cdef Py_ssize_t varint_size(uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
+cdef str header_problem(int reason, const uint8_t* p, Py_ssize_t max_body):
+    if reason == R_UNSUPPORTED_VERSION:
+        return f"unsupported protocol version {p[0]}"
+    if reason == R_FRAME_TOO_LARGE:
+        return f"frame body of {body_length(p)} bytes exceeds limit {max_body}"
+    return f"malformed frame header (flags=0x{p[2]:02x}, reserved=0x{p[3]:02x})"
 
 
-cdef char* put_varint(char* p, uint64_t v) noexcept nogil:
-    while v >= 0x80:
-        p[0] = <char>((v & 0x7F) | 0x80)
-        v >>= 7
-        p += 1
-    p[0] = <char>v
-    return p + 1
-
+# ---------------------------------------------------------------- records
 
 cdef inline Py_ssize_t _field_len(Py_ssize_t n) noexcept nogil:
     # tag byte + length varint + data; proto3 omits empty fields
@@ -178,9 +138,9 @@ def encode_room_message(str room, unsigned long long seq, unsigned int kind,
     return out
 
 
-def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0, int level=0):
-    """Frame ``body`` (bytes-like) as ``ftype``; lz4 when it pays and
-    ``len(body) >= compress_min > 0`` (``level`` 1-12: high compression)."""
+# ---------------------------------------------------------------- Python API
+
+cdef bytes _core_frame(unsigned int ftype, body, Py_ssize_t compress_min, int level):
     cdef const unsigned char[:] view = body
     cdef Py_ssize_t n = view.shape[0]
     if ftype > 0xFF:
@@ -193,35 +153,53 @@ def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0, int level=0)
     return build_frame(<uint8_t>ftype, ptr, n, compress_min, level)
 
 
+def core_frame(unsigned int ftype, body, Py_ssize_t compress_min=0, int level=0):
+    """A core frame (headroom + wire frame) of ``body`` as ``ftype``, for
+    :meth:`Connection.send` and :meth:`Hub.broadcast`."""
+    return _core_frame(ftype, body, compress_min, level)
+
+
+def pack_frame(unsigned int ftype, body, Py_ssize_t compress_min=0, int level=0):
+    """The wire bytes of ``body`` framed as ``ftype``; lz4 when it pays and
+    ``len(body) >= compress_min > 0`` (``level`` 1-12: high compression).
+    For tools and tests: a connection takes :func:`core_frame` frames."""
+    return _core_frame(ftype, body, compress_min, level)[HEADROOM:]
+
+
+def wire_bytes(bytes frame):
+    """What a plain connection writes of the core frame ``frame``."""
+    return frame[HEADROOM:]
+
+
+cdef Py_ssize_t split_frames(const char* data, Py_ssize_t n, Py_ssize_t max_body,
+                             list out) except -1:
+    # Header checks come before waiting for a body, so a reader's carry
+    # buffer never holds more than one frame of at most max_body bytes.
+    cdef Py_ssize_t pos = 0, length
+    cdef const uint8_t* p
+    while n - pos >= HEADER_SIZE:
+        p = <const uint8_t*>(data + pos)
+        length = check_header(p, max_body)
+        if length < 0:
+            raise FrameError(<int>-length, header_problem(<int>-length, p, max_body))
+        if n - pos - HEADER_SIZE < length:
+            break
+        out.append((p[1], p[2], body_of(p[2], data + pos + HEADER_SIZE, length, max_body)))
+        pos += HEADER_SIZE + length
+    return pos
+
+
 def parse_frames(data, Py_ssize_t max_body):
     """Split complete frames off ``data``.
 
     Returns ``(frames, consumed)`` where frames is a list of
     ``(type, flags, body)`` with bodies inflated. Raises :class:`FrameError`
     on the first invalid header or body. Used by tests and tools; a
-    :class:`Connection` runs the same checks on its socket.
+    connection runs the same checks on its socket.
     """
     cdef const unsigned char[:] view = data
-    cdef Py_ssize_t n = view.shape[0], pos = 0, length
-    cdef const uint8_t* p
     cdef list frames = []
-    while n - pos >= HEADER_SIZE:
-        p = <const uint8_t*>&view[pos]
-        length = check_header(p, max_body)
-        if length < 0:
-            raise FrameError(<int>-length, _header_problem(<int>-length, p, max_body))
-        if n - pos - HEADER_SIZE < length:
-            break
-        frames.append((p[1], p[2], body_of(p[2], <const char*>p + HEADER_SIZE,
-                                           length, max_body)))
-        pos += HEADER_SIZE + length
-    return frames, pos
-
-
-cdef str _header_problem(int reason, const uint8_t* p, Py_ssize_t max_body):
-    if reason == R_UNSUPPORTED_VERSION:
-        return f"unsupported protocol version {p[0]}"
-    if reason == R_FRAME_TOO_LARGE:
-        length = (p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
-        return f"frame body of {length} bytes exceeds limit {max_body}"
-    return f"malformed frame header (flags=0x{p[2]:02x}, reserved=0x{p[3]:02x})"
+    cdef Py_ssize_t used = 0
+    if view.shape[0]:
+        used = split_frames(<const char*>&view[0], view.shape[0], max_body, frames)
+    return frames, used

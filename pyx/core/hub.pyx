@@ -63,18 +63,16 @@ cdef class Hub:
     def publish(self, str room_name, str epoch, unsigned long long seq,
                 bytes record, bint sampled=False):
         """Queue one pre-encoded record (see ``encode_room_message``) for the
-        room's next frame. Returns False for a duplicate ``seq``.
+        room's next frame. Returns False when the record is not taken: a
+        duplicate ``seq``, or a room this hub does not hold (the bus is
+        scoped by room, so that is a message that raced a retirement).
 
         ``sampled``: overload control dropped chat of this room just before
         this record; the batch carrying it will say so."""
         cdef Room room = self.rooms.get(room_name)
         if room is None:
-            # First message this node sees: the history before it lives
-            # elsewhere, so start the room just behind it.
-            room = Room(room_name, epoch, seq - 1 if seq else 0,
-                        self.ring_size, self.ring_bytes)
-            self.rooms[room_name] = room
-        elif room.epoch != epoch:
+            return False
+        if room.epoch != epoch:
             self._flush(room)
             room.reset(epoch, seq - 1 if seq else 0)
         if room._pend_len and room._pend_len + len(record) > self.max_batch_bytes:
@@ -127,7 +125,6 @@ cdef class Hub:
         if raw == 0:
             return
         now = self._loop.time()
-        room.last_flush = now
         troubled = room.flush(self.compress_min, self.compress_level)
         self.flushes += 1
         if troubled:
@@ -144,11 +141,12 @@ cdef class Hub:
             conn._report(st)
 
     def broadcast(self, str room_name, bytes frame):
-        """Write a ready frame (e.g. presence) to every member of a room,
-        like a batch: one shared object, written from C. Returns the number
-        of members it was handed to."""
+        """Write a ready core frame (:func:`core_frame`; e.g. presence) to
+        every member of a room, like a batch: one shared object, written
+        from C. Returns the number of members it was handed to."""
         cdef Room room = self.rooms.get(room_name)
         cdef list troubled
+        _check_core_frame(frame)
         if room is None or not room._members:
             return 0
         troubled = room.send_all(frame)
@@ -167,9 +165,21 @@ cdef class Hub:
         for room in list(self.rooms.values()):
             self._flush(room)
 
+    def retire(self, str room_name):
+        """Forget ``room_name`` now if it has no members and nothing a
+        client could still be sent (never published to, or its history
+        gone). Returns whether it was removed; the caller ends the room's
+        bus subscription."""
+        cdef Room room = self.rooms.get(room_name)
+        if room is None or room._members or room.holds_history:
+            return False
+        del self.rooms[room_name]
+        return True
+
     def sweep(self, double idle_ttl):
         """Forget rooms with no members, nothing pending and no message for
-        ``idle_ttl`` seconds. Returns how many were removed."""
+        ``idle_ttl`` seconds. Returns the names removed; the caller ends
+        their bus subscriptions."""
         cdef double cutoff = self._loop.time() - idle_ttl
         cdef Room room
         dead = [name for name, room in self.rooms.items()
@@ -177,4 +187,4 @@ cdef class Hub:
                 and room.last_activity < cutoff]
         for name in dead:
             del self.rooms[name]
-        return len(dead)
+        return dead

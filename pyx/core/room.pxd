@@ -35,7 +35,6 @@ cdef class Room:
     cdef public double first_pending   # loop time the oldest pending record came
     cdef double _flush_tokens          # immediate flushes the room may still take
     cdef double _tokens_at             # loop time _flush_tokens was last refilled
-    cdef public double last_flush
     cdef public double last_activity
     cdef bint _scheduled
     cdef public bint sampled           # next batch says overload control sampled chat

@@ -5,9 +5,6 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 
-cdef enum:
-    FRAME_BATCH = 0x43
-
 
 cdef class Room:
     """A room on this node. Created by :class:`Hub`, not directly."""
@@ -24,7 +21,6 @@ cdef class Room:
         self.flushed_seq = head_seq
         self._ring_cap = ring_size
         self._ring_max_bytes = ring_bytes
-        self.last_flush = -1e18
         self._flush_tokens = FLUSH_BURST
         self.last_activity = 0.0
 
@@ -60,10 +56,6 @@ cdef class Room:
 
     def __contains__(self, conn):
         return conn in self._slot
-
-    @property
-    def members(self):
-        return list(self._members)
 
     # ---------------------------------------------------------------- batching
 
@@ -105,7 +97,7 @@ cdef class Room:
             self._pend[self._pend_len + 1] = <char>0x01
             self._pend_len += 2
             self.sampled = False
-        frame = build_frame(FRAME_BATCH, self._pend, self._pend_len, compress_min, level)
+        frame = build_frame(FT_BATCH, self._pend, self._pend_len, compress_min, level)
         self.bytes_in += <unsigned long long>self._pend_len
         self.bytes_out += <unsigned long long>PyBytes_GET_SIZE(frame)
         self.frames_built += 1
@@ -186,6 +178,12 @@ cdef class Room:
         self.last_seq = self.flushed_seq = head_seq
 
     @property
+    def holds_history(self):
+        """Whether the room has anything a client could still be sent:
+        pending records or records to replay."""
+        return self._ring_count > 0 or self._pend_len > 0
+
+    @property
     def oldest_seq(self):
         """Oldest seq that can still be replayed, 0 if none."""
         return self._ring_first if self._ring_count else 0
@@ -218,12 +216,12 @@ cdef class Room:
         while seq <= end:
             rec = <object>self._ring[seq % self._ring_cap]
             if buf and len(buf) + len(rec) > max_frame_bytes:
-                frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min, level))
+                frames.append(build_frame(FT_BATCH, buf, len(buf), compress_min, level))
                 buf = bytearray()
             buf += rec
             seq += 1
         if buf:
-            frames.append(build_frame(FRAME_BATCH, buf, len(buf), compress_min, level))
+            frames.append(build_frame(FT_BATCH, buf, len(buf), compress_min, level))
         return gap_from, gap_to, frames
 
     def stats(self):
