@@ -206,7 +206,7 @@ def _drain(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node":
-        from .server.node import run
+        from .server.app import run
 
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_mod.NodeConfig)}
         try:

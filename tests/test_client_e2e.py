@@ -8,9 +8,8 @@ import signal
 import pytest
 
 from conftest import SECRET, token
-from fanout.server import config
+from inprocess import local_app
 from fanout.client import Client, KickedError
-from fanout.server.node import Node
 from fanout.logic import Rejected
 from fanout.protocol import fanout_pb2 as pb
 
@@ -18,11 +17,8 @@ from fanout.protocol import fanout_pb2 as pb
 @pytest.fixture
 async def local_node():
     """A node in the test's own event loop, on real loopback sockets."""
-    node = Node(config.load(None, env={}, overrides={"port": 0, "admin_port": -1,
-                                                     "secret": SECRET}))
-    await node.start()
-    yield node
-    await node.stop(grace=0.5)
+    async with local_app() as app:
+        yield app.node
 
 
 async def next_message(client, timeout=10):
@@ -35,20 +31,20 @@ async def test_server_side_publish_kinds_and_priority(local_node):
     node = local_node
     async with Client(*node.address, token("viewer")) as c:
         await c.join("show")
-        assert node.publish("show", "gift", b"rocket", sender="gift-svc", priority=9) == 1
-        assert node.publish("show", pb.SYSTEM, "stream starts") == 2
+        assert await node.publish("show", "gift", b"rocket", sender="gift-svc", priority=9) == 1
+        assert await node.publish("show", pb.SYSTEM, "stream starts") == 2
         gift, notice = await next_message(c), await next_message(c)
         assert (gift.kind, gift.priority, gift.sender, gift.payload) == (
             pb.GIFT, 9, "gift-svc", b"rocket")
         assert (notice.kind, notice.sender, notice.payload) == (
             pb.SYSTEM, "system", b"stream starts")
-        assert node.room_info("show")["online"] == 1
+        assert (await node.room_info("show"))["online"] == 1
     with pytest.raises(Rejected):
-        node.publish("show", "confetti", b"x")
+        await node.publish("show", "confetti", b"x")
     with pytest.raises(Rejected):
-        node.publish("", "chat", b"x")
+        await node.publish("", "chat", b"x")
     with pytest.raises(Rejected):
-        node.publish("show", "chat", b"x" * 100_000)
+        await node.publish("show", "chat", b"x" * 100_000)
 
 
 async def test_sdk_resumes_after_kick_without_loss(local_node):
@@ -56,12 +52,12 @@ async def test_sdk_resumes_after_kick_without_loss(local_node):
     async with Client(*node.address, token("viewer"), backoff_min=0.05, backoff_max=0.2) as c:
         await c.join("r")
         for i in range(5):
-            node.publish("r", "chat", f"before-{i}")
+            await node.publish("r", "chat", f"before-{i}")
         assert [(await next_message(c)).seq for _ in range(5)] == [1, 2, 3, 4, 5]
         session = next(s for s in node.sessions.values() if s.user == "viewer")
         session.kick(pb.SLOW_CONSUMER, "test kick")
         for i in range(10):              # published while the client is away
-            node.publish("r", "chat", f"during-{i}")
+            await node.publish("r", "chat", f"during-{i}")
             await asyncio.sleep(0.005)
         got = [await next_message(c) for _ in range(10)]
         assert [m.seq for m in got] == list(range(6, 16))

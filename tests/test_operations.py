@@ -13,11 +13,10 @@ import urllib.request
 
 import pytest
 
-from conftest import API_KEY, SECRET, token
-from fanout.server import config
+from conftest import API_KEY, token
 from fanout.client import Client
 from fanout.server.logutil import ThrottledLog
-from fanout.server.node import Node
+from inprocess import local_app
 from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
 
@@ -117,50 +116,39 @@ def test_hot_room_keeps_every_gift_while_chat_is_sampled(start_node):
 
 async def test_one_long_callback_is_not_overload():
     """A single long callback (like a 10k-member flush) is not overload."""
-    cfg = config.load(None, env={}, overrides={"port": 0, "admin_port": -1, "secret": SECRET})
-    node = Node(cfg)
-    await node.start()
-    try:
+    async with local_app(grace=0.1) as app:
         await asyncio.sleep(0.15)
         time.sleep(0.12)
         await asyncio.sleep(2.2)
-        assert node.degradation_level == 0
-    finally:
-        await node.stop(grace=0.1)
+        assert app.node.degradation_level == 0
 
 
 async def test_degradation_steps_up_at_once_and_recovers_slowly():
-    cfg = config.load(None, env={}, overrides={
-        "port": 0, "admin_port": -1, "secret": SECRET, "room_budget": 1000,
-        "chat_sample_every": 4})
-    node = Node(cfg)
-    await node.start()
-    try:
+    async with local_app(grace=0.1, room_budget=1000, chat_sample_every=4) as app:
+        node, overload = app.node, app.node.overload
         base = node.hub.max_delay
-        assert node.update_degradation(0.3, 0) == 2 and not node.ready
+        assert overload.update(0.3, 0) == 2 and not node.ready
         assert node.hub.max_delay == pytest.approx(4 * base)
         # Overloaded: chat only within a quarter of the budget, none over it.
         outcomes = []
         for i in range(600):
             try:
-                node.publish("r", "chat", b"c")
+                await node.publish("r", "chat", b"c")
                 outcomes.append(True)
             except Exception as exc:
                 assert exc.reason == pb.ROOM_OVERLOADED
                 outcomes.append(False)
         assert 200 <= sum(outcomes) <= 300
-        node.publish("r", "gift", b"g")                      # gifts still pass
+        await node.publish("r", "gift", b"g")                # gifts still pass
         for _ in range(4):
-            assert node.update_degradation(0.0, 0) == 2      # not calm long enough
-        assert node.update_degradation(0.0, 0) == 1
+            assert overload.update(0.0, 0) == 2              # not calm long enough
+        assert overload.update(0.0, 0) == 1
         assert node.hub.max_delay == pytest.approx(2 * base)
-        assert node.update_degradation(0.0, 10**12) == 1     # write backlog keeps it degraded
+        assert overload.update(0.0, 10**12) == 1             # write backlog keeps it degraded
         for _ in range(5):
-            node.update_degradation(0.0, 0)
+            overload.update(0.0, 0)
         assert node.degradation_level == 0 and node.ready
         assert node.hub.max_delay == pytest.approx(base)
-    finally:
-        await node.stop(grace=0.1)
 
 
 def test_throttled_log_bounds_a_flood(caplog):
@@ -251,10 +239,8 @@ def test_drain_under_load_loses_nothing(start_node):
 
 
 async def test_real_event_loop_lag_degrades_the_node():
-    cfg = config.load(None, env={}, overrides={"port": 0, "admin_port": -1, "secret": SECRET})
-    node = Node(cfg)
-    await node.start()
-    try:
+    async with local_app(grace=0.1) as app:
+        node = app.node
         assert node.ready
         loop = asyncio.get_running_loop()
         busy_until = loop.time() + 2.5
@@ -274,5 +260,3 @@ async def test_real_event_loop_lag_degrades_the_node():
         assert node.loop_lag >= 0.1
         lag = node.metrics.registry.get_sample_value("fanout_event_loop_lag_seconds_count")
         assert lag > 0
-    finally:
-        await node.stop(grace=0.1)

@@ -1,6 +1,8 @@
-"""The bus: where an encoded message crosses from the logic layer to the
-nodes that hold the room."""
+"""The bus: where a message crosses from the logic layer to the nodes that
+hold its room. :class:`Bus` is the interface (:mod:`.base`);
+:class:`LocalBus` the embedded, in-process one."""
 
-from .local import Bus, LocalBus
+from .base import Bus, Handler
+from .local import LocalBus
 
-__all__ = ["Bus", "LocalBus"]
+__all__ = ["Bus", "Handler", "LocalBus"]

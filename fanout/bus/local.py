@@ -1,38 +1,41 @@
-"""The bus that carries encoded room messages from the logic layer to nodes.
-
-A message travels as ``(room, epoch, seq, record, sampled)``: ``record`` is
-the ``Batch.messages`` encoding made once by the logic layer, so no node ever
-re-encodes it; ``sampled`` says overload control dropped chat of the room
-just before it. The embedded default is :class:`LocalBus` (same process,
-synchronous); a network bus implements the same two methods.
-"""
+"""The embedded bus: subscribers in the same process, called before
+:meth:`LocalBus.publish` returns."""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
-Subscriber = Callable[[str, str, int, bytes, bool], object]
-
-
-class Bus(Protocol):
-    def subscribe(self, callback: Subscriber) -> None: ...
-    def publish(self, room: str, epoch: str, seq: int, record: bytes,
-                sampled: bool = False) -> None: ...
+from .base import Handler
 
 
 class LocalBus:
-    """In-process bus: publish calls every subscriber before returning."""
+    """In-process :class:`~fanout.bus.base.Bus`. Several nodes in one process
+    (tests) may share one, each subscribing its own handler."""
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._rooms: dict[str, list[Handler]] = {}
 
-    def subscribe(self, callback: Subscriber) -> None:
-        self._subscribers.append(callback)
+    @property
+    def rooms(self) -> dict[str, int]:
+        """Subscribers per room."""
+        return {room: len(handlers) for room, handlers in self._rooms.items()}
 
-    def unsubscribe(self, callback: Subscriber) -> None:
-        self._subscribers.remove(callback)
+    async def start(self) -> None:
+        pass
 
-    def publish(self, room: str, epoch: str, seq: int, record: bytes,
-                sampled: bool = False) -> None:
-        for callback in self._subscribers:
-            callback(room, epoch, seq, record, sampled)
+    async def close(self) -> None:
+        self._rooms.clear()
+
+    async def subscribe(self, room: str, handler: Handler) -> None:
+        self._rooms.setdefault(room, []).append(handler)
+
+    async def unsubscribe(self, room: str, handler: Handler) -> None:
+        handlers = self._rooms.get(room)
+        if handlers is None or handler not in handlers:
+            return
+        handlers.remove(handler)
+        if not handlers:
+            del self._rooms[room]
+
+    async def publish(self, room: str, epoch: str, seq: int, record: bytes,
+                      sampled: bool = False) -> None:
+        for handler in self._rooms.get(room, ()):
+            handler(room, epoch, seq, record, sampled)

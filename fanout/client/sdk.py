@@ -31,6 +31,7 @@ import random
 
 from fanout.protocol import wire
 from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.errors import ReasonError
 from fanout.protocol.wire import FrameType
 
 __all__ = [
@@ -78,27 +79,13 @@ _CLOSING_ERRORS |= {pb.CONNECTION_LIMIT, pb.CONNECTION_RATE_LIMITED}
 _END = object()  # queue marker: iteration is over
 
 
-class ClientError(Exception):
+class ClientError(ReasonError):
     """Base class of the SDK's errors.
 
     :ivar reason: a ``fanout.v1.Reason`` code (``int``); 0 when the error did
         not come from the node.
     :ivar message: human-readable detail.
     """
-
-    def __init__(self, reason: int, message: str = "") -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.message = message
-
-    def __str__(self) -> str:
-        if not self.reason:
-            return self.message
-        try:
-            name = pb.Reason.Name(self.reason)
-        except ValueError:  # a reason added after this SDK was built
-            name = f"reason {self.reason}"
-        return f"{name}: {self.message}" if self.message else name
 
 
 class AuthError(ClientError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jwt
 
 from . import fanout_pb2 as pb
+from .errors import ReasonError
 
 #: Used when no secret is configured, so the quick start works out of the box.
 #: The node logs a warning whenever it runs with it.
@@ -23,12 +24,8 @@ DEV_SECRET = "fanout-development-secret-do-not-use-in-production"
 ALGORITHM = "HS256"
 
 
-class AuthError(Exception):
+class AuthError(ReasonError):
     """A token was refused; ``reason`` is the wire Reason code."""
-
-    def __init__(self, reason: int, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

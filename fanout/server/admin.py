@@ -2,8 +2,8 @@
 stats, drain, health and readiness probes, and Prometheus metrics.
 
 It runs on the node's own event loop, on its own port (``admin_host`` and
-``admin_port``), so its handlers call the :class:`~fanout.node.Node` directly,
-with no locks and no copies. ``/v1/*`` needs the node's API key. The probes
+``admin_port``), so its handlers call the node (an :class:`AdminHost`)
+directly, with no locks and no copies. ``/v1/*`` needs the node's API key. The probes
 and ``/metrics`` are open, so the admin port must never be reachable from
 the public internet. docs/api.md is the reference for every endpoint.
 """
@@ -15,17 +15,16 @@ import binascii
 import hmac
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from ..logic import Rejected
+from ..logic.base import Rejected
 from ..protocol import fanout_pb2 as pb
-
-if TYPE_CHECKING:
-    from .node import Node
+from .config import NodeConfig
 
 log = logging.getLogger("fanout.admin")
 
@@ -86,7 +85,7 @@ class ApiError(Exception):
 
     @classmethod
     def from_rejected(cls, exc: Rejected) -> "ApiError":
-        return cls(REASON_STATUS.get(exc.reason, 400), pb.Reason.Name(exc.reason), str(exc),
+        return cls(REASON_STATUS.get(exc.reason, 400), pb.Reason.Name(exc.reason), exc.message,
                    reason=exc.reason)
 
     @property
@@ -175,20 +174,42 @@ def _check_batch_size(count: int) -> None:
 
 # ---------------------------------------------------------------- the server
 
-class AdminServer:
-    """The admin API of one node; made and started by :func:`start_admin`.
+class AdminHost(Protocol):
+    """What the admin API asks of the node it serves."""
 
-    :param node: the node it serves; it needs ``api_key``, ``config``,
-        ``metrics``, ``ready``, ``draining``, ``degradation_level``,
-        ``publish``, ``disconnect_user``, ``room_info`` and ``start_drain``.
+    ready: bool
+    draining: bool
+    degradation_level: int
+
+    async def publish(self, room: str, kind: int | str, payload: bytes, *, sender: str,
+                      priority: int = 0) -> int: ...
+
+    def disconnect_user(self, user: str, message: str = "") -> int: ...
+
+    async def room_info(self, room: str) -> dict: ...
+
+    def start_drain(self) -> None: ...
+
+
+class AdminServer:
+    """The admin API of one node.
+
+    :param node: the node it serves.
+    :param config: ``admin_host``, ``admin_port`` and ``max_publish_bytes``.
+    :param registry: the metrics ``/metrics`` exports.
+    :param api_key: the key ``/v1/*`` requires.
     """
 
-    def __init__(self, node: "Node") -> None:
-        if not node.api_key:
+    def __init__(self, node: AdminHost, config: NodeConfig, registry: CollectorRegistry,
+                 api_key: str) -> None:
+        if not api_key:
             raise ValueError("the admin API needs a non-empty API key")
         self.node = node
+        self.config = config
+        self.registry = registry
+        self.api_key = api_key
         # Room for one maximal payload as base64 (4/3 of its size) plus JSON.
-        self.max_body = max(MAX_BODY, 2 * node.config.max_publish_bytes)
+        self.max_body = max(MAX_BODY, 2 * config.max_publish_bytes)
         app = web.Application(client_max_size=self.max_body, middlewares=[_guard])
         app[_SERVER] = self
         app.add_routes([
@@ -209,7 +230,7 @@ class AdminServer:
 
         :raises OSError: the address cannot be bound (the message names it).
         """
-        host, port = self.node.config.admin_host, self.node.config.admin_port
+        host, port = self.config.admin_host, self.config.admin_port
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, host, port).start()
@@ -242,21 +263,21 @@ class AdminServer:
             if not isinstance(items, list):
                 raise ApiError.bad_request(f"'messages' must be an array, got {_json_type(items)}")
             _check_batch_size(len(items))
-            return web.json_response({"results": [self._publish_item(i) for i in items]})
-        return web.json_response({"seq": self._publish_json(body)})
+            return web.json_response({"results": [await self._publish_item(i) for i in items]})
+        return web.json_response({"seq": await self._publish_json(body)})
 
-    def _publish_item(self, item: Any) -> dict:
+    async def _publish_item(self, item: Any) -> dict:
         # Batch items succeed or fail independently, in order.
         try:
-            return {"seq": self._publish_json(item)}
+            return {"seq": await self._publish_json(item)}
         except ApiError as exc:
             return exc.body
 
-    def _publish_json(self, item: Any) -> int:
+    async def _publish_json(self, item: Any) -> int:
         item = _object(item, "a message", _PUBLISH_FIELDS)
-        return self._publish(_field(item, "room", str), _field(item, "kind", str),
-                             _payload(item), _field(item, "sender", str, DEFAULT_SENDER),
-                             _field(item, "priority", int, 0))
+        return await self._publish(_field(item, "room", str), _field(item, "kind", str),
+                                    _payload(item), _field(item, "sender", str, DEFAULT_SENDER),
+                                    _field(item, "priority", int, 0))
 
     async def _publish_protobuf(self, request: web.Request) -> web.Response:
         req = pb.PublishRequest()
@@ -269,8 +290,8 @@ class AdminServer:
         status = 200
         for m in req.messages:
             try:
-                seq = self._publish(m.room, m.kind, m.payload, m.sender or DEFAULT_SENDER,
-                                    m.priority)
+                seq = await self._publish(m.room, m.kind, m.payload,
+                                          m.sender or DEFAULT_SENDER, m.priority)
                 response.results.add(seq=seq)
             except ApiError as exc:
                 response.results.add(reason=exc.reason, message=exc.message)
@@ -280,10 +301,11 @@ class AdminServer:
         return web.Response(status=status, body=response.SerializeToString(),
                             content_type=PROTOBUF_TYPE)
 
-    def _publish(self, room: str, kind: int | str, payload: bytes, sender: str,
-                 priority: int) -> int:
+    async def _publish(self, room: str, kind: int | str, payload: bytes, sender: str,
+                       priority: int) -> int:
         try:
-            return self.node.publish(room, kind, payload, sender=sender, priority=priority)
+            return await self.node.publish(room, kind, payload, sender=sender,
+                                           priority=priority)
         except Rejected as exc:
             raise ApiError.from_rejected(exc) from None
 
@@ -298,7 +320,7 @@ class AdminServer:
 
     async def room(self, request: web.Request) -> web.Response:
         """``GET /v1/rooms/{room}``: the room's state on this node."""
-        return web.json_response(self.node.room_info(request.match_info["room"]))
+        return web.json_response(await self.node.room_info(request.match_info["room"]))
 
     async def drain(self, request: web.Request) -> web.Response:
         """``POST /v1/drain``: start a graceful drain; the process exits when done."""
@@ -322,7 +344,7 @@ class AdminServer:
     async def metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics``: Prometheus text (or OpenMetrics, if the scraper asks)."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(self.node.metrics.registry),
+        return web.Response(body=encoder(self.registry),
                             headers={"Content-Type": content_type})
 
 
@@ -367,7 +389,7 @@ async def _guard(request: web.Request, handler) -> web.StreamResponse:
     """Authenticates ``/v1/*``, turns every failure into a JSON error, logs it."""
     try:
         if request.path.startswith("/v1/"):
-            _authenticate(request, request.app[_SERVER].node.api_key)
+            _authenticate(request, request.app[_SERVER].api_key)
         return await handler(request)
     except ApiError as exc:
         error = exc
@@ -385,16 +407,3 @@ async def _guard(request: web.Request, handler) -> web.StreamResponse:
     log.debug("admin API: %s %s -> %d %s: %s", request.method, request.path,
               error.status, error.code, error.message)
     return error.response()
-
-
-async def start_admin(node: "Node") -> AdminServer:
-    """Start the admin API of ``node`` on ``config.admin_host``:``config.admin_port``.
-
-    Called by :meth:`Node.start`; the node closes it as the last step of a
-    stop or drain, so probes and metrics answer until the very end.
-
-    :returns: the running server (see :attr:`AdminServer.address`).
-    """
-    server = AdminServer(node)
-    await server.start()
-    return server

@@ -2,20 +2,21 @@
 
 Counters the node bumps itself live here as prometheus-client objects in a
 per-node registry (so several nodes in one process, as in tests, don't
-collide). Figures the compiled core already counts (deliveries, bytes per
-connection) are read at scrape time by :class:`CoreCollector` rather than
-pushed from the hot path. Nothing here runs per recipient.
+collide). Figures that already exist elsewhere (connections, rooms, write
+backlog, loop lag) are read at scrape time from the providers registered
+with :meth:`NodeMetrics.add_gauges`, rather than pushed from the hot path.
+Nothing here runs per recipient, and nothing here knows the node.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-if TYPE_CHECKING:
-    from .node import Node
+#: ``provider() -> [(name, help, value), ...]``, called at scrape time.
+GaugeProvider = Callable[[], Iterable[tuple[str, str, float]]]
 
 BATCH_MESSAGE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 FLUSH_DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -70,8 +71,12 @@ class NodeMetrics:
         self.degradation_level = Gauge(
             "fanout_degradation_level", "0 normal, 1 degraded, 2 overloaded", registry=r)
         self.draining = Gauge("fanout_draining", "1 while the node drains", registry=r)
-        r.register(CoreCollector(self))
-        self.node: "Node | None" = None
+        self._providers: list[GaugeProvider] = []
+        r.register(_ProvidedGauges(self._providers))
+
+    def add_gauges(self, provider: GaugeProvider) -> None:
+        """Export the gauges ``provider`` returns, read at every scrape."""
+        self._providers.append(provider)
 
     def observe_flush(self, messages: int, members: int, raw: int, wire: int,
                       delay: float) -> None:
@@ -85,25 +90,16 @@ class NodeMetrics:
             self.frames_written.inc(members)
 
 
-class CoreCollector:
-    """Gauges read from the node at scrape time."""
+class _ProvidedGauges:
+    """A prometheus collector over the registered gauge providers."""
 
-    def __init__(self, metrics: NodeMetrics) -> None:
-        self._metrics = metrics
+    def __init__(self, providers: list[GaugeProvider]) -> None:
+        self._providers = providers
 
     def describe(self):
         return []
 
     def collect(self):
-        node = self._metrics.node
-        if node is None or node.hub is None:
-            return
-        yield GaugeMetricFamily("fanout_connections", "Open client connections",
-                                value=len(node.sessions))
-        yield GaugeMetricFamily("fanout_rooms", "Rooms held by this node",
-                                value=len(node.hub.rooms))
-        yield GaugeMetricFamily("fanout_write_backlog_bytes",
-                                "Unsent bytes queued across all connections",
-                                value=node.write_backlog_bytes())
-        yield GaugeMetricFamily("fanout_event_loop_lag_last_seconds",
-                                "Mean event-loop lag over the last second", value=node.loop_lag)
+        for provider in self._providers:
+            for name, doc, value in provider():
+                yield GaugeMetricFamily(name, doc, value=value)

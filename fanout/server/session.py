@@ -1,32 +1,60 @@
-"""One client connection's control state: handshake, rooms, chat, heartbeats.
+"""Where a connection is authenticated: one client connection's control
+state, from its Hello (token check, login) to its rooms, chat and pings.
 
-The socket itself belongs to the compiled core (``fanout._core.Connection``):
-the session only sees decoded client frames and answers through
-``Connection.send``, the socket's single writer. Room broadcasts never pass
-through here; the core writes them to member sockets directly.
+The socket itself belongs to the compiled core (a ``fanout._core``
+connection): the session only sees decoded client frames and answers
+through ``Connection.send``, the socket's single writer. Room broadcasts
+never pass through here; the core writes them to member sockets directly.
+
+Frames are handled strictly in order. A handler that waits on the logic
+(a network logic answers later) holds the frames behind it, and reading
+pauses until it is done; with the embedded logic nothing ever waits
+(:mod:`.eager`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
 from google.protobuf.message import DecodeError
 
 from .. import _core
-from ..protocol.auth import AuthError, Claims, verify
-from ..logic import Rejected, check_room_name
+from ..logic.base import Logic, Rejected, check_room_name
 from ..protocol import fanout_pb2 as pb
+from ..protocol.auth import AuthError, Claims, verify
 from ..protocol.wire import FrameType
-
-if TYPE_CHECKING:
-    from .node import Node
+from . import eager
+from .config import NodeConfig
+from .logutil import ThrottledLog
+from .rooms import RoomTable
 
 log = logging.getLogger("fanout.session")
 
 _NO_ROOMS: frozenset[str] = frozenset()   # shared by every session in no room
+
+
+class SessionHost(Protocol):
+    """What a session needs from the node that holds it, and nothing more."""
+
+    config: NodeConfig
+    loop: asyncio.AbstractEventLoop
+    logic: Logic
+    rooms: RoomTable
+    metrics: object          # NodeMetrics: protocol_errors, kicks, slow_consumers
+    throttled: ThrottledLog
+
+    def kick(self, session_id: str, reason: int, message: str) -> bool:
+        """Kick another session of this node (a replaced login)."""
+
+    def auth_failed(self, reason: int) -> None:
+        """Count a refused Hello."""
+
+    def session_closed(self, session: "Session") -> None:
+        """The session's connection is gone; forget it."""
 
 
 def _frame(ftype: int, msg) -> bytes:
@@ -42,28 +70,29 @@ class Session:
 
     # Per-connection memory counts at 19k connections per process: keep
     # only what later decisions need (the device id goes to the auth log).
-    __slots__ = ("node", "conn", "id", "host", "port", "user", "device_class",
-                 "claims", "rooms", "connected_at", "_hard_close")
+    __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
+                 "claims", "rooms", "connected_at", "_hard_close", "_busy")
 
-    def __init__(self, node: "Node", conn: _core.Connection, peer, session_id: str):
-        self.node = node
+    def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
+        self.host = host
         self.conn = conn
         self.id = session_id
-        self.host = sys.intern(peer[0])   # one string per client address
-        self.port = peer[1]
+        self.peer_host = sys.intern(peer[0])   # one string per client address
+        self.peer_port = peer[1]
         self.user: str | None = None
         self.device_class = ""
         self.claims: Claims | None = None
         # Most viewers join one room, many idle ones none: the set is made
         # on first join (an empty set alone costs 216 bytes).
         self.rooms: set[str] | frozenset[str] = _NO_ROOMS
-        self.connected_at = node.loop.time()
+        self.connected_at = host.loop.time()
         self._hard_close = None
+        self._busy: asyncio.Task | None = None   # a handler waiting on the logic
         conn.owner = self
         conn.start_reading(self.on_readable)
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} user={self.user!r} peer={self.host}:{self.port}>"
+        return f"<Session {self.id} user={self.user!r} peer={self.peer_host}:{self.peer_port}>"
 
     @property
     def closing(self) -> bool:
@@ -72,13 +101,16 @@ class Session:
     # ---------------------------------------------------------------- input
 
     def on_readable(self) -> None:
-        conn = self.conn
         try:
-            frames = conn.read()
+            frames = self.conn.read()
         except _core.FrameError as exc:
-            self.fail(exc.reason, str(exc))
+            self.fail(exc.reason, exc.message)
             return
-        for ftype, _flags, body in frames:
+        self._handle(frames)
+
+    def _handle(self, frames: list) -> None:
+        conn = self.conn
+        for i, (ftype, _flags, body) in enumerate(frames):
             if conn.closing:
                 return
             entry = _HANDLERS.get(ftype)
@@ -95,60 +127,97 @@ class Session:
                 self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
                 return
             try:
-                handler(self, msg)
+                waiting = handler(self, msg)
+                if waiting is not None:
+                    waiting = eager.start(waiting)
             except Exception:
-                # A bug must cost one connection, not the node's loop.
-                log.exception("%s: internal error handling %s", self, message_type.__name__)
-                self.fail(pb.INTERNAL_ERROR, "internal error")
+                self._internal_error(message_type.__name__)
+                return
+            if waiting is not None:
+                # Hold the rest until this handler is done: replies keep the
+                # order of the requests, and the socket backs up meanwhile.
+                self._busy = waiting
+                conn.pause_reading()
+                rest = frames[i + 1:]
+                waiting.add_done_callback(lambda task: self._resume(task, rest, message_type))
                 return
         if conn.eof and not conn.closing:
             log.debug("%s: peer closed", self)
             conn.close()
 
-    def _hello(self, msg: pb.Hello) -> None:
+    def _resume(self, task: asyncio.Task, rest: list, message_type) -> None:
+        self._busy = None
+        if task.cancelled() or self.conn.closing:
+            return
+        if task.exception() is not None:
+            self._internal_error(message_type.__name__, task.exception())
+            return
+        self._handle(rest)
+        if self._busy is None and not self.conn.closing:
+            self.conn.resume_reading()
+
+    def _internal_error(self, what: str, exc: BaseException | None = None) -> None:
+        # A bug must cost one connection, not the node's loop.
+        log.error("%s: internal error handling %s", self, what,
+                  exc_info=exc if exc is not None else True)
+        self.fail(pb.INTERNAL_ERROR, "internal error")
+
+    async def _hello(self, msg: pb.Hello) -> None:
         if self.user is not None:
             self.fail(pb.ALREADY_AUTHENTICATED, "this connection is already authenticated")
             return
-        node = self.node
+        host = self.host
         try:
-            claims = verify(msg.token, node.config.secret)
+            claims = verify(msg.token, host.config.secret)
         except AuthError as exc:
-            node.auth_failed(exc.reason)
-            self.fail(exc.reason, str(exc))
+            host.auth_failed(exc.reason)
+            self.fail(exc.reason, exc.message)
+            return
+        device_class = msg.device_class or "default"
+        replaced = await host.logic.login(claims.user, device_class, self.id)
+        if self.conn.closing:
+            # Gone while the login was recorded: give it back.
+            await host.logic.logout(claims.user, device_class, self.id)
             return
         self.claims = claims
         self.user = claims.user
-        self.device_class = msg.device_class or "default"
-        replaced = node.logic.login(self.user, self.device_class, self.id)
-        cfg = node.config
+        self.device_class = device_class
+        cfg = host.config
         self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
-        log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, self.device_class)
+        log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, device_class)
         if replaced is not None:
-            node.kick(replaced, pb.DUPLICATE_LOGIN,
-                      f"user {self.user} logged in again with device class {self.device_class}")
+            host.kick(replaced, pb.DUPLICATE_LOGIN,
+                      f"user {self.user} logged in again with device class {device_class}")
         for point in msg.resume:
-            self._join_room(0, point.room, point.last_seq, point.epoch)
+            await self._join_room(0, point.room, point.last_seq, point.epoch)
 
-    def _join(self, msg: pb.Join) -> None:
-        self._join_room(msg.req_id, msg.room, msg.last_seq, msg.epoch)
+    def _join(self, msg: pb.Join):
+        return self._join_room(msg.req_id, msg.room, msg.last_seq, msg.epoch)
 
-    def _join_room(self, req_id: int, name: str, last_seq: int, epoch: str) -> None:
-        node = self.node
+    async def _join_room(self, req_id: int, name: str, last_seq: int, epoch: str) -> None:
+        host = self.host
         try:
             check_room_name(name)
         except Rejected as exc:
-            self.error(req_id, exc.reason, str(exc), name)
+            self.error(req_id, exc.reason, exc.message, name)
             return
         if not self.claims.may_join(name):
             self.error(req_id, pb.ROOM_FORBIDDEN, f"token does not allow room {name!r}", name)
             return
-        if name not in self.rooms and len(self.rooms) >= node.config.max_rooms_per_conn:
+        if name not in self.rooms and len(self.rooms) >= host.config.max_rooms_per_conn:
             self.error(req_id, pb.TOO_MANY_ROOMS,
                        f"already in {len(self.rooms)} rooms, the limit", name)
             return
-        room = node.hub.room(name, *node.logic.head(name))
+        try:
+            room = await host.rooms.acquire(name)
+        except Rejected as exc:
+            self.error(req_id, exc.reason, exc.message, name)
+            return
+        if self.conn.closing:
+            host.rooms.leave(name, self.conn)    # opened for us alone: let it go
+            return
         # A re-join on the same connection is a resume like any other.
         room.discard(self.conn)
         if not last_seq:
@@ -159,20 +228,22 @@ class Session:
             cursor = 0                         # history was reset: from the start
         self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
         if cursor < room.flushed_seq:
-            cfg = node.config
+            cfg = host.config
             gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min,
                                                    cfg.compress_level)
             if gap_from:
                 self.send(FrameType.GAP, pb.Gap(room=name, from_seq=gap_from, to_seq=gap_to,
-                                            epoch=room.epoch))
+                                                epoch=room.epoch))
             for frame in frames:
                 self.conn.send(frame, True)
-        if not self.conn.closing:
-            room.add(self.conn)
-            if self.rooms is _NO_ROOMS:
-                self.rooms = set()
-            self.rooms.add(name)
-            log.debug("%s: joined %s at seq %d", self, name, cursor)
+        if self.conn.closing:
+            host.rooms.leave(name, self.conn)
+            return
+        room.add(self.conn)
+        if self.rooms is _NO_ROOMS:
+            self.rooms = set()
+        self.rooms.add(name)
+        log.debug("%s: joined %s at seq %d", self, name, cursor)
 
     def _leave(self, msg: pb.Leave) -> None:
         if msg.room not in self.rooms:
@@ -184,19 +255,17 @@ class Session:
     def _leave_room(self, name: str) -> None:
         if self.rooms is not _NO_ROOMS:
             self.rooms.discard(name)
-        room = self.node.hub.rooms.get(name)
-        if room is not None:
-            room.discard(self.conn)
+        self.host.rooms.leave(name, self.conn)
 
-    def _chat(self, msg: pb.Chat) -> None:
+    async def _chat(self, msg: pb.Chat) -> None:
         if msg.room not in self.rooms:
             self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {msg.room!r} before chatting in it",
                        msg.room)
             return
         try:
-            seq = self.node.logic.chat(self.user, msg.room, msg.payload)
+            seq = await self.host.logic.chat(self.user, msg.room, msg.payload)
         except Rejected as exc:
-            self.error(msg.req_id, exc.reason, str(exc), msg.room)
+            self.error(msg.req_id, exc.reason, exc.message, msg.room)
             return
         self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room, seq=seq))
 
@@ -217,8 +286,8 @@ class Session:
     def fail(self, reason: int, message: str) -> None:
         """Protocol or auth failure: send Error with the reason, then close."""
         name = pb.Reason.Name(reason)
-        self.node.metrics.protocol_errors.labels(name).inc()
-        self.node.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
+        self.host.metrics.protocol_errors.labels(name).inc()
+        self.host.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
         self._close_with(_frame(FrameType.ERROR, pb.Error(reason=reason, message=message)))
 
     def kick(self, reason: int, message: str, reconnect_after_ms: int = 0,
@@ -230,7 +299,7 @@ class Session:
         """
         if self.conn.closing:
             return
-        self.node.metrics.kicks.labels(pb.Reason.Name(reason)).inc()
+        self.host.metrics.kicks.labels(pb.Reason.Name(reason)).inc()
         log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
         self._close_with(_frame(FrameType.KICK, pb.Kick(
             reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued)
@@ -242,22 +311,24 @@ class Session:
         self.conn.close_after(frame, drop_queued)
         if self.conn.closed:
             return
-        grace = self.node.config.close_grace_ms / 1000
-        self._hard_close = self.node.loop.call_later(grace, self.conn.close)
+        grace = self.host.config.close_grace_ms / 1000
+        self._hard_close = self.host.loop.call_later(grace, self.conn.close)
 
     def _detach(self) -> None:
         """Stop receiving broadcasts and give up the login; idempotent."""
         for name in list(self.rooms):
             self._leave_room(name)
-        if self.user is not None:
-            self.node.logic.logout(self.user, self.device_class, self.id)
+        if self.claims is not None:            # logged in: give the login back once
+            self.claims = None
+            eager.spawn(self.host.logic.logout(self.user, self.device_class, self.id),
+                        f"{self}: logout", log)
 
     # ---------------------------------------------------------------- core callbacks
 
     def connection_failed(self, status: int) -> None:
         if status == _core.STATUS_SLOW:
-            self.node.metrics.slow_consumers.inc()
-            self.node.throttled.warning(
+            self.host.metrics.slow_consumers.inc()
+            self.host.throttled.warning(
                 "slow", "%s: cut as slow consumer (backlog %d bytes in %d frames)", self,
                 self.conn.backlog_bytes, self.conn.backlog_frames)
             self.kick(pb.SLOW_CONSUMER, "write backlog over its bound")
@@ -270,11 +341,13 @@ class Session:
         if self._hard_close is not None:
             self._hard_close.cancel()
             self._hard_close = None
-        self.node.forget(self)
+        # A handler still waiting on the logic is left to finish: it sees the
+        # connection closed and undoes what it got (a login, a room).
+        self.host.session_closed(self)
         log.debug("%s: closed", self)
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, tuple[Callable, type]] = {
     FrameType.HELLO: (Session._hello, pb.Hello),
     FrameType.JOIN: (Session._join, pb.Join),
     FrameType.LEAVE: (Session._leave, pb.Leave),

@@ -327,6 +327,7 @@ cdef class Connection:
         if self._prefix_tag:
             frame = self._prefixed(frame)
         self._enqueue(frame, self._start_of(frame))
+        self.resume_reading()          # in discard mode: see the peer's close
         _on_writable(self)
         if self._bl_len:
             self._arm_writer()
@@ -372,6 +373,18 @@ cdef class Connection:
         call :meth:`read`."""
         self._read_cb = callback
         if not self._reading and self.state == CONN_OPEN:
+            self._loop.add_reader(self.fd, _readable_cb, self)
+            self._reading = True
+
+    def pause_reading(self):
+        """Stop calling the read callback until :meth:`resume_reading`: the
+        owner is busy with input already read, and the socket backs up."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
+
+    def resume_reading(self):
+        if not self._reading and self.state != CONN_CLOSED and self._read_cb is not None:
             self._loop.add_reader(self.fd, _readable_cb, self)
             self._reading = True
 

@@ -1,0 +1,105 @@
+"""The logic layer's interface: what a node asks of it, declared once.
+
+A node calls exactly these methods, on whatever implementation the
+composition root (:mod:`fanout.server.app`) gave it: :class:`LocalLogic`
+in the same process (the embedded default), or a network service (a router
+reached over the cluster bus). Every call that a network implementation
+answers with a round trip is a coroutine; only :meth:`Logic.set_degradation`,
+a local hint, is not.
+
+Per-room state is created only by :meth:`Logic.publish` and by
+:meth:`Logic.join` (a join that passed the node's checks), and is forgotten
+when idle and no node holds the room. :meth:`Logic.head` and
+:meth:`Logic.room_stats` only look: an unknown room stays unknown.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from ..protocol import fanout_pb2 as pb
+from ..protocol.errors import ReasonError
+
+#: Longest room name, in UTF-8 bytes.
+MAX_ROOM_NAME = 128
+
+
+class RoomHead(NamedTuple):
+    """Where a room's history stands: its epoch and the last seq assigned."""
+
+    epoch: str
+    seq: int
+
+
+class Rejected(ReasonError):
+    """The logic layer refused a request; ``reason`` is the wire Reason code."""
+
+
+def check_room_name(room: str) -> None:
+    """:raises Rejected: ``BAD_REQUEST`` for an empty or over-long name."""
+    if not room:
+        raise Rejected(pb.BAD_REQUEST, "room name is empty")
+    if len(room.encode("utf-8")) > MAX_ROOM_NAME:
+        raise Rejected(pb.BAD_REQUEST, f"room name longer than {MAX_ROOM_NAME} bytes")
+
+
+class Logic(Protocol):
+    """The business rules between clients and the broadcast core."""
+
+    async def start(self) -> None:
+        """Begin serving (connect, start timers)."""
+
+    async def close(self) -> None:
+        """Stop; pending work is dropped."""
+
+    async def head(self, room: str) -> RoomHead | None:
+        """The room's head, or None if the logic holds no state for it.
+        Never creates state."""
+
+    async def join(self, room: str) -> RoomHead:
+        """A node starts holding ``room`` (its first member there, after the
+        node's checks): create the room's state if needed and keep it while
+        held. Returns the head the node's copy of the room starts from.
+
+        The node subscribes to the room on the bus *before* this call, so
+        every message after the returned head reaches it.
+
+        :raises Rejected: ``BAD_REQUEST`` for a bad room name.
+        """
+
+    async def release(self, room: str) -> None:
+        """The node no longer holds ``room`` (it retired it); the logic may
+        forget the room once it is idle and no node holds it."""
+
+    async def publish(self, room: str, kind: int, payload: bytes, *, sender: str,
+                      priority: int = 0) -> int:
+        """Assign the room's next seq, encode the message once and put it on
+        the bus. Returns the seq.
+
+        :raises Rejected: ``BAD_REQUEST`` (kind, payload type, priority, room
+            name), ``MESSAGE_TOO_LARGE``, ``ROOM_OVERLOADED`` (chat dropped by
+            the room's budget).
+        """
+
+    async def chat(self, user: str, room: str, payload: bytes) -> int:
+        """Upstream chat from a member of ``room`` (the node checked
+        membership): size and per-user rate checks, then :meth:`publish`.
+
+        :raises Rejected: ``MESSAGE_TOO_LARGE``, ``RATE_LIMITED``, and the
+            refusals of :meth:`publish`.
+        """
+
+    async def login(self, user: str, device_class: str, session: str) -> str | None:
+        """Record ``session`` as the login of (user, device class). Returns
+        the session it replaces, which the caller kicks."""
+
+    async def logout(self, user: str, device_class: str, session: str) -> None:
+        """Forget the login if ``session`` still holds it."""
+
+    async def room_stats(self, room: str) -> dict | None:
+        """Budget, recent inbound rates and overload drops of ``room``, or
+        None if unknown. Never creates state."""
+
+    def set_degradation(self, level: int) -> None:
+        """The node's overload level (0 normal, 1 degraded, 2 overloaded):
+        tighten how much chat a room may take."""

@@ -1,0 +1,130 @@
+"""The composition root: the one place that wires a node together,
+config -> metrics -> bus -> logic -> node -> admin API, and runs it.
+
+Nothing else constructs these parts or chooses between implementations, so
+a deployment that needs another bus or logic (a cluster) changes this file
+and adds its own, behind the :class:`~fanout.bus.Bus` and
+:class:`~fanout.logic.Logic` interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+
+from ..bus.base import Bus
+from ..bus.local import LocalBus
+from ..logic.admission import ChatAdmission
+from ..logic.base import Logic
+from ..logic.local import LocalLogic
+from ..logic.logins import LoginRegistry
+from ..logic.sequencer import Sequencer
+from .admin import AdminServer
+from .config import NodeConfig
+from .metrics import NodeMetrics
+from .node import Node
+
+log = logging.getLogger("fanout.app")
+
+
+def local_logic(config: NodeConfig, bus: Bus, metrics: NodeMetrics | None = None) -> LocalLogic:
+    """The embedded logic with the limits of ``config``."""
+    return LocalLogic(
+        bus,
+        sequencer=Sequencer(max_publish_bytes=config.max_publish_bytes,
+                            room_budget=config.room_budget,
+                            chat_sample_every=config.chat_sample_every,
+                            idle_ttl=config.room_idle_ttl_s, metrics=metrics),
+        admission=ChatAdmission(max_chat_bytes=config.max_chat_bytes,
+                                chat_rate=config.chat_rate, chat_burst=config.chat_burst,
+                                metrics=metrics),
+        logins=LoginRegistry())
+
+
+class App:
+    """A node and everything around it, wired from ``config``.
+
+    :param bus, logic: replace the embedded defaults (an in-process
+        :class:`~fanout.bus.LocalBus` and :func:`local_logic` on it).
+    """
+
+    def __init__(self, config: NodeConfig, *, bus: Bus | None = None,
+                 logic: Logic | None = None) -> None:
+        self.config = config
+        self.metrics = NodeMetrics()
+        self.bus = bus if bus is not None else LocalBus()
+        self.logic = logic if logic is not None else local_logic(config, self.bus, self.metrics)
+        self.node = Node(config, metrics=self.metrics, bus=self.bus, logic=self.logic)
+        self.api_key = config.api_key or secrets.token_urlsafe(24)
+        self.admin = (AdminServer(self.node, config, self.metrics.registry, self.api_key)
+                      if config.admin_port >= 0 else None)
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start every part; the node accepts clients when this returns."""
+        await self.bus.start()
+        await self.logic.start()
+        await self.node.start()
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError:
+                await self.stop(grace=0)
+                raise
+        cfg = self.config
+        if cfg.uses_dev_secret:
+            log.warning("using the built-in development secret: anyone can mint tokens; "
+                        "set FANOUT_SECRET (or --secret) for anything but development")
+        if self.admin is not None and not cfg.api_key:
+            log.warning("no api_key configured; this run's admin API key is %s", self.api_key)
+
+    async def serve_forever(self) -> None:
+        """Until the node has drained (SIGTERM, ``POST /v1/drain``), then close."""
+        await self.node.serve_forever()
+        await self._close()
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """A drain with ``grace`` seconds for clients to leave, then close."""
+        await self.node.drain(grace)
+        await self._close()
+
+    async def _close(self) -> None:
+        # The admin API goes last of the node's parts, so probes and metrics
+        # answer until the drain is over.
+        if self._closed:
+            return
+        self._closed = True
+        if self.admin is not None:
+            await self.admin.close()
+        await self.logic.close()
+        await self.bus.close()
+
+
+def install_loop(kind: str) -> None:
+    if kind == "uvloop":
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: NodeConfig) -> None:
+    app = App(config)
+    await app.start()
+    if app.admin is not None:
+        host, port = app.admin.address
+        print(f"fanout admin API listening on {host}:{port}", flush=True)
+    host, port = app.node.address
+    print(f"fanout node listening on {host}:{port}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, app.node.start_drain)
+    await app.serve_forever()
+
+
+def run(config: NodeConfig) -> None:
+    """Run a node until SIGINT/SIGTERM or an admin drain (``fanout node``)."""
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_loop(config.loop)
+    asyncio.run(_serve(config))
