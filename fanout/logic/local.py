@@ -19,7 +19,8 @@ from .base import RoomHead
 from .logins import LoginRegistry
 from .sequencer import Sequencer
 
-#: Seconds between sweeps of idle room state.
+#: Longest time between sweeps of idle room state, seconds; a short
+#: ``idle_ttl`` sweeps more often (twice per ttl).
 SWEEP_INTERVAL = 10.0
 
 
@@ -39,11 +40,12 @@ class LocalLogic:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        every = min(SWEEP_INTERVAL, max(self.sequencer.idle_ttl / 2, 0.05))
 
         def sweep() -> None:
             self.sequencer.sweep()
-            self._timer = loop.call_later(SWEEP_INTERVAL, sweep)
-        self._timer = loop.call_later(SWEEP_INTERVAL, sweep)
+            self._timer = loop.call_later(every, sweep)
+        self._timer = loop.call_later(every, sweep)
 
     async def close(self) -> None:
         if self._timer is not None:

@@ -72,6 +72,9 @@ class Sequencer:
             self._dropped = {k: metrics.degraded.labels(n) for k, n in KIND_NAMES.items()}
             for counter in self._dropped.values():   # export zeros: dashboards see every kind
                 counter.inc(0)
+            metrics.add_gauges(lambda: [("fanout_logic_rooms",
+                                         "Rooms the logic keeps state for (epoch, seq, budget)",
+                                         len(self.rooms))])
 
     # ------------------------------------------------------------ rooms
 

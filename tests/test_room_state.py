@@ -1,0 +1,194 @@
+"""Per-room state has an owner and an end: looking creates nothing, a
+join/leave loop leaves nothing behind, and a session keeps its replies in
+request order even when the logic answers later (as a network logic does).
+
+The node runs in the test's event loop (tests/inprocess.py) so the tests can
+count the rooms of the hub, the logic and the bus directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from conftest import token
+from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol import wire
+from fanout.protocol.wire import FrameType as FT
+from inprocess import local_app
+
+
+class StreamClient:
+    """A raw protocol client on asyncio streams (the node shares the loop)."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = wire.FrameDecoder()
+        self.frames: list[tuple[int, object]] = []
+
+    @classmethod
+    async def connect(cls, address) -> "StreamClient":
+        return cls(*await asyncio.open_connection(*address))
+
+    def send(self, *frames: tuple[int, object]) -> None:
+        self.writer.write(b"".join(wire.encode_frame(t, m) for t, m in frames))
+
+    async def until(self, count: int, ftype: int = FT.ACK, timeout: float = 60.0) -> list:
+        """Read until ``count`` frames of ``ftype`` have arrived in all; every
+        frame read so far, in order."""
+        async def fill():
+            while sum(t == ftype for t, _ in self.frames) < count:
+                data = await self.reader.read(1 << 20)
+                assert data, "node closed the connection"
+                self.frames += [(t, wire.decode_message(t, b)) for t, _f, b in self.decoder.feed(data)]
+        await asyncio.wait_for(fill(), timeout)
+        return self.frames
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def room_counts(app) -> tuple[int, int, int]:
+    """(hub rooms, logic rooms, bus subscriptions)."""
+    return len(app.node.hub.rooms), len(app.logic.sequencer.rooms), len(app.bus.rooms)
+
+
+async def settle(app, until, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not until() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_looking_at_unknown_rooms_creates_nothing():
+    async with local_app(admin_port=0, api_key="k") as app:
+        host, port = app.admin.address
+        headers = {"Authorization": "Bearer k"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async def look(names):
+                for name in names:
+                    async with http.get(f"http://{host}:{port}/v1/rooms/{name}") as resp:
+                        assert resp.status == 200
+                        body = await resp.json()
+                        assert body == {"room": name, "epoch": "", "online": 0, "last_seq": 0}
+            await asyncio.gather(*(look(f"ghost-{w}-{i}" for i in range(2500)) for w in range(4)))
+        assert room_counts(app) == (0, 0, 0)
+
+
+async def test_join_leave_loop_leaves_no_room_state():
+    pairs = 100_000
+    async with local_app(max_rooms_per_conn=1) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("walker"))))
+        await client.until(1, FT.AUTH_OK)
+        chunk = 5000
+        for start in range(0, pairs, chunk):
+            client.send(*[frame for i in range(start, start + chunk) for frame in (
+                (FT.JOIN, pb.Join(req_id=1, room=f"room-{i}")),
+                (FT.LEAVE, pb.Leave(req_id=2, room=f"room-{i}")))])
+            frames = await client.until(2 * (start + chunk))
+            assert all(t in (FT.AUTH_OK, FT.ACK) for t, _ in frames)   # no Error, no Kick
+            # While it runs, at most the room in hand is held anywhere.
+            assert max(room_counts(app)) <= 1
+        assert room_counts(app) == (0, 0, 0)
+        client.close()
+
+
+async def test_rooms_with_history_are_kept_for_resume_then_forgotten():
+    async with local_app(room_idle_ttl_s=0.3) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("viewer"))),
+                    (FT.JOIN, pb.Join(req_id=1, room="show")))
+        await client.until(1)
+        await app.node.publish("show", "gift", b"rocket")
+        client.send((FT.LEAVE, pb.Leave(req_id=2, room="show")))
+        await client.until(2)
+        assert room_counts(app) == (1, 1, 1)               # history a client may resume
+        client.send((FT.JOIN, pb.Join(req_id=3, room="show", last_seq=0)))
+        await client.until(3)
+        await asyncio.sleep(0.8)
+        assert room_counts(app) == (1, 1, 1)               # a member holds it
+        client.send((FT.LEAVE, pb.Leave(req_id=4, room="show")))
+        await client.until(4)
+        app.node.rooms.sweep(0.3)                           # the node's periodic sweep, now
+        await asyncio.sleep(0.4)
+        app.node.rooms.sweep(0.3)
+        await settle(app, lambda: room_counts(app) == (0, 0, 0))
+        assert room_counts(app) == (0, 0, 0)
+        client.close()
+
+
+class LaterLogic:
+    """The embedded logic answering one loop turn late, like a service
+    across the network: every call suspends before it is answered."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.sequencer = inner.sequencer
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def set_degradation(self, level: int) -> None:
+        self.inner.set_degradation(level)
+
+    def __getattr__(self, name):
+        call = getattr(self.inner, name)
+
+        async def later(*args, **kwargs):
+            await asyncio.sleep(0.002)
+            return await call(*args, **kwargs)
+        return later
+
+
+def _later_logic(cfg, bus):
+    from fanout.server.app import local_logic
+    return LaterLogic(local_logic(cfg, bus))
+
+
+async def test_replies_keep_request_order_when_the_logic_answers_later():
+    from fanout.bus.local import LocalBus
+    from fanout.server import config
+
+    bus = LocalBus()
+    cfg = config.load(None, env={}, overrides={"secret": "x"})   # only the logic's limits
+    async with local_app(bus=bus, logic=_later_logic(cfg, bus)) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("ann"))),
+                    (FT.JOIN, pb.Join(req_id=1, room="a")),
+                    *[(FT.CHAT, pb.Chat(req_id=10 + i, room="a", payload=b"hi")) for i in range(3)],
+                    (FT.LEAVE, pb.Leave(req_id=2, room="a")),
+                    (FT.JOIN, pb.Join(req_id=3, room="b")),
+                    (FT.PING, pb.Ping(nonce=99)))
+        frames = await client.until(1, FT.PONG)
+        replies = [(t, getattr(m, "req_id", None), getattr(m, "seq", None)) for t, m in frames
+                   if t in (FT.AUTH_OK, FT.ACK, FT.PONG, FT.ERROR)]
+        assert replies == [(FT.AUTH_OK, None, None), (FT.ACK, 1, 0), (FT.ACK, 10, 1),
+                           (FT.ACK, 11, 2), (FT.ACK, 12, 3), (FT.ACK, 2, 0), (FT.ACK, 3, 0),
+                           (FT.PONG, None, None)]
+        client.close()
+        await settle(app, lambda: not app.node.sessions)
+        await settle(app, lambda: room_counts(app)[0] == 1)
+        # "a" has history (three chats) and stays for resumes; "b" is gone.
+        assert list(app.node.hub.rooms) == ["a"]
+
+
+async def test_a_join_cut_short_by_a_close_holds_nothing():
+    from fanout.bus.local import LocalBus
+    from fanout.server import config
+
+    bus = LocalBus()
+    cfg = config.load(None, env={}, overrides={"secret": "x"})
+    async with local_app(bus=bus, logic=_later_logic(cfg, bus)) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("bo"))))
+        await client.until(1, FT.AUTH_OK)
+        client.send((FT.JOIN, pb.Join(req_id=1, room="brief")))
+        client.writer.transport.abort()              # gone while the logic answers
+        await settle(app, lambda: not app.node.sessions and room_counts(app) == (0, 0, 0))
+        assert room_counts(app) == (0, 0, 0)
+        assert len(app.logic.inner.logins) == 0      # the login was given back

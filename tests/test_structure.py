@@ -1,0 +1,99 @@
+"""The structure holds: no import cycles among the server's modules, each
+layer imports only the layers below it, and the overload controller works
+with no sockets or loop."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from fanout.server.overload import CALM_SECONDS, OverloadControl
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fanout"
+
+#: What each layer may import from the others (besides itself).
+ALLOWED = {
+    "protocol": set(),
+    "bus": {"protocol"},
+    "logic": {"protocol", "bus", "_core"},
+    "client": {"protocol"},
+    "server": {"protocol", "bus", "logic", "_core"},
+    "load": {"protocol", "_loadgen", "_core"},
+}
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of fanout that ``path`` (the module ``package``) imports, as
+    dotted names."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - node.level]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.startswith("fanout"):
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("fanout"))
+    return found
+
+
+def _modules(layer: str) -> dict[str, Path]:
+    return {f"fanout.{layer}.{p.stem}": p for p in (PACKAGE / layer).glob("*.py")
+            if p.stem != "__init__"}
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layers_import_only_the_layers_below(layer):
+    for name, path in _modules(layer).items():
+        for module in _imports(path, name):
+            parts = module.split(".")
+            if len(parts) > 1 and parts[1] != layer:
+                assert parts[1] in ALLOWED[layer], f"{name} imports {module}"
+
+
+def test_no_import_cycles_among_server_modules():
+    modules = _modules("server")
+    graph = {name: {m for m in _imports(path, name) if m in modules} for name, path in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(name, trail):
+        if state.get(name) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(trail + [name]))
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for dep in graph[name]:
+            visit(dep, trail + [name])
+        state[name] = 2
+
+    for name in graph:
+        visit(name, [])
+
+
+def test_overload_steps_up_at_once_and_down_slowly():
+    changes = []
+    control = OverloadControl(lag_degraded_ms=20, lag_overloaded_ms=100,
+                              backlog_degraded_bytes=1000, on_change=changes.append)
+    for lag in (0.001, 0.002, 0.003):
+        control.add_lag(lag)
+    assert control.tick(0) == 0 and control.loop_lag == pytest.approx(0.002)
+    for lag in (0.001, 0.3, 0.3, 0.3):          # most probes very late: overloaded
+        control.add_lag(lag)
+    assert control.tick(0) == 2 and changes == [2]
+    for _ in range(CALM_SECONDS - 1):
+        assert control.tick(0) == 2             # no samples: no lag, but not calm long enough
+    assert control.tick(0) == 1 and changes == [2, 1]
+    assert control.update(0.0, 5000) == 1       # a write backlog keeps it degraded
+    for _ in range(CALM_SECONDS):
+        control.update(0.0, 0)
+    assert control.level == 0 and changes == [2, 1, 0]
+    control.add_lag(0.05)
+    assert control.tick(0) == 1                 # degraded, not overloaded
