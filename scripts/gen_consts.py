@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol import wire  # noqa: E402
+from generated import write_or_check  # noqa: E402
 
 OUT = ROOT / "pyx" / "includes" / "consts.pxi"
 
@@ -61,23 +61,8 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if the file differs from what would be written")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUT.read_text() if OUT.exists() else ""
-        if current != text:
-            print(f"{OUT.relative_to(ROOT)} is stale: run `python scripts/gen_consts.py`",
-                  file=sys.stderr)
-            return 1
-        print(f"{OUT.relative_to(ROOT)} is current")
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+def main(argv: list[str] | None = None, out: Path = OUT) -> int:
+    return write_or_check(out, render, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

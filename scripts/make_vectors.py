@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
 import sys
@@ -27,6 +26,7 @@ from google.protobuf import json_format  # noqa: E402
 from fanout.protocol import wire  # noqa: E402
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol.wire import FrameType  # noqa: E402
+from generated import write_or_check  # noqa: E402
 
 OUT = ROOT / "tests" / "vectors" / "frames.json"
 
@@ -212,23 +212,8 @@ def render() -> str:
     return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
-            print(
-                f"{OUT.relative_to(ROOT)} is out of date; run scripts/make_vectors.py",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(OUT, render, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,14 @@ def test_generated_file_is_current(script):
 
 
 def test_check_fails_on_drift(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gen_consts
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gen_consts
+
     stale = tmp_path / "consts.pxi"
     stale.write_text(gen_consts.render().replace("FT_BATCH = 0x43", "FT_BATCH = 0x44"))
-    monkeypatch.setattr(gen_consts, "OUT", stale)
-    monkeypatch.setattr(gen_consts, "ROOT", tmp_path)
-    assert gen_consts.main(["--check"]) == 1
+    assert gen_consts.main(["--check"], out=stale) == 1
+    assert gen_consts.main([], out=stale) == 0
+    assert gen_consts.main(["--check"], out=stale) == 0
 
 
 def test_core_constants_agree_with_the_python_table():
