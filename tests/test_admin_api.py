@@ -1,4 +1,4 @@
-"""The admin HTTP API (fanout/admin.py) against real node processes."""
+"""The admin HTTP API (fanout/server/admin.py) against real node processes."""
 
 from __future__ import annotations
 

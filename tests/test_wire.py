@@ -1,4 +1,4 @@
-"""Tests of the pure-Python reference codec (fanout/wire.py) against the
+"""Tests of the pure-Python reference codec (fanout/protocol/wire.py) against the
 shared test vectors and with property-based fuzzing."""
 
 from __future__ import annotations
