@@ -128,7 +128,9 @@ cdef class Connection:
         FANOUT_SLOWDOWN()
         if self._prefix_tag:
             frame = self._prefixed(frame)
-        start = self._start_of(frame)
+            start = HEADROOM - (<const uint8_t*>PyBytes_AS_STRING(frame))[HR_LEN]
+        else:
+            start = HEADROOM                 # plain kinds: no call per recipient
         n = PyBytes_GET_SIZE(frame) - start
         if self._bl_len:
             # Behind a backlog: queue in order (one writer), or give up on a
