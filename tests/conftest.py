@@ -18,13 +18,24 @@ SECRET = "test-secret-for-the-fanout-suite-0123456789"
 API_KEY = "test-api-key-for-the-fanout-suite"
 
 
+@pytest.fixture(params=["uvloop", "asyncio"], ids=["node-uvloop", "node-asyncio"])
+def node_loop(request):
+    """The event loop (``--loop``) of the nodes a test starts: every test that
+    starts one runs once per loop. A test for one loop only overrides it with
+    ``@pytest.mark.parametrize("node_loop", ["uvloop"])``."""
+    return request.param
+
+
 @pytest.fixture
-def start_node(tmp_path, request):
-    """start_node(*flags, env=None, port=0) -> a running NodeProcess."""
+def start_node(tmp_path, request, node_loop):
+    """start_node(*flags, env=None, port=0) -> a running NodeProcess on node_loop."""
     nodes: list[NodeProcess] = []
 
     def start(*args: str, env: dict | None = None, port: int = 0) -> NodeProcess:
-        node = NodeProcess(list(args), api_key=API_KEY, port=port,
+        if "--loop" in args:
+            raise ValueError("start_node takes the loop from the node_loop fixture; "
+                             "parametrize node_loop to pin it")
+        node = NodeProcess(["--loop", node_loop, *args], api_key=API_KEY, port=port,
                            env={**os.environ, "FANOUT_SECRET": SECRET, **(env or {})},
                            log_path=tmp_path / f"node-{time.monotonic_ns()}.log")
         nodes.append(node)
@@ -44,12 +55,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    """Runs a test against a node on each event loop."""
-    return request.param
 
 
 @pytest.fixture
