@@ -4,20 +4,35 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# setup.py's build requirements, for the debug build it runs outside pip.
+BUILD_TOOLS := $(VENV)/.build-tools
+DEBUG_LIB := build/debug/lib
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run test build debug clean perf-check bench bench-micro
+.PHONY: run test test-debug build debug clean perf-check bench bench-micro
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
 
-test: $(STAMP)
+test: $(STAMP) test-debug
 	$(PY) -m pytest
+
+# The core's tests against a debug build (C asserts on, bounds checks; see
+# setup.py), so that CI runs the asserts. The debug build is a copy of the
+# package in $(DEBUG_LIB), found through PYTHONPATH (-P keeps ./fanout off
+# sys.path) before the release build in $(VENV), which it leaves alone.
+# setup.py rebuilds only what changed since the last run.
+test-debug: $(STAMP) $(BUILD_TOOLS)
+	FANOUT_DEBUG=1 $(PY) setup.py -q build --build-base build/debug --build-lib $(DEBUG_LIB)
+	PYTHONPATH=$(DEBUG_LIB) $(PY) -P -c 'import fanout._core as c; print("core:", c.__file__); \
+	    assert c.__file__.startswith("$(CURDIR)/$(DEBUG_LIB)/"), "not the debug build"; \
+	    assert b"__assert_fail" in open(c.__file__, "rb").read(), "no C asserts in it"'
+	PYTHONPATH=$(DEBUG_LIB) $(PY) -P -m pytest tests/test_core.py
 
 build: $(STAMP)
 
 # Debug build: Cython linetrace/profile hooks, bounds checks, -O0 -g,
-# FANOUT_DEBUG C macro, and HTML annotation in build/cython/.
+# FANOUT_DEBUG C macro, and HTML annotation in build/cython-debug/.
 debug: $(PY)
 	FANOUT_DEBUG=1 FANOUT_ANNOTATE=1 $(PY) -m pip install -q -e '.[test,bench]'
 	rm -f $(STAMP)
@@ -29,6 +44,13 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
+
+# What pip installs in its isolated build env: pyproject.toml's
+# [build-system] requires.
+$(BUILD_TOOLS): $(PY) pyproject.toml
+	$(PY) -m pip install -q $$($(PY) -c 'import tomllib; \
+	    print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
+	touch $(BUILD_TOOLS)
 
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
 # the `bench` extra (pyperf, pytest-benchmark).

@@ -80,10 +80,12 @@ def extensions():
     exts = [Extension(name, [src], include_dirs=["pyx/includes"], define_macros=macros,
                       extra_compile_args=cflags)
             for name, src in modules.items() if (HERE / src).exists()]
+    # cythonize regenerates a .c only when it is older than its sources, not
+    # when the directives change: debug and release C each need a directory.
     return cythonize(exts, compiler_directives=directives,
                      annotate=_flag("FANOUT_ANNOTATE"),
                      include_path=[".", "pyx/includes", "pyx/core", "pyx/loadgen"],
-                     build_dir="build/cython")
+                     build_dir="build/cython-debug" if debug else "build/cython")
 
 
 generate_protobuf()

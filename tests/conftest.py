@@ -3,90 +3,41 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from fanout._testbase import NodeProcess
 from fanout.protocol.auth import DEV_SECRET, mint
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-LISTEN_RE = re.compile(r"fanout node listening on (\S+):(\d+)")
-ADMIN_RE = re.compile(r"fanout admin API listening on (\S+):(\d+)")
 SECRET = "test-secret-for-the-fanout-suite-0123456789"
 API_KEY = "test-api-key-for-the-fanout-suite"
 
 
-class NodeProcess:
-    """A `fanout node` subprocess; logs go to a file kept for failed tests."""
-
-    def __init__(self, tmp_path: Path, args: list[str], env: dict | None = None):
-        self.log_path = tmp_path / f"node-{time.monotonic_ns()}.log"
-        self.args = args
-        self.env = {**os.environ, "FANOUT_SECRET": SECRET, **(env or {})}
-        self.proc = None
-        self.host = self.port = None
-        self.admin_port = None
-        self.api_key = API_KEY
-
-    def start(self, port: int = 0) -> "NodeProcess":
-        cmd = [sys.executable, "-m", "fanout", "node", "--port", str(port),
-               "--admin-port", "0", "--api-key", API_KEY, *self.args]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=self.env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                break
-            admin = ADMIN_RE.search(line)
-            if admin:
-                self.admin_port = int(admin.group(2))
-            m = LISTEN_RE.search(line)
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                return self
-        raise RuntimeError(f"node did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+@pytest.fixture(params=["uvloop", "asyncio"], ids=["node-uvloop", "node-asyncio"])
+def node_loop(request):
+    """The event loop (``--loop``) of the nodes a test starts: every test that
+    starts one runs once per loop. A test for one loop only overrides it with
+    ``@pytest.mark.parametrize("node_loop", ["uvloop"])``."""
+    return request.param
 
 
 @pytest.fixture
-def start_node(tmp_path, request):
-    """start_node(*flags, env=None, port=0) -> a running NodeProcess."""
+def start_node(tmp_path, request, node_loop):
+    """start_node(*flags, env=None, port=0) -> a running NodeProcess on node_loop."""
     nodes: list[NodeProcess] = []
 
     def start(*args: str, env: dict | None = None, port: int = 0) -> NodeProcess:
-        node = NodeProcess(tmp_path, list(args), env).start(port)
+        if "--loop" in args:
+            raise ValueError("start_node takes the loop from the node_loop fixture; "
+                             "parametrize node_loop to pin it")
+        node = NodeProcess(["--loop", node_loop, *args], api_key=API_KEY, port=port,
+                           env={**os.environ, "FANOUT_SECRET": SECRET, **(env or {})},
+                           log_path=tmp_path / f"node-{time.monotonic_ns()}.log")
         nodes.append(node)
         return node
 
@@ -104,12 +55,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    """Runs a test against a node on each event loop."""
-    return request.param
 
 
 @pytest.fixture

@@ -88,3 +88,8 @@ def test_node_reports_a_taken_port(node):
     out = run_cli("node", "--port", str(node.port), "--admin-port", "0", timeout=30)
     assert out.returncode == 1
     assert "cannot serve on" in out.stderr and "Address already in use" in out.stderr
+
+
+def test_node_runs_on_the_loop_it_is_given(node, node_loop):
+    # The node logs its loop's module when it listens: uvloop, or asyncio.unix_events.
+    assert f"(loop {node_loop}" in node.log()

@@ -36,7 +36,7 @@ async def _publish_chat(host, port, room, count, *, size=40, user="publisher"):
         return seqs
 
 
-def test_thousand_clients_get_identical_ordered_streams(node, loop_kind):
+def test_thousand_clients_get_identical_ordered_streams(node):
     async def main():
         clients = [Client(node.host, node.port, token(f"viewer-{i}"), device_id=str(i))
                    for i in range(CLIENTS)]

@@ -1,4 +1,4 @@
-"""Smoke tests of bench/scenarios.py and its peers (bench/peers/).
+"""Smoke tests of bench/scenarios/ and its peers (bench/peers/).
 
 They check that the scenario commands run and produce correct, complete
 results (files written, every message delivered, no gaps) and that each peer
@@ -24,7 +24,8 @@ from rawclient import RawClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import scenarios  # noqa: E402
+from bench.scenarios.harness import PY, Proc, build_c  # noqa: E402
+from bench.scenarios.peers import run_py_peer, write_frames_file  # noqa: E402
 
 
 
@@ -66,10 +67,10 @@ def test_quiet_rooms_quick(tmp_path):
 
 def test_c_reference_speaks_enough_protocol(tmp_path):
     frames = tmp_path / "frames.bin"
-    info = scenarios.write_frames_file(frames, n_frames=5, per_frame=40, room="r")
+    info = write_frames_file(frames, n_frames=5, per_frame=40, room="r")
     assert info["frames"] == 5
-    ref = scenarios.Proc([scenarios.build_c("c_tcp_reference"), "--frames", frames,
-                          "--viewers", 2, "--duration", 5], "c_reference")
+    ref = Proc([build_c("c_tcp_reference"), "--frames", frames,
+                "--viewers", 2, "--duration", 5], "c_reference")
     try:
         port = int(ref.wait_line(r"listening on \S+:(\d+)", 10).group(1))
         clients = [RawClient("127.0.0.1", port) for _ in range(2)]
@@ -90,9 +91,8 @@ def test_c_reference_speaks_enough_protocol(tmp_path):
 
 
 def test_naive_frame_mode_answers_protocol():
-    srv = scenarios.Proc([scenarios.PY, "-m", "bench.peers.naive_server", "--format", "frame",
-                          "--viewers", 1, "--rate", 200, "--duration", 1, "--linger", 5],
-                         "naive")
+    srv = Proc([PY, "-m", "bench.peers.naive_server", "--format", "frame",
+                "--viewers", 1, "--rate", 200, "--duration", 1, "--linger", 5], "naive")
     try:
         port = int(srv.wait_line(r"listening on \S+:(\d+)", 20).group(1))
         c = RawClient("127.0.0.1", port)
@@ -114,7 +114,7 @@ def test_naive_frame_mode_answers_protocol():
 
 @pytest.mark.parametrize("peer", ["naive", "websockets"])
 def test_json_peers_with_c_reader(peer):
-    r = scenarios.run_py_peer(peer, viewers=20, rate=300, duration=1.5, rooms=2)
+    r = run_py_peer(peer, viewers=20, rate=300, duration=1.5, rooms=2)
     assert r["gaps"] == 0
     assert r["reader"]["conns"] == 20
     assert r["reader"]["messages"] > 0

@@ -41,8 +41,8 @@ def test_leave_stops_delivery(node):
     assert a.expect(FT.PONG).nonce == 1     # no Batch in between
 
 
-def test_idle_connection_times_out(start_node, loop_kind):
-    node = start_node("--loop", loop_kind, "--ping-interval-ms", "200", "--idle-timeout-ms", "600")
+def test_idle_connection_times_out(start_node):
+    node = start_node("--ping-interval-ms", "200", "--idle-timeout-ms", "600")
     c = RawClient(node.host, node.port)
     c.hello(token("sleepy"))
     start = time.monotonic()

@@ -1,5 +1,5 @@
 /*
- * The physical-limit peer of the scenarios (bench/scenarios.py): a minimal C
+ * The physical-limit peer of the scenarios (bench/scenarios/): a minimal C
  * server on loopback TCP that speaks just enough of wire protocol v1 for
  * `fanout load` viewers, then writes pre-built Batch frames to every joined
  * socket with writev, nothing else on top.

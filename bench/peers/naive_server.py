@@ -1,5 +1,5 @@
 """V1-style naive fan-out server: uvloop, one ``transport.write`` per message
-per viewer. The peer the engine is measured against in bench/scenarios.py.
+per viewer. The peer the engine is measured against in bench/scenarios/.
 
     python -m bench.peers.naive_server --port 0 --viewers N --rate MSGS [--format json|frame]
 

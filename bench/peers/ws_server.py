@@ -1,5 +1,5 @@
 """The websockets library's ``broadcast()`` as a fan-out server: the Python
-WebSocket peer of bench/scenarios.py.
+WebSocket peer of bench/scenarios/.
 
     python -m bench.peers.ws_server --port 0 --viewers N --rate MSGS
 

@@ -1,0 +1,59 @@
+"""The command line: ``python -m bench.scenarios SCENARIO [--quick] [--out DIR]``
+runs the scenarios and writes each result to DIR/SCENARIO.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import bench.scenarios
+from bench.scenarios.connections import connect_storm, idle_connections
+from bench.scenarios.harness import ROOT, machine
+from bench.scenarios.profiles import profile, profile_quiet, profile_storm
+from bench.scenarios.quiet_rooms import quiet_rooms
+from bench.scenarios.reference_room import reference_room
+from bench.scenarios.report import summarize
+from bench.scenarios.sweep import sweep
+from bench.scenarios.wire_bytes import wire_bytes
+
+RESULTS = ROOT / "bench" / "results"
+
+SCENARIOS = {
+    "reference-room": reference_room,
+    "quiet-rooms": quiet_rooms,
+    "idle-connections": idle_connections,
+    "connect-storm": connect_storm,
+    "wire-bytes": wire_bytes,
+    "sweep": sweep,
+    "profile": profile,
+    "profile-storm": profile_storm,
+    "profile-quiet": profile_quiet,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scenarios",
+                                description=bench.scenarios.__doc__.split("\n")[0])
+    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument("--quick", action="store_true", help="scaled-down smoke variant")
+    p.add_argument("--out", default=str(RESULTS), help="directory for SCENARIO.json")
+    args = p.parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        started = time.time()
+        info = machine()
+        result = SCENARIOS[name](args.quick)
+        result = {"scenario": name, "quick": args.quick, "machine": info,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                  "wall_seconds": round(time.time() - started, 1),
+                  "command": "python -m bench.scenarios " + name + (" --quick" if args.quick else ""),
+                  **result}
+        path = out_dir / (name + (".quick" if args.quick else "") + ".json")
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        print(summarize(name, result))
+        print(f"  -> {path}")
+    return 0

@@ -1,0 +1,83 @@
+"""idle-connections and connect-storm: what the node pays per connection it
+holds (user-space memory) and per connection it accepts (connects/s)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from bench.scenarios.harness import Node, delta
+from bench.scenarios.load import STORM_WINDOW, load_args_idle, load_args_storm, run_load, slim
+from bench.scenarios.report import TARGETS
+
+
+def idle_connections(quick: bool) -> dict:
+    n = 500 if quick else 19000
+    hold = 5.0 if quick else 30.0
+    settings = dict(max_connections=19500, conn_rate_per_ip=100000, conn_burst_per_ip=100000,
+                    ping_interval_ms=5000, idle_timeout_ms=15000)
+    node = Node(**settings)
+    box: dict = {}
+    try:
+        time.sleep(1.0)
+        node.metrics()        # the scrape path's own memory belongs in the baseline
+        time.sleep(0.5)
+        rss0 = node.proc.rss_kib()
+        worker = threading.Thread(target=lambda: box.update(zip(
+            ("load", "cmd", "proc"), run_load(node.host, node.port, load_args_idle(n, hold),
+                                              hold + 300, node_pid=node.proc.pid))))
+        worker.start()
+        samples = []          # (connections, node RSS KiB), while the load runs
+        while worker.is_alive():
+            worker.join(1.0)
+            try:
+                conns = node.metrics().get("fanout_connections", 0)
+            except OSError:
+                continue
+            samples.append((int(conns), node.proc.rss_kib()))
+        if "load" not in box:
+            raise RuntimeError("fanout load failed; see above")
+    finally:
+        node.stop()
+    full = sorted(rss for conns, rss in samples if conns >= n)
+    # The median of the samples taken while all n were connected (the RSS is
+    # steady then; min and max are recorded too).
+    rss1 = full[len(full) // 2] if full else max(r for _, r in samples)
+    per_conn = (rss1 - rss0) * 1024 / n
+    load = box["load"]
+    return {
+        "connections": n, "hold_s": hold, "node_settings": settings,
+        "node_rss_kib_before": rss0, "node_rss_kib_with_connections": rss1,
+        "samples_at_full": len(full),
+        "rss_kib_at_full_min_max": [full[0], full[-1]] if full else None,
+        "bytes_per_connection": round(per_conn, 1),
+        "kernel_note": "RSS is the node's user-space memory; socket buffers are kernel memory",
+        "load": slim(load), "load_command": box["cmd"],
+        "node_command": node.command, "target": TARGETS["idle-connections"],
+        "verdict": "met" if per_conn <= 2048 and full else "missed",
+    }
+
+
+def connect_storm(quick: bool) -> dict:
+    n = 500 if quick else 19000
+    settings = dict(max_connections=19500, conn_rate_per_ip=1000000,
+                    conn_burst_per_ip=1000000)
+    node = Node(**settings)
+    try:
+        m0 = node.metrics()
+        load, cmd, _ = run_load(node.host, node.port, load_args_storm(n), 400,
+                                node_pid=node.proc.pid)
+        m1 = node.metrics()
+    finally:
+        node.stop()
+    c = load.get("connect", {})
+    rate = c.get("connects_per_s")
+    return {
+        "connections": n, "connect_window": STORM_WINDOW, "node_settings": settings,
+        "load": slim(load), "load_command": cmd, "node_command": node.command,
+        "connects_per_s": rate, "time_to_all_joined_s": c.get("time_to_all_joined_s"),
+        "refused": int(delta(m1, m0, "fanout_connections_refused_total")),
+        "target": TARGETS["connect-storm"],
+        "verdict": "met" if rate is not None and rate >= 10000
+        and c.get("joined") == n else "missed",
+    }

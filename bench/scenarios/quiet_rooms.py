@@ -1,0 +1,37 @@
+"""quiet-rooms: 100 rooms of 100 viewers at 5 messages/s each, the latency of
+a room that never fills a batch; the engine against the naive server."""
+
+from __future__ import annotations
+
+from bench.scenarios.harness import Node
+from bench.scenarios.load import load_args_quiet, run_load, slim
+from bench.scenarios.peers import run_py_peer
+from bench.scenarios.report import TARGETS
+
+
+def quiet_rooms(quick: bool) -> dict:
+    rooms, per_room = (10, 20) if quick else (100, 100)
+    duration = 5.0 if quick else 30.0
+    peer_duration = 4.0 if quick else 15.0
+    settings = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
+    node = Node(**settings)
+    try:
+        load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
+                                duration + 200, admin_port=node.admin_port,
+                                node_pid=node.proc.pid)
+    finally:
+        node.stop()
+    naive = run_py_peer("naive", rooms * per_room, rooms * 5, peer_duration, rooms=rooms,
+                        room="quiet")
+    p99 = (load.get("latency_ms") or {}).get("p99")
+    return {
+        "rooms": rooms, "viewers_per_room": per_room, "rate_per_room": 5,
+        "duration_s": duration, "peer_duration_s": peer_duration, "node_settings": settings,
+        "engine": {"load": slim(load), "load_command": cmd, "node_command": node.command},
+        "naive": naive,
+        "ratios": {"engine_p99_to_naive_p99": round(p99 / naive["latency_ms"]["p99"], 3)
+                   if p99 and naive["latency_ms"]["p99"] else None},
+        "target": TARGETS["quiet-rooms"],
+        "verdict": "met" if p99 is not None and p99 <= 2.0 and load.get("gaps") == 0
+        else "missed",
+    }
