@@ -56,6 +56,7 @@ from typing import Any
 from ..protocol.auth import DEV_SECRET
 from .corpus import Corpus
 from ..protocol import fanout_pb2 as pb
+from ..protocol.wire import KIND_CODES, encode_varint
 
 __all__ = ["LoadConfig", "LoadError", "run", "plan", "build_viewers", "Publisher", "MAX_PER_PROCESS", "SCHEMA", "CHECK_METHOD"]
 
@@ -80,7 +81,6 @@ CHECK_METHOD = (
 _REPORT_EVERY = 0.25        # seconds between a worker's progress reports
 _SLICE = 0.02               # seconds a worker runs its loop between pipe checks
 _VIEWERS_PER_SOURCE = 1000  # viewers per source address with source_addrs="auto"
-_KIND_CODES = {"chat": pb.CHAT, "gift": pb.GIFT, "system": pb.SYSTEM}
 _GIFT_PRIORITY = 5
 
 
@@ -403,17 +403,8 @@ class _Fleet:
 
 # ---------------------------------------------------------------- publisher
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(tag: int, data: bytes) -> bytes:
-    return bytes((tag,)) + _varint(len(data)) + data
+    return bytes((tag,)) + encode_varint(len(data)) + data
 
 
 class Publisher(threading.Thread):
@@ -453,10 +444,10 @@ class Publisher(threading.Thread):
         for _ in range(self.POOL):
             kind, sender, text = corpus.message(cfg.gift_share)
             body = corpus.pad(text, size - 8)
-            mid = bytes((0x10,)) + _varint(_KIND_CODES[kind])
+            mid = bytes((0x10,)) + encode_varint(KIND_CODES[kind])
             if kind == "gift":
-                mid += bytes((0x18,)) + _varint(_GIFT_PRIORITY)
-            mid += _field(0x22, sender.encode()) + bytes((0x2A,)) + _varint(size)
+                mid += bytes((0x18,)) + encode_varint(_GIFT_PRIORITY)
+            mid += _field(0x22, sender.encode()) + bytes((0x2A,)) + encode_varint(size)
             self._pool.append((kind, mid, body))
 
     def stop(self) -> None:
@@ -470,7 +461,7 @@ class Publisher(threading.Thread):
             kind, mid, body = self._pool[i % self.POOL]
             room = i % self.cfg.rooms
             msg = self._rooms[room] + mid + stamp + body
-            items.append(b"\x0a" + _varint(len(msg)) + msg)
+            items.append(b"\x0a" + encode_varint(len(msg)) + msg)
             meta.append((room, kind))
             self.sent += 1
         t0 = time.monotonic()
