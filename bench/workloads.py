@@ -26,7 +26,8 @@ from fanout import _core
 from fanout.protocol import auth
 from fanout.load.corpus import Corpus
 from fanout.protocol import fanout_pb2 as pb
-from fanout.protocol.wire import DEFAULT_COMPRESS_MIN, MAX_SERVER_FRAME, FrameDecoder, FrameType
+from fanout.protocol.wire import (DEFAULT_COMPRESS_MIN, KIND_CODES, MAX_SERVER_FRAME, FrameDecoder,
+                                  FrameType)
 
 SEED = 20261123
 ROOM = "live-88231"
@@ -35,7 +36,6 @@ TS_MS = 1_763_900_000_000
 #: (about 200 messages per frame at about 10 frames/s per viewer).
 BATCH_MESSAGES = 200
 
-_KINDS = {"chat": pb.CHAT, "gift": pb.GIFT, "system": pb.SYSTEM}
 _PRIORITY = {"chat": 0, "gift": 5, "system": 0}
 
 
@@ -56,7 +56,7 @@ def corpus(n: int = BATCH_MESSAGES, seed: int = SEED, size: int = 50) -> list[Me
     for i in range(n):
         kind, sender, text = c.message(gift_share=0.5)
         payload = c.payload(text, size, ts_ns=TS_MS * 1_000_000 + i * 1_000_000)
-        out.append(Message(_KINDS[kind], _PRIORITY[kind], sender, payload))
+        out.append(Message(KIND_CODES[kind], _PRIORITY[kind], sender, payload))
     return out
 
 

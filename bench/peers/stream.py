@@ -97,7 +97,10 @@ def take(n: int, seed: int = 1) -> list[Msg]:
 
 # ---------------------------------------------------------------- encodings
 
-KIND_NAME = {CHAT: "chat", GIFT: "gift", 3: "system"}
+try:
+    from fanout.protocol.wire import KIND_NAMES
+except ImportError:        # no fanout here: only the built-in corpus's two kinds occur
+    KIND_NAMES = {CHAT: "chat", GIFT: "gift"}
 
 
 def v1_json(room: str, seq: int, m: Msg, ts_ms: int) -> bytes:
@@ -107,7 +110,7 @@ def v1_json(room: str, seq: int, m: Msg, ts_ms: int) -> bytes:
     to 50 B can end in a split UTF-8 character; it becomes U+FFFD.
     """
     payload = m.payload.decode("utf-8", "replace")
-    obj = {"room": room, "seq": seq, "kind": KIND_NAME.get(m.kind, m.kind),
+    obj = {"room": room, "seq": seq, "kind": KIND_NAMES.get(m.kind, m.kind),
            "priority": m.priority, "sender": m.sender, "payload": payload, "ts": ts_ms}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
