@@ -18,10 +18,11 @@ from typing import Callable, Protocol
 from .._core import encode_room_message
 from ..bus import Bus
 from ..protocol import fanout_pb2 as pb
+from ..protocol.wire import KIND_NAMES
 from .ratelimit import RateWindow, TokenBucket
 
 MAX_ROOM_NAME = 128
-KINDS = {pb.CHAT: "chat", pb.GIFT: "gift", pb.SYSTEM: "system"}
+KINDS = KIND_NAMES                                  # code -> name, as the admin API spells it
 _SLOT = {pb.CHAT: 0, pb.GIFT: 1, pb.SYSTEM: 2}     # index in per-kind arrays
 
 

@@ -28,7 +28,7 @@ from ..logic import KINDS, LocalLogic, Logic, Rejected, check_room_name
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
 from ..protocol import fanout_pb2 as pb
-from ..protocol.wire import FrameType
+from ..protocol.wire import KIND_CODES, FrameType
 from ..logic.ratelimit import TokenBucket
 from .session import Session
 
@@ -40,13 +40,12 @@ LAG_PROBE_INTERVAL = 0.1    # seconds between event-loop lag probes
 CALM_SECONDS = 5            # calm sweeps before degradation steps down one level
 AUTH_BURST = 20             # auth failures per sweep that make a warning
 DELAY_FACTOR = (1, 2, 4)    # flush window multiplier per degradation level
-KIND_NAMES = {name: kind for kind, name in KINDS.items()}
 
 
 def parse_kind(kind: int | str) -> int:
     """``"gift"``/``pb.GIFT`` -> ``pb.GIFT``; raises Rejected(BAD_REQUEST)."""
     if isinstance(kind, str):
-        value = KIND_NAMES.get(kind.lower())
+        value = KIND_CODES.get(kind.lower())
         if value is None:
             raise Rejected(pb.BAD_REQUEST, f"unknown kind {kind!r}; use chat, gift or system")
         return value
