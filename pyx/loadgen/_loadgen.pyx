@@ -75,37 +75,18 @@ import lz4.block as _lz4_block
 
 _lz4_decompress = _lz4_block.decompress
 
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void* ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    enum: EPOLLIN
-    enum: EPOLLOUT
-    enum: EPOLLERR
-    enum: EPOLLHUP
-    enum: EPOLLET
-    enum: EPOLLRDHUP
-    enum: EPOLL_CTL_ADD
-    enum: EPOLL_CTL_MOD
-    enum: EPOLL_CTL_DEL
-    enum: EPOLL_CLOEXEC
-
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
-    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
-    enum: MSG_NOSIGNAL
-    enum: MSG_DONTWAIT
-
-cdef extern from "<unistd.h>" nogil:
-    int c_close "close"(int fd)
+from system cimport (
+    c_close, c_recv, c_send, MSG_DONTWAIT, MSG_NOSIGNAL,
+    epoll_event, epoll_create1, epoll_ctl, epoll_wait,
+    EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLET, EPOLLRDHUP,
+    EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CLOEXEC,
+)
+from wireformat cimport (
+    HEADER_SIZE, FLAG_LZ4, MAX_SERVER_FRAME,
+    FT_PING, FT_AUTH_OK, FT_ERROR, FT_BATCH, FT_KICK, FT_PONG, FT_GAP, FT_ACK, FT_PRESENCE,
+    R_AUTH_TIMEOUT, R_SLOW_CONSUMER, R_CONNECTION_LIMIT, R_CONNECTION_RATE_LIMITED,
+    check_header, lz4_stored_size, get_varint, skip_field, put_varint, write_header,
+)
 
 # Sockets, clocks, hashing and the histogram index: small C helpers.
 cdef extern from *:
@@ -247,27 +228,14 @@ cdef extern from *:
 
 
 cdef enum:
-    HEADER = 8
-    FLAG_LZ4 = 0x01
-    MAX_BODY = 16 * 1024 * 1024        # a client must accept up to 16 MiB
     SCRATCH = 256 * 1024
     MAX_EVENTS = 1024
     MAX_READS = 8                      # reads per readiness, for fairness
-    NREASONS = 64                      # reason codes kept per counter array
-
-    T_AUTH_OK = 0x41
-    T_ERROR = 0x42
-    T_BATCH = 0x43
-    T_KICK = 0x44
-    T_PONG = 0x45
-    T_GAP = 0x46
-    T_ACK = 0x47
-    T_PRESENCE = 0x48
-
-    R_CONNECTION_LIMIT = 34
-    R_CONNECTION_RATE_LIMITED = 35
-    R_AUTH_TIMEOUT = 14
-    R_SLOW_CONSUMER = 31
+    # Per-reason counter slots: more than REASON_LIMIT, so codes a newer node
+    # may send are still told apart; the last slot takes anything larger.
+    # NREASONS - 1 is also a viewer's end code for a Kick without a reason
+    # (its kick_reason 0 means "no Kick seen").
+    NREASONS = 64
 
 # viewer states
 cdef enum:
@@ -350,57 +318,22 @@ ctypedef struct RoomRef:
 cdef char _scratch[SCRATCH]
 
 
-cdef inline const uint8_t* _varint(const uint8_t* p, const uint8_t* end,
-                                   uint64_t* out) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    while p < end and shift < 64:
-        b = p[0]
-        p += 1
-        v |= <uint64_t>(b & 0x7F) << shift
-        if b < 0x80:
-            out[0] = v
-            return p
-        shift += 7
-    return NULL
-
-
-cdef inline const uint8_t* _skip(const uint8_t* p, const uint8_t* end,
-                                 uint64_t tag) noexcept nogil:
-    """Skip one field's value; NULL when malformed."""
-    cdef uint64_t n
-    cdef int wt = <int>(tag & 7)
-    if wt == 0:
-        return _varint(p, end, &n)
-    if wt == 2:
-        p = _varint(p, end, &n)
-        if p == NULL or n > <uint64_t>(end - p):
-            return NULL
-        return p + n
-    if wt == 1:
-        return p + 8 if end - p >= 8 else NULL
-    if wt == 5:
-        return p + 4 if end - p >= 4 else NULL
-    return NULL
-
-
 cdef int _uint_field(const uint8_t* p, const uint8_t* end, uint64_t field,
                      uint64_t* out) noexcept nogil:
     """The varint field `field` of a message body (0 when absent); -1 when malformed."""
     cdef uint64_t tag, v
     out[0] = 0
     while p < end:
-        p = _varint(p, end, &tag)
+        p = get_varint(p, end, &tag)
         if p == NULL:
             return -1
         if tag == (field << 3):
-            p = _varint(p, end, &v)
+            p = get_varint(p, end, &v)
             if p == NULL:
                 return -1
             out[0] = v
         else:
-            p = _skip(p, end, tag)
+            p = skip_field(p, end, tag)
             if p == NULL:
                 return -1
     return 0
@@ -775,30 +708,15 @@ cdef class Viewers:
 
     cdef void _send_ping(self, Viewer* v) except *:
         cdef char* p = v.ping
-        cdef uint64_t nonce
-        cdef int n = 0
+        cdef uint32_t n
         if v.out_len:
             return
         v.nonce += 1
-        nonce = v.nonce
-        p[8] = 0x08
-        n = 9
-        while nonce >= 0x80:
-            p[n] = <char>((nonce & 0x7F) | 0x80)
-            nonce >>= 7
-            n += 1
-        p[n] = <char>nonce
-        n += 1
-        p[0] = 1
-        p[1] = 0x05
-        p[2] = 0
-        p[3] = 0
-        p[4] = 0
-        p[5] = 0
-        p[6] = 0
-        p[7] = <char>(n - HEADER)
+        p[HEADER_SIZE] = 0x08              # Ping.nonce: field 1, varint
+        n = <uint32_t>(put_varint(p + HEADER_SIZE + 1, v.nonce) - p)
+        write_header(p, FT_PING, 0, n - HEADER_SIZE)
         self.pings_sent += 1
-        self._send(v, p, <uint32_t>n)
+        self._send(v, p, n)
 
     cdef uint64_t _jitter(self, uint64_t span) noexcept:
         # xorshift64*: spreads pings and retries so they do not come in waves
@@ -956,37 +874,25 @@ cdef class Viewers:
             self.eofs += 1
             self._finish(v, END_EOF, 0)
 
-    cdef int _check_header(self, const uint8_t* p) noexcept:
-        """Body length, or -1 when the header breaks the framing rules."""
-        cdef uint64_t length
-        if p[0] != 1 or (p[2] & ~FLAG_LZ4) or p[3] != 0:
-            return -1
-        length = ((<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
-                  | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
-        if length > MAX_BODY:
-            return -1
-        return <int>length
-
     cdef void _feed(self, Viewer* v, const uint8_t* data, Py_ssize_t n) except *:
-        cdef Py_ssize_t pos = 0, take, whole
-        cdef int length
+        cdef Py_ssize_t pos = 0, take, whole, length
         cdef char* grown
         if v.carry_len:
             # finish the carried frame first, copying only what it lacks
             if v.carry_need == 0:
-                take = HEADER - v.carry_len
+                take = HEADER_SIZE - v.carry_len
                 if take > n:
                     take = n
                 memcpy(v.carry + v.carry_len, data, take)
                 v.carry_len += <uint32_t>take
                 pos = take
-                if v.carry_len < HEADER:
+                if v.carry_len < HEADER_SIZE:
                     return
-                length = self._check_header(<const uint8_t*>v.carry)
+                length = check_header(<const uint8_t*>v.carry, MAX_SERVER_FRAME)
                 if length < 0:
                     self._protocol_error(v)
                     return
-                v.carry_need = <uint32_t>(HEADER + length)
+                v.carry_need = <uint32_t>(HEADER_SIZE + length)
                 grown = <char*>realloc(v.carry, v.carry_need)
                 if grown == NULL:
                     raise MemoryError()
@@ -1005,12 +911,12 @@ cdef class Viewers:
             free(v.carry)          # idle viewers hold no read memory
             v.carry = NULL
             v.carry_len = v.carry_need = 0
-        while n - pos >= HEADER:
-            length = self._check_header(data + pos)
+        while n - pos >= HEADER_SIZE:
+            length = check_header(data + pos, MAX_SERVER_FRAME)
             if length < 0:
                 self._protocol_error(v)
                 return
-            whole = HEADER + length
+            whole = HEADER_SIZE + length
             if n - pos < whole:
                 break
             self._frame(v, data + pos, whole)
@@ -1022,21 +928,21 @@ cdef class Viewers:
 
     cdef void _keep(self, Viewer* v, const uint8_t* data, Py_ssize_t n) except *:
         """Start a carry with the incomplete frame at the end of a read."""
-        cdef Py_ssize_t cap = n if n > HEADER else HEADER
-        cdef int length = 0
-        if n >= HEADER:
-            length = self._check_header(data)
+        cdef Py_ssize_t cap = n if n > HEADER_SIZE else HEADER_SIZE
+        cdef Py_ssize_t length = 0
+        if n >= HEADER_SIZE:
+            length = check_header(data, MAX_SERVER_FRAME)
             if length < 0:
                 self._protocol_error(v)
                 return
-            if HEADER + length > cap:
-                cap = HEADER + length
+            if HEADER_SIZE + length > cap:
+                cap = HEADER_SIZE + length
         v.carry = <char*>realloc(v.carry, cap)
         if v.carry == NULL:
             raise MemoryError()
         memcpy(v.carry, data, n)
         v.carry_len = <uint32_t>n
-        v.carry_need = <uint32_t>(HEADER + length) if n >= HEADER else 0
+        v.carry_need = <uint32_t>(HEADER_SIZE + length) if n >= HEADER_SIZE else 0
 
     cdef void _protocol_error(self, Viewer* v) except *:
         self.protocol_errors += 1
@@ -1044,26 +950,26 @@ cdef class Viewers:
 
     cdef void _frame(self, Viewer* v, const uint8_t* f, Py_ssize_t whole) except *:
         cdef uint8_t ftype = f[1]
-        cdef const uint8_t* body = f + HEADER
+        cdef const uint8_t* body = f + HEADER_SIZE
         cdef const uint8_t* end = f + whole
         cdef uint64_t val
         cdef object inflated = None
         self.frames += 1
         v.frames += 1
-        if ftype == T_BATCH:
+        if ftype == FT_BATCH:
             self._batch(v, f, whole)
             return
         if f[2] & FLAG_LZ4:
-            inflated = self._inflate(body, whole - HEADER)
+            inflated = self._inflate(body, whole - HEADER_SIZE)
             if inflated is None:
                 return
             body = <const uint8_t*>PyBytes_AS_STRING(inflated)
             end = body + PyBytes_GET_SIZE(inflated)
-        if ftype == T_PRESENCE:
+        if ftype == FT_PRESENCE:
             self.presence += 1
-        elif ftype == T_PONG:
+        elif ftype == FT_PONG:
             self.pongs += 1
-        elif ftype == T_AUTH_OK:
+        elif ftype == FT_AUTH_OK:
             self.auth_oks += 1
             if v.state == ST_AUTH:
                 self.authed += 1
@@ -1073,7 +979,7 @@ cdef class Viewers:
                 v.state = ST_JOINING
                 j = self._joins[v.room]
                 self._send(v, PyBytes_AS_STRING(j), <uint32_t>PyBytes_GET_SIZE(j))
-        elif ftype == T_ACK:
+        elif ftype == FT_ACK:
             self.acks += 1
             if v.state == ST_JOINING:
                 if _uint_field(body, end, 3, &val) < 0:
@@ -1089,14 +995,14 @@ cdef class Viewers:
                 # first ping at a random point of the interval: no waves of pings
                 v.deadline = self.last_join_ns + (self._jitter(<uint64_t>v.ping_ms * <uint64_t>1000000)
                                                    if v.ping_ms else <uint64_t>-1)
-        elif ftype == T_KICK:
+        elif ftype == FT_KICK:
             if _uint_field(body, end, 1, &val) < 0:
                 self.bad_bodies += 1
             if val >= NREASONS:
                 val = NREASONS - 1
             self.kicks[val] += 1
-            v.kick_reason = <uint8_t>val if val else 63
-        elif ftype == T_ERROR:
+            v.kick_reason = <uint8_t>val if val else NREASONS - 1
+        elif ftype == FT_ERROR:
             if _uint_field(body, end, 1, &val) < 0:
                 self.bad_bodies += 1
             if val >= NREASONS:
@@ -1107,20 +1013,17 @@ cdef class Viewers:
             elif v.state == ST_JOINING:
                 self.join_failed += 1
                 self._finish(v, END_JOIN, <uint16_t>val)
-        elif ftype == T_GAP:
+        elif ftype == FT_GAP:
             self.node_gaps += 1
         else:
             self.other_frames += 1
 
     cdef object _inflate(self, const uint8_t* body, Py_ssize_t n):
         """lz4 body -> bytes, or None (counted) when it is corrupt."""
-        cdef uint64_t size
         if n < 4:
             self.bad_bodies += 1
             return None
-        size = (<uint64_t>body[0] | (<uint64_t>body[1] << 8) | (<uint64_t>body[2] << 16)
-                | (<uint64_t>body[3] << 24))
-        if size > MAX_BODY:
+        if lz4_stored_size(body) > MAX_SERVER_FRAME:
             self.bad_bodies += 1
             return None
         try:
@@ -1134,7 +1037,7 @@ cdef class Viewers:
     cdef void _batch(self, Viewer* v, const uint8_t* f, Py_ssize_t whole) except *:
         cdef uint64_t h = lg_hash(f, <size_t>whole)
         cdef uint64_t j = v.bframes
-        cdef const uint8_t* body = f + HEADER
+        cdef const uint8_t* body = f + HEADER_SIZE
         cdef const uint8_t* end = f + whole
         cdef object inflated = None
         cdef uint64_t nmsgs = 0, first = 0, last = 0
@@ -1145,7 +1048,7 @@ cdef class Viewers:
         if not v.decoded and j != 0:
             return                         # the common case: hash and count only
         if f[2] & FLAG_LZ4:
-            inflated = self._inflate(body, whole - HEADER)
+            inflated = self._inflate(body, whole - HEADER_SIZE)
             if inflated is None:
                 return
             body = <const uint8_t*>PyBytes_AS_STRING(inflated)
@@ -1184,22 +1087,22 @@ cdef class Viewers:
         if check and self.recording:
             now = lg_real_ns()
         while p < end:
-            p = _varint(p, end, &tag)
+            p = get_varint(p, end, &tag)
             if p == NULL:
                 return -1
             if tag != 0x0A:
                 if tag == 0x10:
-                    p = _varint(p, end, &ln)
+                    p = get_varint(p, end, &ln)
                     if p == NULL:
                         return -1
                     if ln:
                         self.sampled_batches += 1
                     continue
-                p = _skip(p, end, tag)
+                p = skip_field(p, end, tag)
                 if p == NULL:
                     return -1
                 continue
-            p = _varint(p, end, &ln)
+            p = get_varint(p, end, &ln)
             if p == NULL or ln > <uint64_t>(end - p):
                 return -1
             m = p
@@ -1214,13 +1117,13 @@ cdef class Viewers:
             payload = NULL
             payload_len = 0
             while m < mend:
-                m = _varint(m, mend, &tag)
+                m = get_varint(m, mend, &tag)
                 if m == NULL:
                     return -1
                 if tag == 0x10:
-                    m = _varint(m, mend, &seq)
+                    m = get_varint(m, mend, &seq)
                 elif tag == 0x0A or tag == 0x32:
-                    m = _varint(m, mend, &ln)
+                    m = get_varint(m, mend, &ln)
                     if m == NULL or ln > <uint64_t>(mend - m):
                         return -1
                     if tag == 0x0A:
@@ -1231,7 +1134,7 @@ cdef class Viewers:
                         payload_len = ln
                     m += ln
                 else:
-                    m = _skip(m, mend, tag)
+                    m = skip_field(m, mend, tag)
                 if m == NULL:
                     return -1
             if count == 1:
