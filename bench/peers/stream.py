@@ -1,6 +1,6 @@
 """The message stream the peers send: the same seeded corpus as `fanout load`.
 
-``fanout.corpus`` (the load generator's seeded chat/gift corpus) is the
+``fanout.load.corpus`` (the load generator's seeded chat/gift corpus) is the
 source. Only where it cannot be imported does a small built-in corpus of the
 same shape stand in; :data:`SOURCE` says which one a run used, and every
 result file records it.
@@ -65,7 +65,7 @@ def _from_corpus(seed: int) -> Iterator[Msg] | None:
 
 
 def _adapt(corpus, seed: int) -> Iterator[Msg]:
-    # The load generator's corpus (fanout/corpus.py), half chat, half gifts,
+    # The load generator's corpus (fanout/load/corpus.py), half chat, half gifts,
     # each payload its text cut or padded with more chat to exactly 50 B.
     # Without the load generator's 8-byte latency stamp: the peers and the
     # wire-bytes scenario compare encodings of the same text, and a V1 JSON
