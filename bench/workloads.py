@@ -6,14 +6,14 @@ bench/fanout_socketpairs.py.
 Every input is built from a fixed seed, so each run measures the same bytes.
 
 * the corpus: the reference load's chat/gift mix, 50 B payloads, from
-  :mod:`fanout.corpus` as the load generator sends them (:func:`corpus`);
+  :mod:`fanout.load.corpus` as the load generator sends them (:func:`corpus`);
 * one flush: 200 messages encoded once each (``encode_room_message``) and
   framed as one lz4-compressed Batch (:func:`build_batch`);
 * what a viewer reads: a stream of such Batch frames (:func:`batch_stream`),
   decoded by the core's ``parse_frames`` or by the pure-Python
-  ``fanout.wire.FrameDecoder``;
+  ``fanout.protocol.wire.FrameDecoder``;
 * what a node reads: small Chat and Ping frames (:func:`chat_stream`);
-* a Hello token as the node sees it (:func:`auth_token`, ``fanout.auth.verify``).
+* a Hello token as the node sees it (:func:`auth_token`, ``fanout.protocol.auth.verify``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from fanout import _core
 from fanout.protocol import auth
 from fanout.load.corpus import Corpus
 from fanout.protocol import fanout_pb2 as pb
-from fanout.protocol.wire import DEFAULT_COMPRESS_MIN, MAX_SERVER_FRAME, FrameDecoder, FrameType
+from fanout.protocol.wire import (DEFAULT_COMPRESS_MIN, KIND_CODES, MAX_SERVER_FRAME, FrameDecoder,
+                                  FrameType)
 
 SEED = 20261123
 ROOM = "live-88231"
@@ -35,7 +36,6 @@ TS_MS = 1_763_900_000_000
 #: (about 200 messages per frame at about 10 frames/s per viewer).
 BATCH_MESSAGES = 200
 
-_KINDS = {"chat": pb.CHAT, "gift": pb.GIFT, "system": pb.SYSTEM}
 _PRIORITY = {"chat": 0, "gift": 5, "system": 0}
 
 
@@ -48,7 +48,7 @@ class Message:
 
 
 def corpus(n: int = BATCH_MESSAGES, seed: int = SEED, size: int = 50) -> list[Message]:
-    """``n`` messages of the reference mix from :mod:`fanout.corpus` (the
+    """``n`` messages of the reference mix from :mod:`fanout.load.corpus` (the
     load generator's corpus): half chat, half gifts, ``size``-byte payloads
     (an 8-byte timestamp, then the text), all from a fixed seed."""
     c = Corpus(seed)
@@ -56,7 +56,7 @@ def corpus(n: int = BATCH_MESSAGES, seed: int = SEED, size: int = 50) -> list[Me
     for i in range(n):
         kind, sender, text = c.message(gift_share=0.5)
         payload = c.payload(text, size, ts_ns=TS_MS * 1_000_000 + i * 1_000_000)
-        out.append(Message(_KINDS[kind], _PRIORITY[kind], sender, payload))
+        out.append(Message(KIND_CODES[kind], _PRIORITY[kind], sender, payload))
     return out
 
 

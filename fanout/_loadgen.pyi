@@ -1,4 +1,5 @@
-"""Type stubs for the load generator's viewer engine, fanout._loadgen (pyx/loadgen.pyx)."""
+"""Type stubs for the load generator's viewer engine, fanout._loadgen (sources in
+pyx/loadgen/, C-level API and data flow in fanout/_loadgen.pxd)."""
 
 from collections.abc import Iterable, Sequence
 from typing import Any

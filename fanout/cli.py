@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         return _drain(args)
     if args.command == "load":
-        from .load.run import main as load_main
+        from .load.cli import main as load_main
 
         try:
             return load_main(args)

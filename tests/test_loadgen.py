@@ -167,6 +167,24 @@ def test_checker_catches_gaps_reorders_divergence_and_cuts():
     assert result["ok"] is False
 
 
+@pytest.mark.timeout(30)
+def test_viewers_ping_and_stay_connected(start_node):
+    """The viewers' Pings (built in C) are frames the node answers, and they
+    keep the viewers past the node's idle timeout."""
+    node = start_node("--log-level", "WARNING", "--ping-interval-ms", "100",
+                      "--idle-timeout-ms", "400")
+    viewers = build_viewers(plan(LoadConfig(host=node.host, port=node.port, secret=SECRET,
+                                            viewers=3, rate=0))[0])
+    viewers.start()
+    viewers.run_for(1.5)
+    stats = viewers.stats()
+    viewers.close()
+    assert stats["joined"] == 3 and stats["live"] == 3, stats
+    assert stats["pings_sent"] >= 3 * 5
+    assert stats["pongs"] >= stats["pings_sent"] - 3        # at most one in flight each
+    assert stats["kicks"] == {} and stats["errors"] == {} and stats["protocol_errors"] == 0
+
+
 def _publish_random(node, room, count, size):
     body = json.dumps({"messages": [
         {"room": room, "kind": "gift", "payload_b64": base64.b64encode(os.urandom(size)).decode()}

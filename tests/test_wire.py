@@ -30,14 +30,6 @@ def by_name(vectors):
     return pytest.mark.parametrize("vec", vectors, ids=[v["name"] for v in vectors])
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
 
 def decode_one(frame: bytes, max_body: int = wire.MAX_SERVER_FRAME):
     frames = FrameDecoder(max_body).feed(frame)
@@ -111,7 +103,7 @@ def test_batch_body_is_concatenated_records(vec):
     batch = pb.Batch.FromString(body)
     assert len(batch.messages) >= 3 or batch.sampled
     records = b"".join(
-        b"\x0a" + varint(len(rec)) + rec for rec in (m.SerializeToString() for m in batch.messages)
+        b"\x0a" + wire.encode_varint(len(rec)) + rec for rec in (m.SerializeToString() for m in batch.messages)
     )
     # A sampled batch ends with the flag (field 2 = 1) after the records.
     assert body == records + (b"\x10\x01" if batch.sampled else b"")
@@ -268,6 +260,26 @@ def test_bad_protobuf(body):
     with pytest.raises(WireError) as err:
         decode_message(FrameType.HELLO, body)
     assert err.value.reason == pb.BAD_PROTOBUF
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.one_of(st.integers(1, 300), st.integers(1, 2**64 - 1)))
+def test_encode_varint_matches_protobuf(n):
+    # Ping.nonce is field 1, a uint64: tag 0x08 then protobuf's own varint.
+    assert b"\x08" + wire.encode_varint(n) == pb.Ping(nonce=n).SerializeToString()
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**63, 2**64 - 1])
+def test_encode_varint_edges(n):
+    data = wire.encode_varint(n)
+    assert len(data) == max(1, -(-n.bit_length() // 7))
+    assert pb.Ping.FromString(b"\x08" + data).nonce == n
+
+
+@pytest.mark.parametrize("n", [-1, 2**64])
+def test_encode_varint_range(n):
+    with pytest.raises(ValueError):
+        wire.encode_varint(n)
 
 
 def test_unknown_fields_are_ignored():

@@ -1,6 +1,6 @@
 """The message stream the peers send: the same seeded corpus as `fanout load`.
 
-``fanout.corpus`` (the load generator's seeded chat/gift corpus) is the
+``fanout.load.corpus`` (the load generator's seeded chat/gift corpus) is the
 source. Only where it cannot be imported does a small built-in corpus of the
 same shape stand in; :data:`SOURCE` says which one a run used, and every
 result file records it.
@@ -65,7 +65,7 @@ def _from_corpus(seed: int) -> Iterator[Msg] | None:
 
 
 def _adapt(corpus, seed: int) -> Iterator[Msg]:
-    # The load generator's corpus (fanout/corpus.py), half chat, half gifts,
+    # The load generator's corpus (fanout/load/corpus.py), half chat, half gifts,
     # each payload its text cut or padded with more chat to exactly 50 B.
     # Without the load generator's 8-byte latency stamp: the peers and the
     # wire-bytes scenario compare encodings of the same text, and a V1 JSON
@@ -97,7 +97,10 @@ def take(n: int, seed: int = 1) -> list[Msg]:
 
 # ---------------------------------------------------------------- encodings
 
-KIND_NAME = {CHAT: "chat", GIFT: "gift", 3: "system"}
+try:
+    from fanout.protocol.wire import KIND_NAMES
+except ImportError:        # no fanout here: only the built-in corpus's two kinds occur
+    KIND_NAMES = {CHAT: "chat", GIFT: "gift"}
 
 
 def v1_json(room: str, seq: int, m: Msg, ts_ms: int) -> bytes:
@@ -107,7 +110,7 @@ def v1_json(room: str, seq: int, m: Msg, ts_ms: int) -> bytes:
     to 50 B can end in a split UTF-8 character; it becomes U+FFFD.
     """
     payload = m.payload.decode("utf-8", "replace")
-    obj = {"room": room, "seq": seq, "kind": KIND_NAME.get(m.kind, m.kind),
+    obj = {"room": room, "seq": seq, "kind": KIND_NAMES.get(m.kind, m.kind),
            "priority": m.priority, "sender": m.sender, "payload": payload, "ts": ts_ms}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 

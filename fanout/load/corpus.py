@@ -19,10 +19,7 @@ import random
 import struct
 import time
 
-__all__ = ["Corpus", "KINDS", "TIMESTAMP_BYTES", "stamp", "read_stamp"]
-
-#: Kinds a corpus message can have (names as in the admin API).
-KINDS = ("chat", "gift", "system")
+__all__ = ["Corpus", "TIMESTAMP_BYTES", "stamp", "read_stamp"]
 
 #: Size of the publish timestamp at the start of every load payload.
 TIMESTAMP_BYTES = 8
@@ -112,7 +109,8 @@ class Corpus:
         return self.rng.choice(_SYSTEM).format(nick=nick)
 
     def message(self, gift_share: float = 0.5, system_share: float = 0.0) -> tuple[str, str, str]:
-        """The next message as ``(kind, sender, text)``.
+        """The next message as ``(kind, sender, text)``; ``kind`` is a name of
+        :data:`fanout.protocol.wire.KIND_NAMES` (``"chat"``, ``"gift"``, ``"system"``).
 
         :param gift_share: probability of a gift.
         :param system_share: probability of a system notice (taken from chat's share).

@@ -38,6 +38,7 @@ __all__ = [
     "WireError",
     "KIND_NAMES",
     "KIND_CODES",
+    "encode_varint",
     "encode_frame",
     "FrameDecoder",
     "decode_message",
@@ -110,6 +111,20 @@ SERVER_TO_CLIENT = frozenset(MESSAGE_TYPES) - CLIENT_TO_SERVER
 KIND_NAMES = {v.number: v.name.lower() for v in pb.Kind.DESCRIPTOR.values if v.number}
 #: The same table by name.
 KIND_CODES = {name: code for code, name in KIND_NAMES.items()}
+
+
+def encode_varint(n: int) -> bytes:
+    """``n`` (0 .. 2**64-1) as a protobuf base-128 varint, for tools that
+    assemble message bytes themselves (the load publisher pre-encodes its
+    requests)."""
+    if not 0 <= n < 1 << 64:
+        raise ValueError(f"varint {n!r} is not an unsigned 64-bit integer")
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class WireError(ReasonError):

@@ -1,0 +1,213 @@
+"""The command and the run: :func:`config_from_args` and :func:`main` for
+``fanout load``, and :func:`run`, which carries a run through its phases
+(start the workers; connect and join; publish through the warm-up and the
+measured window; drain) and hands the collected numbers to the report.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+
+from .config import LoadConfig, LoadError, numeric_host, plan
+from .fleet import Fleet
+from .publisher import Publisher
+from .report import Progress, build_result, cpu_self, merge, proc_cpu, summary
+from .verify import error_counts
+
+__all__ = ["config_from_args", "main", "run"]
+
+
+def run(cfg: LoadConfig) -> dict:
+    """Carry out one load run and return its result (the JSON document).
+
+    Rates are over the measured window (``duration_s``, after the warm-up);
+    totals cover the whole run including the drain. Main keys:
+
+    * ``ok``: no gap, reorder or divergence, every viewer joined, and (when
+      publishing) ``deliveries >= expected_deliveries``;
+    * ``published``: ``offered``, ``accepted``, ``accepted_per_s``,
+      ``by_kind``, ``rejected`` (by reason), ``request_ms_mean``;
+    * ``deliveries`` (messages received by all viewers), ``expected_deliveries``
+      (accepted messages x live members, per room), ``deliveries_per_s``,
+      ``frames_per_s`` (all frames), ``batch_frames_per_s``,
+      ``messages_per_batch``, ``wire_bytes_per_s``, ``wire_bytes_per_msg``
+      (frame bytes read, control frames included, TCP/IP headers not);
+    * ``latency_ms``: ``p50``, ``p99``, ``p999``, ``max``, ``mean``,
+      ``samples`` and ``histogram`` (``[value_ns, count]`` pairs), publish
+      (publisher's clock, just before the HTTP request) to receive;
+    * ``gaps``, ``missing_messages``, ``reorders``, ``divergences``,
+      ``node_gaps`` (Gap frames), ``slow_consumer_cuts``, ``errors``
+      (``"kick:REASON"``, ``"error:REASON"``, ``"connect:ERRNO"``, ``"eof"``
+      ... with counts, retried refusals included), ``ended`` (how viewers that
+      ended did);
+    * ``connect``: ``connects_per_s``, ``time_to_all_joined_s``, ``joined``,
+      ``failed``, ``retries``;
+    * ``cpu``: ``loadgen_s`` (workers + driver), ``workers_window_cores`` (and
+      user/sys split), ``publisher_s``, ``node_s`` and ``node_window_cores``
+      (with ``node_pid``);
+    * ``check``: the method (:data:`~fanout.load.verify.CHECK_METHOD`) and its counts
+      (``verified_viewers``, ``unverified_viewers``, ``cut_viewers``, ...);
+    * ``config``, ``viewers``, ``viewers_joined``, ``processes``,
+      ``decoded_viewers``, ``drain``, ``workers``, ``node_at_window_end``
+      (the node's ``/readyz``: its degradation level).
+
+    :raises LoadError: a worker failed, or no viewer could join.
+    :raises ValueError: a bad configuration.
+    """
+    cfg.validate()
+    host = numeric_host(cfg.host, cfg.port)
+    admin_host = cfg.admin_host or cfg.host
+    specs = plan(cfg, host)
+    fleet = Fleet(specs)
+    progress = Progress(cfg)
+    publisher: Publisher | None = None
+    driver_cpu0 = cpu_self()
+    try:
+        progress.update("starting workers", {})
+        fleet.start()
+        node_cpu_start = proc_cpu(cfg.node_pid)
+
+        # ---- connect and join
+        progress.update("connecting", {})
+        t_connect = time.monotonic()
+        fleet.send_all("start")
+        deadline = t_connect + cfg.join_timeout
+        while True:
+            fleet.pump(0.1)
+            merged = merge(fleet.latest)
+            progress.update(None, merged)
+            settled = all(s is not None and s["joined"] + s["connect_failed"] >= s["viewers"]
+                          for s in fleet.latest)
+            if settled or time.monotonic() > deadline:
+                break
+        joined_snap = merge(fleet.request("snap"))
+        if joined_snap["joined"] == 0:
+            raise LoadError(f"no viewer joined: {error_counts(joined_snap) or 'no errors seen'}")
+
+        # ---- publish: warm-up, then the measured window
+        length = cfg.warmup + cfg.duration
+        if cfg.rate > 0:
+            publisher = Publisher(cfg, admin_host, length)
+            progress.publisher = publisher
+            publisher.start()
+        t_pub = time.monotonic()
+        progress.update("warm-up" if cfg.warmup else "measuring", joined_snap)
+        _wait(fleet, progress, t_pub + cfg.warmup, publisher)
+        fleet.send_all("reset_latency")
+        win_a = merge(fleet.request("snap"))
+        node_a = proc_cpu(cfg.node_pid)
+        pub_a = publisher.accepted if publisher else 0
+        progress.update("measuring", win_a)
+        _wait(fleet, progress, t_pub + length, publisher)
+        if publisher is not None:
+            publisher.stop()
+            publisher.join(15)
+        win_b = merge(fleet.request("snap"))
+        node_b = proc_cpu(cfg.node_pid)
+        node_state = _node_state(admin_host, cfg.admin_port) if cfg.rate > 0 else None
+        pub_b = publisher.accepted if publisher else 0
+        if publisher is not None and publisher.error:
+            raise LoadError(f"publisher failed: {publisher.error}")
+
+        # ---- drain: every accepted message to every live viewer
+        progress.update("draining", win_b)
+        drained = _drain(fleet, progress, cfg, publisher)
+        finals = fleet.request("final")
+        node_cpu_end = proc_cpu(cfg.node_pid)
+    finally:
+        progress.close()
+        if publisher is not None and publisher.is_alive():
+            publisher.stop()
+            publisher.join(5)
+        fleet.stop()
+    result = build_result(cfg, specs, finals, joined_snap, win_a, win_b, pub_a, pub_b,
+                          publisher, drained, driver_cpu0,
+                          (node_cpu_start, node_a, node_b, node_cpu_end))
+    result["node_at_window_end"] = node_state
+    return result
+
+
+def _node_state(host: str, port: int) -> dict | None:
+    """The node's ``/readyz`` answer (degradation level), or None."""
+    conn = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        conn.request("GET", "/readyz")
+        return json.loads(conn.getresponse().read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def _wait(fleet: Fleet, progress: Progress, until: float, publisher) -> None:
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        fleet.pump(min(left, 0.1))
+        progress.update(None, merge(fleet.latest))
+        if publisher is not None and publisher.error:
+            return
+
+
+def _drain(fleet: Fleet, progress: Progress, cfg: LoadConfig, publisher) -> dict:
+    """Wait until the viewers have everything (or nothing moves for a second)."""
+    t0 = time.monotonic()
+    last_change, last_value = t0, None
+    while True:
+        fleet.pump(0.1)
+        merged = merge(fleet.latest)
+        progress.update(None, merged)
+        now = time.monotonic()
+        # Batch frames only: Pongs and Presence keep coming while idle.
+        value = (merged.get("deliveries", 0), merged.get("batch_frames", 0))
+        if value != last_value:
+            last_value, last_change = value, now
+        caught_up = publisher is None or (
+            merged.get("unresolved_frames", 1) == 0 and now - last_change >= 0.3
+            and merged.get("batch_frames", 0) > 0)
+        if caught_up or now - last_change >= 1.0 or now - t0 >= cfg.drain_timeout:
+            return {"seconds": round(now - t0, 3), "complete": bool(caught_up)}
+
+
+def config_from_args(args) -> LoadConfig:
+    """The :class:`LoadConfig` of parsed ``fanout load`` arguments."""
+    return LoadConfig(
+        host=args.host, port=args.port, admin_host=args.admin_host or "",
+        admin_port=args.admin_port, api_key=args.api_key, secret=args.secret,
+        viewers=args.viewers, rooms=args.rooms, rate=args.rate, gift_share=args.gift_share,
+        payload_bytes=args.payload_bytes, duration=args.duration, warmup=args.warmup,
+        processes=args.processes, decode_every=args.decode_every,
+        latency_every=args.latency_every, seed=args.seed, node_pid=args.node_pid,
+        connect_window=args.connect_window, read_interval=args.read_interval_ms / 1000,
+        max_retries=args.max_retries,
+        source_addrs=args.source_addrs,
+        room_prefix=args.room_prefix, progress=not args.no_progress)
+
+
+def main(args) -> int:
+    """``fanout load``: run, print a summary, write the JSON result; the exit
+    code is 0 when the run passed, 3 when it did not, 1 when it could not be
+    carried out and 2 for a bad configuration."""
+    try:
+        cfg = config_from_args(args).validate()
+    except ValueError as exc:
+        print(f"fanout load: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run(cfg)
+    except LoadError as exc:
+        print(f"fanout load: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if args.json == "-":
+        print(text)
+    else:
+        print(summary(result))
+        if args.json:
+            with open(args.json, "w") as fh:
+                fh.write(text + "\n")
+    return 0 if result["ok"] else 3
