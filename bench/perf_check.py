@@ -10,7 +10,7 @@ engine with a baseline measured in the same process, in the same run:
                           the same number of fresh socketpairs (writes/s)
   small_room_vs_naive     the same at 100 members vs a Python
                           ``sock.send(frame)`` loop (writes/s)
-  decode_chat_core_vs_wire  fanout._core.parse_frames vs fanout.wire.FrameDecoder
+  decode_chat_core_vs_wire  fanout._core.parse_frames vs fanout.protocol.wire.FrameDecoder
                           on 400 small Chat and Ping frames (frames/s): the
                           framing work itself, no lz4
 

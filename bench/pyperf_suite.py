@@ -18,11 +18,11 @@ Every benchmark reports time per unit of work (pyperf's ``inner_loops``):
   frame_decode                    per frame: fanout._core.parse_frames on a
                                   stream of 40 Batch frames (mostly 200 messages,
                                   lz4)
-  frame_decode_wire               per frame: fanout.wire.FrameDecoder.feed on the
+  frame_decode_wire               per frame: fanout.protocol.wire.FrameDecoder.feed on the
                                   same stream (the pure-Python reference)
   frame_decode_chat[_wire]        the same two on 400 small Chat/Ping frames,
                                   what a node reads (framing cost, no lz4)
-  auth_verify                     per token: fanout.auth.verify of a Hello JWT
+  auth_verify                     per token: fanout.protocol.auth.verify of a Hello JWT
 
 The fan-out benchmarks share their setup with bench/fanout_socketpairs.py: a
 round writes one frame to every member (timed), then every peer is drained

@@ -1,6 +1,6 @@
 """A blocking raw-socket client for protocol-level tests.
 
-It speaks the wire format through fanout.wire (the pure-Python reference
+It speaks the wire format through fanout.protocol.wire (the pure-Python reference
 codec), independent of the compiled core the node uses.
 """
 

@@ -18,7 +18,7 @@ events it yields account for every sequence number after the join exactly
 once, either as a :class:`~fanout.protocol.fanout_pb2.RoomMessage` or inside a
 :class:`~fanout.protocol.fanout_pb2.Gap`.
 
-The SDK is pure Python (it uses :mod:`fanout.wire`, never the compiled
+The SDK is pure Python (it uses :mod:`fanout.protocol.wire`, never the compiled
 core) and costs two tasks and one socket per client, so one process can
 drive thousands of clients.
 """

@@ -3,7 +3,7 @@
 A malformed frame (:class:`fanout.protocol.wire.WireError`, and the compiled
 core's ``FrameError``, the same class), a refused token
 (:class:`fanout.protocol.auth.AuthError`), a request the logic layer refuses
-(:class:`fanout.logic.Rejected`) and an error a client SDK raises
+(:class:`fanout.logic.base.Rejected`) and an error a client SDK raises
 (:class:`fanout.client.ClientError`) all derive from :class:`ReasonError`,
 so one ``except ReasonError as exc`` can answer with ``exc.reason``.
 """

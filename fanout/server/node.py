@@ -264,7 +264,7 @@ class Node:
 
         :param kind: ``"chat"``, ``"gift"``, ``"system"`` or the ``pb.Kind`` value.
         :returns: the sequence number assigned to the message.
-        :raises fanout.logic.Rejected: ``BAD_REQUEST`` (kind, room name),
+        :raises fanout.logic.base.Rejected: ``BAD_REQUEST`` (kind, room name),
             ``MESSAGE_TOO_LARGE``, ``ROOM_OVERLOADED`` (chat dropped by
             overload control) or ``DRAINING``.
         """

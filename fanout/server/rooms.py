@@ -50,7 +50,7 @@ class RoomTable:
     async def acquire(self, name: str) -> _core.Room:
         """The room ``name`` on this node, opened if new.
 
-        :raises fanout.logic.Rejected: the logic refused the room.
+        :raises fanout.logic.base.Rejected: the logic refused the room.
         """
         room = self.hub.rooms.get(name)
         if room is not None:
