@@ -1,2 +1,5 @@
-"""The connector: the client port, sessions, the broadcast hub, overload
-control, the admin API and metrics of one node."""
+"""The connector: one node's client port, sessions, rooms and broadcast hub,
+overload control, admin API and metrics.
+
+:mod:`.app` is the composition root that wires them; start there.
+"""
