@@ -311,7 +311,7 @@ async def test_publish_never_creates_a_room():
     assert hub.rooms == {}
 
 
-async def test_retire_only_rooms_with_nothing_left_to_send():
+async def test_retire_only_rooms_never_published_to():
     loop = asyncio.get_running_loop()
     hub = _core.Hub(loop)
     room = hub.room("r", "e", 0)
@@ -321,11 +321,14 @@ async def test_retire_only_rooms_with_nothing_left_to_send():
     room.discard(conn)
     hub.room("s", "e", 0)
     hub.publish("s", "e", 1, record("s", 1))
-    assert not hub.retire("s")                 # pending, then history to resume from
+    assert not hub.retire("s")                 # pending
     hub.flush()
-    assert not hub.retire("s") and hub.rooms["s"].holds_history
+    assert not hub.retire("s")                 # history a reconnecting viewer resumes from
+    hub.room("t", "e", 7)
+    assert not hub.retire("t")                 # history elsewhere: 1-7 were published
     assert hub.retire("r") and "r" not in hub.rooms
     assert not hub.retire("r")
+    assert sorted(hub.sweep(-1)) == ["s", "t"]
     conn.close()
 
 
@@ -509,6 +512,12 @@ def test_send_refuses_bare_wire_frames():
     conn, peer = make_pair(loop)
     with pytest.raises(ValueError, match="core frame"):
         conn.send(_core.pack_frame(0x45, b""))
+    wire = _core.pack_frame(0x45, b"")
+    for headroom in (bytes([0, 200]) + bytes(14),      # a length past the headroom
+                     bytes([3, 0]) + bytes(14)):       # a tag with no prefix
+        with pytest.raises(ValueError, match="core frame"):
+            conn.send(headroom + wire)
+    assert conn.send(bytes(16) + wire) == 0             # what core_frame() builds
     conn.close()
     peer.close()
     loop.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from conftest import token
 from fanout.protocol import fanout_pb2 as pb
@@ -192,3 +193,96 @@ async def test_a_join_cut_short_by_a_close_holds_nothing():
         await settle(app, lambda: not app.node.sessions and room_counts(app) == (0, 0, 0))
         assert room_counts(app) == (0, 0, 0)
         assert len(app.logic.inner.logins) == 0      # the login was given back
+
+
+# ---------------------------------------------------------------- RoomTable races
+
+class JoinLater:
+    """A logic whose join takes its head at once but answers a little later,
+    so the bus can deliver newer messages before the room exists here."""
+
+    def __init__(self, inner, delay: float = 0.02) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def join(self, room):
+        head = await self.inner.join(room)
+        await asyncio.sleep(self.delay)
+        return head
+
+    async def release(self, room):
+        await self.inner.release(room)
+
+
+def _table(logic_factory):
+    from fanout import _core
+    from fanout.bus.local import LocalBus
+    from fanout.server import config
+    from fanout.server.app import local_logic
+    from fanout.server.rooms import RoomTable
+
+    bus = LocalBus()
+    inner = local_logic(config.load(None, env={}, overrides={}), bus)
+    hub = _core.Hub(asyncio.get_running_loop())
+    return RoomTable(hub, bus, logic_factory(inner)), inner, hub
+
+
+def _member():
+    import socket
+
+    from fanout import _core
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    return _core.TcpConnection(a.detach(), asyncio.get_running_loop()), b
+
+
+async def test_messages_published_while_a_room_opens_reach_it():
+    rooms, logic, hub = _table(JoinLater)
+    opening = asyncio.ensure_future(rooms.acquire("live"))
+    await asyncio.sleep(0.005)                  # head taken, answer not yet back
+    assert "live" not in hub.rooms
+    for _ in range(3):
+        await logic.publish("live", pb.GIFT, b"g", sender="svc")
+    room = await opening
+    assert room.last_seq == 3 and room.pending_count == 3
+    hub.flush()
+    assert (room.oldest_seq, room.flushed_seq) == (1, 3)   # in the ring to resume from
+
+
+async def test_a_waiter_never_joins_a_room_retired_under_it():
+    rooms, _logic, hub = _table(JoinLater)
+    conn, peer = _member()
+
+    async def opener_then_gone():
+        room = await rooms.acquire("x")
+        rooms.leave("x", conn)                  # its connection closed: retired at once
+        return room
+
+    first = asyncio.ensure_future(opener_then_gone())
+    await asyncio.sleep(0.005)
+    second = asyncio.ensure_future(rooms.acquire("x"))
+    retired = await first
+    room = await second
+    assert room is not retired and hub.rooms.get("x") is room
+    conn.close()
+    peer.close()
+
+
+async def test_an_app_that_fails_to_start_stops_what_it_started():
+    import socket
+
+    from fanout.server import config
+    from fanout.server.app import App
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cfg = config.load(None, env={}, overrides={
+        "port": 0, "admin_port": taken.getsockname()[1], "secret": "s" * 32})
+    app = App(cfg)
+    try:
+        with pytest.raises(OSError):
+            await app.start()
+        assert app.logic._timer is None         # the logic's sweep stopped
+        assert app.node.draining
+    finally:
+        taken.close()

@@ -9,7 +9,9 @@ just before it.
 The bus is scoped by room: a node subscribes when a room gets its first
 member there and unsubscribes when its hub retires the room, so a node only
 ever hears of rooms it holds. Per room, messages reach a subscriber in the
-order they were published.
+order they were published. As for the logic, these coroutines may start
+without a current task (:mod:`fanout.server.eager`): bound waits with
+``asyncio.wait_for``.
 """
 
 from __future__ import annotations

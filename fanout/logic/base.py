@@ -7,6 +7,10 @@ reached over the cluster bus). Every call that a network implementation
 answers with a round trip is a coroutine; only :meth:`Logic.set_degradation`,
 a local hint, is not.
 
+A session runs these coroutines up to their first suspension without a task
+(:mod:`fanout.server.eager`): an implementation bounds its round trips with
+``asyncio.wait_for``, not ``asyncio.timeout``.
+
 Per-room state is created only by :meth:`Logic.publish` and by
 :meth:`Logic.join` (a join that passed the node's checks), and is forgotten
 when idle and no node holds the room. :meth:`Logic.head` and

@@ -63,16 +63,17 @@ class App:
         self._closed = False
 
     async def start(self) -> None:
-        """Start every part; the node accepts clients when this returns."""
-        await self.bus.start()
-        await self.logic.start()
-        await self.node.start()
-        if self.admin is not None:
-            try:
+        """Start every part; the node accepts clients when this returns. If a
+        part fails to start (a port taken), what did start is stopped."""
+        try:
+            await self.bus.start()
+            await self.logic.start()
+            await self.node.start()
+            if self.admin is not None:
                 await self.admin.start()
-            except OSError:
-                await self.stop(grace=0)
-                raise
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         cfg = self.config
         if cfg.uses_dev_secret:
             log.warning("using the built-in development secret: anyone can mint tokens; "
@@ -91,8 +92,8 @@ class App:
         await self._close()
 
     async def _close(self) -> None:
-        # The admin API goes last of the node's parts, so probes and metrics
-        # answer until the drain is over.
+        # After the node's drain: the admin API first (it answered probes and
+        # metrics until the drain was over), then the logic, then the bus.
         if self._closed:
             return
         self._closed = True

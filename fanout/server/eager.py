@@ -4,9 +4,15 @@ does not need one.
 A session handles client frames in the socket's read callback. Its handlers
 are coroutines because the logic may be a network service, but the embedded
 logic answers without ever suspending. :func:`start` runs a coroutine up to
-its first suspension right away (as Python 3.12's eager tasks do): if it
-finishes there, no task or loop turn was spent; if it suspends, the rest of
-it continues in an :class:`asyncio.Task`.
+its first suspension right away: if it finishes there, no task or loop turn
+was spent; if it suspends, the rest of it continues in an
+:class:`asyncio.Task`.
+
+Unlike Python 3.12's eager tasks, the part before the first suspension runs
+with no current task: ``asyncio.current_task()`` is None there and
+``asyncio.timeout()`` refuses to run. Code reached from a session handler (a
+Logic or Bus implementation) therefore bounds its waits with
+``asyncio.wait_for``, or suspends before it enters a task-scoped context.
 """
 
 from __future__ import annotations

@@ -162,6 +162,9 @@ class Node:
             if self._drain_task is not None and self._drain_task is not asyncio.current_task():
                 await asyncio.shield(self._drain_task)
             return
+        if self.listener is None:            # never started (or failed to): nothing to drain
+            self.draining = True
+            return
         cfg = self.config
         self.draining = True
         self.metrics.draining.set(1)
@@ -182,7 +185,8 @@ class Node:
             session.conn.close()
         for timer in self._timers.values():
             timer.cancel()
-        self._probe.stop()
+        if self._probe is not None:
+            self._probe.stop()
         await self.rooms.close()
         if not self._stopped.done():
             self._stopped.set_result(None)

@@ -3,13 +3,14 @@ their hold on the logic's room state, opened with the first member and
 retired when nothing is left to send; and the presence broadcast.
 
 A room is opened by subscribing on the bus first and asking the logic for
-its head second: every message after that head then reaches the hub, and
-anything the subscription delivers before the room exists is history the
-head already covers. A room retires at once when its last member leaves and
-it holds no history (a join/leave loop leaves nothing behind); a room with
-history stays for resumes until it has been idle for ``room_idle_ttl_s``
-(:meth:`RoomTable.sweep`). Retiring ends the subscription and releases
-the logic's hold.
+its head second. What the subscription delivers while the head is on its way
+is kept and applied once the room exists (the hub drops seqs the head
+already counts), so every message after the head reaches the room. A room
+retires at once when its last member leaves if nothing was ever published to
+it (a join/leave loop leaves nothing behind); a room with history stays for
+resumes until it has been idle for ``room_idle_ttl_s``
+(:meth:`RoomTable.sweep`). Retiring ends the subscription and releases the
+logic's hold.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class RoomTable:
         self.hub = hub
         self._bus = bus
         self._logic = logic
-        self._deliver = hub.publish           # the one handler every subscription uses
+        self._publish = hub.publish
         self._opening: dict[str, list[asyncio.Future]] = {}
+        self._early: dict[str, list[tuple]] = {}   # delivered while the room opens
         self._closing: dict[str, asyncio.Task] = {}
 
     def __len__(self) -> int:
@@ -47,26 +49,50 @@ class RoomTable:
     def get(self, name: str) -> _core.Room | None:
         return self.hub.rooms.get(name)
 
+    def _deliver(self, room: str, epoch: str, seq: int, record: bytes, sampled: bool) -> None:
+        # The handler of every subscription: once per message, never per member.
+        if not self._publish(room, epoch, seq, record, sampled):
+            early = self._early.get(room)
+            if early is not None:
+                early.append((room, epoch, seq, record, sampled))
+
     async def acquire(self, name: str) -> _core.Room:
-        """The room ``name`` on this node, opened if new.
+        """The room ``name`` on this node, opened if new. Once it returns,
+        the room is held here until the caller's connection joins it (no
+        await comes between).
 
         :raises fanout.logic.base.Rejected: the logic refused the room.
         """
-        room = self.hub.rooms.get(name)
-        if room is not None:
-            return room
-        closing = self._closing.get(name)
-        if closing is not None:
-            await closing                     # its unsubscribe must not end ours
-            return await self.acquire(name)
-        waiters = self._opening.get(name)
-        if waiters is not None:               # someone else is opening it
+        while True:
+            room = self.hub.rooms.get(name)
+            if room is not None:
+                return room
+            closing = self._closing.get(name)
+            if closing is not None:
+                await closing                 # its unsubscribe must not end ours
+                continue
+            waiters = self._opening.get(name)
+            if waiters is None:
+                return await self._open(name)
+            # Someone else is opening it. What they get may be retired before
+            # this waiter runs (their connection closed): then look again.
             future = asyncio.get_running_loop().create_future()
             waiters.append(future)
-            return await future
+            room = await future
+            if self.hub.rooms.get(name) is room:
+                return room
+
+    async def _open(self, name: str) -> _core.Room:
         self._opening[name] = waiters = []
+        self._early[name] = early = []
         try:
-            room = await self._open(name)
+            await self._bus.subscribe(name, self._deliver)
+            try:
+                head = await self._logic.join(name)
+            except BaseException:
+                await self._bus.unsubscribe(name, self._deliver)
+                raise
+            room = self.hub.room(name, head.epoch, head.seq)
         except BaseException as exc:
             for future in waiters:
                 if not future.done():
@@ -74,19 +100,13 @@ class RoomTable:
             raise
         finally:
             del self._opening[name]
+            del self._early[name]
+        for message in early:
+            self._publish(*message)            # seqs the head counts are dropped
         for future in waiters:
             if not future.done():
                 future.set_result(room)
         return room
-
-    async def _open(self, name: str) -> _core.Room:
-        await self._bus.subscribe(name, self._deliver)
-        try:
-            head = await self._logic.join(name)
-        except BaseException:
-            await self._bus.unsubscribe(name, self._deliver)
-            raise
-        return self.hub.room(name, head.epoch, head.seq)
 
     def leave(self, name: str, conn: _core.Connection) -> None:
         """``conn`` is no member of ``name`` any more; the room retires if
@@ -119,9 +139,12 @@ class RoomTable:
     async def _release(self, name: str) -> None:
         try:
             await self._bus.unsubscribe(name, self._deliver)
+        except Exception:
+            log.exception("ending the subscription of room %r failed", name)
+        try:
             await self._logic.release(name)
         except Exception:
-            log.exception("releasing room %r failed", name)
+            log.exception("releasing room %r in the logic failed", name)
 
     def send_presence(self) -> None:
         """Every member gets its room's online count: one shared frame per

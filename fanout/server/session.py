@@ -71,7 +71,7 @@ class Session:
     # Per-connection memory counts at 19k connections per process: keep
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
-                 "claims", "rooms", "connected_at", "_hard_close", "_busy")
+                 "claims", "rooms", "connected_at", "_hard_close", "_busy", "_logged_in")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -88,6 +88,7 @@ class Session:
         self.connected_at = host.loop.time()
         self._hard_close = None
         self._busy: asyncio.Task | None = None   # a handler waiting on the logic
+        self._logged_in = False                  # holds a login the logic must be given back
         conn.owner = self
         conn.start_reading(self.on_readable)
 
@@ -137,7 +138,7 @@ class Session:
                 # Hold the rest until this handler is done: replies keep the
                 # order of the requests, and the socket backs up meanwhile.
                 self._busy = waiting
-                conn.pause_reading()
+                conn.pause_reading()             # a closing connection keeps reading
                 rest = frames[i + 1:]
                 waiting.add_done_callback(lambda task: self._resume(task, rest, message_type))
                 return
@@ -147,7 +148,10 @@ class Session:
 
     def _resume(self, task: asyncio.Task, rest: list, message_type) -> None:
         self._busy = None
-        if task.cancelled() or self.conn.closing:
+        if self.conn.closing:
+            return
+        if task.cancelled():                     # the loop is shutting down
+            self.conn.close()
             return
         if task.exception() is not None:
             self._internal_error(message_type.__name__, task.exception())
@@ -175,10 +179,15 @@ class Session:
             return
         device_class = msg.device_class or "default"
         replaced = await host.logic.login(claims.user, device_class, self.id)
+        if replaced is not None:
+            # The rule holds even if this connection is already gone.
+            host.kick(replaced, pb.DUPLICATE_LOGIN,
+                      f"user {claims.user} logged in again with device class {device_class}")
         if self.conn.closing:
             # Gone while the login was recorded: give it back.
             await host.logic.logout(claims.user, device_class, self.id)
             return
+        self._logged_in = True
         self.claims = claims
         self.user = claims.user
         self.device_class = device_class
@@ -187,10 +196,9 @@ class Session:
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
         log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, device_class)
-        if replaced is not None:
-            host.kick(replaced, pb.DUPLICATE_LOGIN,
-                      f"user {self.user} logged in again with device class {device_class}")
         for point in msg.resume:
+            if self.conn.closing:
+                return
             await self._join_room(0, point.room, point.last_seq, point.epoch)
 
     def _join(self, msg: pb.Join):
@@ -215,8 +223,17 @@ class Session:
         except Rejected as exc:
             self.error(req_id, exc.reason, exc.message, name)
             return
+        try:
+            self._enter(room, req_id, name, last_seq, epoch)
+        finally:
+            if self.conn.closing or name not in self.rooms:
+                host.rooms.leave(name, self.conn)    # not joined after all: let it go
+
+    def _enter(self, room: _core.Room, req_id: int, name: str, last_seq: int,
+               epoch: str) -> None:
+        """Join ``room``, acquired for this connection: Ack, Gap, replay,
+        then membership, all before anything else is written to it."""
         if self.conn.closing:
-            host.rooms.leave(name, self.conn)    # opened for us alone: let it go
             return
         # A re-join on the same connection is a resume like any other.
         room.discard(self.conn)
@@ -228,7 +245,7 @@ class Session:
             cursor = 0                         # history was reset: from the start
         self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
         if cursor < room.flushed_seq:
-            cfg = host.config
+            cfg = self.host.config
             gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min,
                                                    cfg.compress_level)
             if gap_from:
@@ -237,7 +254,6 @@ class Session:
             for frame in frames:
                 self.conn.send(frame, True)
         if self.conn.closing:
-            host.rooms.leave(name, self.conn)
             return
         room.add(self.conn)
         if self.rooms is _NO_ROOMS:
@@ -318,8 +334,8 @@ class Session:
         """Stop receiving broadcasts and give up the login; idempotent."""
         for name in list(self.rooms):
             self._leave_room(name)
-        if self.claims is not None:            # logged in: give the login back once
-            self.claims = None
+        if self._logged_in:                    # give the login back, once
+            self._logged_in = False
             eager.spawn(self.host.logic.logout(self.user, self.device_class, self.id),
                         f"{self}: logout", log)
 

@@ -18,10 +18,11 @@
 #
 # Prefixed kinds: before a frame's first write on such a connection,
 # _prefixed() makes sure the frame's headroom holds this kind's header
-# (_prefix_tag names the kind): written once per frame for all connections of
-# the kind by _write_prefix(); if another prefixed kind got there first, the
-# connection writes a private copy (counted in prefix_copies; rooms are
-# expected to hold one prefixed kind at most).
+# (_prefix_tag names the kind, from prefix_tag()): written once per frame for
+# all connections of the kind by _write_prefix(); if another prefixed kind
+# got there first, each connection of this kind writes a private copy
+# (counted in prefix_copies; rooms are expected to hold one prefixed kind at
+# most).
 #
 # Read side: frames are parsed from a scratch buffer shared by all
 # connections (the loop is single-threaded); only an incomplete tail is
@@ -78,7 +79,6 @@ cdef class Connection:
 
     # the hot path: one frame, from C, for every member of a flushed room
     cdef int send_frame(self, bytes frame) except -1
-    cdef Py_ssize_t _start_of(self, object frame) noexcept
     cdef bytes _prefixed(self, bytes frame)
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
     cdef int _drain(self) except -1

@@ -51,6 +51,22 @@ cdef char _scratch[SCRATCH_SIZE]
 # header already sat in the shared frame's headroom.
 cdef unsigned long long _prefix_copies = 0
 
+# Headroom tags (1-255), one per distinct prefix of every prefixed kind, so
+# kinds never mistake each other's header for their own (connection.pxd).
+cdef dict _prefix_tags = {}
+
+
+cdef uint8_t prefix_tag(object key) except 0:
+    """The headroom tag of prefix ``key`` (any hashable naming the kind's
+    header, e.g. ("prefix", b"AB") or ("websocket",)), made on first use."""
+    tag = _prefix_tags.get(key)
+    if tag is None:
+        if len(_prefix_tags) >= 255:
+            raise ValueError("at most 255 distinct connection prefixes")
+        tag = _prefix_tags[key] = len(_prefix_tags) + 1
+    return tag
+
+
 # Status codes, exported for the control layer.
 STATUS_SLOW = SEND_SLOW
 STATUS_DEAD = SEND_DEAD
@@ -79,6 +95,43 @@ def _readable_cb(Connection conn):
         conn._discard_input()
     elif conn.state == CONN_OPEN:
         conn._read_cb()
+
+
+cdef inline Py_ssize_t _wire_start(Connection conn, object frame) noexcept:
+    # Where this connection's bytes of a core frame begin (frame.pxd).
+    if conn._prefix_tag:
+        return HEADROOM - (<const uint8_t*>PyBytes_AS_STRING(frame))[HR_LEN]
+    return HEADROOM
+
+
+cdef inline int _send_from(Connection conn, bytes frame) except -1:
+    # The write of one frame (its headroom already right for this kind):
+    # send() at once when nothing is queued, else join the backlog in order.
+    cdef Py_ssize_t start = _wire_start(conn, frame)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(frame) - start
+    cdef ssize_t w
+    if conn._bl_len:
+        # Behind a backlog: queue in order (one writer), or give up on a
+        # consumer that cannot keep up rather than buffer without bound.
+        if (conn.backlog_bytes + n > conn.max_backlog_bytes
+                or conn._bl_len >= conn._max_backlog_frames):
+            return SEND_SLOW
+        conn._enqueue(frame, start)
+        return SEND_OK
+    w = c_send(conn.fd, PyBytes_AS_STRING(frame) + start, <size_t>n,
+               MSG_NOSIGNAL | MSG_DONTWAIT)
+    if w == n:
+        conn.frames_sent += 1
+        conn.bytes_sent += <unsigned long long>n
+        return SEND_OK
+    if w < 0:
+        if errno != EAGAIN and errno != EINTR:
+            return SEND_DEAD
+        w = 0
+    conn.bytes_sent += <unsigned long long>w
+    conn._enqueue(frame, start + w)
+    conn._arm_writer()
+    return SEND_QUEUED
 
 
 cdef class Connection:
@@ -121,45 +174,12 @@ cdef class Connection:
     # ---------------------------------------------------------------- writing
 
     cdef int send_frame(self, bytes frame) except -1:
-        cdef Py_ssize_t start, n
-        cdef ssize_t w
         if self.state != CONN_OPEN:
             return SEND_CLOSED
         FANOUT_SLOWDOWN()
         if self._prefix_tag:
-            frame = self._prefixed(frame)
-            start = HEADROOM - (<const uint8_t*>PyBytes_AS_STRING(frame))[HR_LEN]
-        else:
-            start = HEADROOM                 # plain kinds: no call per recipient
-        n = PyBytes_GET_SIZE(frame) - start
-        if self._bl_len:
-            # Behind a backlog: queue in order (one writer), or give up on a
-            # consumer that cannot keep up rather than buffer without bound.
-            if (self.backlog_bytes + n > self.max_backlog_bytes
-                    or self._bl_len >= self._max_backlog_frames):
-                return SEND_SLOW
-            self._enqueue(frame, start)
-            return SEND_OK
-        w = c_send(self.fd, PyBytes_AS_STRING(frame) + start, <size_t>n,
-                   MSG_NOSIGNAL | MSG_DONTWAIT)
-        if w == n:
-            self.frames_sent += 1
-            self.bytes_sent += <unsigned long long>n
-            return SEND_OK
-        if w < 0:
-            if errno != EAGAIN and errno != EINTR:
-                return SEND_DEAD
-            w = 0
-        self.bytes_sent += <unsigned long long>w
-        self._enqueue(frame, start + w)
-        self._arm_writer()
-        return SEND_QUEUED
-
-    cdef Py_ssize_t _start_of(self, object frame) noexcept:
-        # Where this connection's bytes of `frame` begin (frame.pxd).
-        if self._prefix_tag:
-            return HEADROOM - (<const uint8_t*>PyBytes_AS_STRING(frame))[HR_LEN]
-        return HEADROOM
+            return _send_from(self, self._prefixed(frame))
+        return _send_from(self, frame)   # plain kinds: no call, no reference per recipient
 
     cdef bytes _prefixed(self, bytes frame):
         cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(frame)
@@ -217,7 +237,7 @@ cdef class Connection:
             cnt = <int>(self._bl_len if self._bl_len < MAX_IOV else MAX_IOV)
             for i in range(cnt):
                 head = self._bl[(self._bl_head + i) % self._bl_cap]
-                start = self._bl_offset if i == 0 else self._start_of(<object>head)
+                start = self._bl_offset if i == 0 else _wire_start(self, <object>head)
                 iov[i].iov_base = PyBytes_AS_STRING(<object>head) + start
                 iov[i].iov_len = <size_t>(PyBytes_GET_SIZE(<object>head) - start)
             FANOUT_ASSERT(iov[0].iov_len > 0)
@@ -241,7 +261,7 @@ cdef class Connection:
                 Py_DECREF(<object>head)
                 self._bl_head = (self._bl_head + 1) % self._bl_cap
                 self._bl_len -= 1
-                self._bl_offset = (self._start_of(<object>self._bl[self._bl_head])
+                self._bl_offset = (_wire_start(self, <object>self._bl[self._bl_head])
                                    if self._bl_len else 0)
                 self.frames_sent += 1
             if self._bl_len:
@@ -294,7 +314,7 @@ cdef class Connection:
         if force and self.state == CONN_OPEN and self._bl_len:
             if self._prefix_tag:
                 frame = self._prefixed(frame)
-            self._enqueue(frame, self._start_of(frame))
+            self._enqueue(frame, _wire_start(self, frame))
             return SEND_OK
         st = self.send_frame(frame)
         if st == SEND_SLOW or st == SEND_DEAD:
@@ -308,8 +328,8 @@ cdef class Connection:
         With ``drop_queued`` (a slow consumer, bad input), queued frames not
         yet started are dropped; a frame already partly written is finished
         so the stream stays parseable. Without it (a drain) everything
-        queued goes out first. Reading stops; the socket closes once the
-        peer closes or the owner calls close().
+        queued goes out first. Input is read and discarded from then on; the
+        socket closes once the peer closes or the owner calls close().
         """
         cdef PyObject* obj
         cdef Py_ssize_t started
@@ -318,17 +338,17 @@ cdef class Connection:
             return
         self.state = CONN_CLOSING
         if self._bl_len:
-            started = self._bl_offset > self._start_of(<object>self._bl[self._bl_head])
+            started = self._bl_offset > _wire_start(self, <object>self._bl[self._bl_head])
             while drop_queued and self._bl_len > (1 if started else 0):
                 obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
                 self.backlog_bytes -= (PyBytes_GET_SIZE(<object>obj)
                                        - (self._bl_offset if self._bl_len == 1
-                                          else self._start_of(<object>obj)))
+                                          else _wire_start(self, <object>obj)))
                 Py_DECREF(<object>obj)
                 self._bl_len -= 1
         if self._prefix_tag:
             frame = self._prefixed(frame)
-        self._enqueue(frame, self._start_of(frame))
+        self._enqueue(frame, _wire_start(self, frame))
         self.resume_reading()          # in discard mode: see the peer's close
         _on_writable(self)
         if self._bl_len:
@@ -380,8 +400,9 @@ cdef class Connection:
 
     def pause_reading(self):
         """Stop calling the read callback until :meth:`resume_reading`: the
-        owner is busy with input already read, and the socket backs up."""
-        if self._reading:
+        owner is busy with input already read, and the socket backs up. A
+        closing connection keeps reading (to see the peer's close)."""
+        if self._reading and self.state == CONN_OPEN:
             self._reading = False
             self._loop.remove_reader(self.fd)
 
@@ -468,9 +489,12 @@ cdef class Connection:
 cdef int _check_core_frame(bytes frame) except -1:
     # Control frames come from Python: refuse anything that is not a core
     # frame (a bare wire frame would lose its first HEADROOM bytes).
+    # The headroom is checked too: a stray length would make a prefixed
+    # connection write from before the frame's buffer.
     cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(frame)
     if (size < HEADROOM + HEADER_SIZE or p[HEADROOM] != WIRE_VERSION
-            or body_length(p + HEADROOM) != size - HEADROOM - HEADER_SIZE):
+            or body_length(p + HEADROOM) != size - HEADROOM - HEADER_SIZE
+            or p[HR_LEN] > MAX_PREFIX or (p[HR_TAG] == 0) != (p[HR_LEN] == 0)):
         raise ValueError("not a core frame: build it with core_frame()")
     return 0

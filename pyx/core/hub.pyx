@@ -166,12 +166,13 @@ cdef class Hub:
             self._flush(room)
 
     def retire(self, str room_name):
-        """Forget ``room_name`` now if it has no members and nothing a
-        client could still be sent (never published to, or its history
-        gone). Returns whether it was removed; the caller ends the room's
-        bus subscription."""
+        """Forget ``room_name`` now if it has no members and no message was
+        ever published to it in its epoch (so a client resuming it has
+        nothing to miss). Returns whether it was removed; the caller ends the
+        room's bus subscription. A room with history waits for :meth:`sweep`:
+        a viewer reconnecting after a drop resumes from it."""
         cdef Room room = self.rooms.get(room_name)
-        if room is None or room._members or room.holds_history:
+        if room is None or room._members or room.last_seq or room._pend_len:
             return False
         del self.rooms[room_name]
         return True

@@ -2,20 +2,6 @@
 # behind a fixed header, written once per frame into its headroom and shared
 # by every PrefixConnection with the same prefix.
 
-# Distinct prefixes get distinct headroom tags (1-255): connections with the
-# same prefix share a frame's header, others get a copy (connection.pxd).
-cdef dict _prefix_tags = {}
-
-
-cdef uint8_t _tag_for(bytes prefix) except 0:
-    tag = _prefix_tags.get(prefix)
-    if tag is None:
-        if len(_prefix_tags) >= 255:
-            raise ValueError("at most 255 distinct connection prefixes")
-        tag = _prefix_tags[prefix] = len(_prefix_tags) + 1
-    return tag
-
-
 cdef class PrefixConnection(TcpConnection):
     """A connection that writes ``prefix`` (1-14 bytes) before every frame."""
 
@@ -24,7 +10,7 @@ cdef class PrefixConnection(TcpConnection):
             raise ValueError(f"prefix must be 1-{MAX_PREFIX} bytes")
         super().__init__(fd, loop, **limits)
         self._prefix = prefix
-        self._prefix_tag = _tag_for(prefix)
+        self._prefix_tag = prefix_tag(("prefix", prefix))
 
     @property
     def prefix(self):

@@ -178,12 +178,6 @@ cdef class Room:
         self.last_seq = self.flushed_seq = head_seq
 
     @property
-    def holds_history(self):
-        """Whether the room has anything a client could still be sent:
-        pending records or records to replay."""
-        return self._ring_count > 0 or self._pend_len > 0
-
-    @property
     def oldest_seq(self):
         """Oldest seq that can still be replayed, 0 if none."""
         return self._ring_first if self._ring_count else 0
