@@ -243,7 +243,7 @@ async def test_messages_published_while_a_room_opens_reach_it():
     for _ in range(3):
         await logic.publish("live", pb.GIFT, b"g", sender="svc")
     room = await opening
-    assert room.last_seq == 3 and room.pending_count == 3
+    assert room.last_seq == 3
     hub.flush()
     assert (room.oldest_seq, room.flushed_seq) == (1, 3)   # in the ring to resume from
 
