@@ -53,6 +53,7 @@ cdef class Connection:
     cdef bint _reading
     cdef readonly bint eof            # peer closed or reset its side
     cdef uint8_t _prefix_tag          # 0: frames go out as they are (plain kinds)
+    cdef bytes _copy                  # the last private copy _prefixed() made
 
     # write backlog (ring of owned bytes references)
     cdef PyObject** _bl
@@ -79,7 +80,7 @@ cdef class Connection:
 
     # the hot path: one frame, from C, for every member of a flushed room
     cdef int send_frame(self, bytes frame) except -1
-    cdef bytes _prefixed(self, bytes frame)
+    cdef PyObject* _prefixed(self, bytes frame) except NULL
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
     cdef int _drain(self) except -1
     cdef void _arm_writer(self) except *

@@ -104,36 +104,6 @@ cdef inline Py_ssize_t _wire_start(Connection conn, object frame) noexcept:
     return HEADROOM
 
 
-cdef inline int _send_from(Connection conn, bytes frame) except -1:
-    # The write of one frame (its headroom already right for this kind):
-    # send() at once when nothing is queued, else join the backlog in order.
-    cdef Py_ssize_t start = _wire_start(conn, frame)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(frame) - start
-    cdef ssize_t w
-    if conn._bl_len:
-        # Behind a backlog: queue in order (one writer), or give up on a
-        # consumer that cannot keep up rather than buffer without bound.
-        if (conn.backlog_bytes + n > conn.max_backlog_bytes
-                or conn._bl_len >= conn._max_backlog_frames):
-            return SEND_SLOW
-        conn._enqueue(frame, start)
-        return SEND_OK
-    w = c_send(conn.fd, PyBytes_AS_STRING(frame) + start, <size_t>n,
-               MSG_NOSIGNAL | MSG_DONTWAIT)
-    if w == n:
-        conn.frames_sent += 1
-        conn.bytes_sent += <unsigned long long>n
-        return SEND_OK
-    if w < 0:
-        if errno != EAGAIN and errno != EINTR:
-            return SEND_DEAD
-        w = 0
-    conn.bytes_sent += <unsigned long long>w
-    conn._enqueue(frame, start + w)
-    conn._arm_writer()
-    return SEND_QUEUED
-
-
 cdef class Connection:
     """A client socket owned by the core: framed reads, zero-copy writes.
 
@@ -174,31 +144,62 @@ cdef class Connection:
     # ---------------------------------------------------------------- writing
 
     cdef int send_frame(self, bytes frame) except -1:
+        # The hot path, once per member per flush. `obj` is the frame this
+        # connection writes: the shared one, or the private copy _prefixed()
+        # keeps alive. A raw pointer, so no reference is taken per recipient.
+        cdef PyObject* obj = <PyObject*>frame
+        cdef Py_ssize_t start = HEADROOM, n
+        cdef ssize_t w
         if self.state != CONN_OPEN:
             return SEND_CLOSED
         FANOUT_SLOWDOWN()
         if self._prefix_tag:
-            return _send_from(self, self._prefixed(frame))
-        return _send_from(self, frame)   # plain kinds: no call, no reference per recipient
+            obj = self._prefixed(frame)
+            start -= (<const uint8_t*>PyBytes_AS_STRING(<object>obj))[HR_LEN]
+        n = PyBytes_GET_SIZE(<object>obj) - start
+        if self._bl_len:
+            # Behind a backlog: queue in order (one writer), or give up on a
+            # consumer that cannot keep up rather than buffer without bound.
+            if (self.backlog_bytes + n > self.max_backlog_bytes
+                    or self._bl_len >= self._max_backlog_frames):
+                return SEND_SLOW
+            self._enqueue(<bytes>obj, start)
+            return SEND_OK
+        w = c_send(self.fd, PyBytes_AS_STRING(<object>obj) + start, <size_t>n,
+                   MSG_NOSIGNAL | MSG_DONTWAIT)
+        if w == n:
+            self.frames_sent += 1
+            self.bytes_sent += <unsigned long long>n
+            return SEND_OK
+        if w < 0:
+            if errno != EAGAIN and errno != EINTR:
+                return SEND_DEAD
+            w = 0
+        self.bytes_sent += <unsigned long long>w
+        self._enqueue(<bytes>obj, start + w)
+        self._arm_writer()
+        return SEND_QUEUED
 
-    cdef bytes _prefixed(self, bytes frame):
+    cdef PyObject* _prefixed(self, bytes frame) except NULL:
+        # `frame` with this kind's header in its headroom: itself (borrowed,
+        # alive for the caller), or a private copy held in _copy until the
+        # next one, when another prefixed kind's header is already there.
         cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame), plen
-        cdef bytes own
         global _prefix_copies
         if p[HR_TAG] == self._prefix_tag:
-            return frame                     # another member of the kind wrote it
+            return <PyObject*>frame           # another member of the kind wrote it
         if p[HR_TAG] != 0:
-            own = PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame), size)
+            self._copy = PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame), size)
             _prefix_copies += 1
-            frame = own
+            frame = self._copy
             p = <uint8_t*>PyBytes_AS_STRING(frame)
         plen = self._write_prefix(<char*>p + HEADROOM, size - HEADROOM)
         if plen <= 0 or plen > MAX_PREFIX:
             raise ValueError(f"a connection prefix must be 1-{MAX_PREFIX} bytes, got {plen}")
         p[HR_LEN] = <uint8_t>plen
         p[HR_TAG] = self._prefix_tag
-        return frame
+        return <PyObject*>frame
 
     cdef Py_ssize_t _write_prefix(self, char* end, Py_ssize_t wire_len) except -1:
         # A prefixed kind writes its header for a wire frame of wire_len
@@ -313,7 +314,7 @@ cdef class Connection:
         _check_core_frame(frame)
         if force and self.state == CONN_OPEN and self._bl_len:
             if self._prefix_tag:
-                frame = self._prefixed(frame)
+                frame = <bytes>self._prefixed(frame)
             self._enqueue(frame, _wire_start(self, frame))
             return SEND_OK
         st = self.send_frame(frame)
@@ -347,7 +348,7 @@ cdef class Connection:
                 Py_DECREF(<object>obj)
                 self._bl_len -= 1
         if self._prefix_tag:
-            frame = self._prefixed(frame)
+            frame = <bytes>self._prefixed(frame)
         self._enqueue(frame, _wire_start(self, frame))
         self.resume_reading()          # in discard mode: see the peer's close
         _on_writable(self)

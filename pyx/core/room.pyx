@@ -1,6 +1,7 @@
 # One room's members, pending batch and resume ring (see room.pxd).
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
@@ -113,9 +114,15 @@ cdef class Room:
         # Returns (connection, status) for members that need the owner's
         # attention; the caller reports them after the loop.
         cdef list troubled = None
+        cdef list members = self._members
+        cdef Py_ssize_t i = 0
         cdef int st
         cdef Connection member
-        for member in self._members:
+        # Members are Connections by construction (add() takes only those):
+        # an unchecked cast, as a checked one walks the kind's MRO per member.
+        while i < PyList_GET_SIZE(members):
+            member = <Connection>PyList_GET_ITEM(members, i)
+            i += 1
             st = member.send_frame(frame)
             if st > SEND_QUEUED and st != SEND_CLOSED:
                 if troubled is None:
