@@ -19,15 +19,16 @@ test: $(STAMP) test-debug
 
 # The core's tests against a debug build (C asserts on, bounds checks; see
 # setup.py), so that CI runs the asserts. The debug build is a copy of the
-# package in $(DEBUG_LIB), found through PYTHONPATH (-P keeps ./fanout off
-# sys.path) before the release build in $(VENV), which it leaves alone.
-# setup.py rebuilds only what changed since the last run.
+# package in $(DEBUG_LIB); running from there puts it first on sys.path,
+# ahead of the release build in ./fanout (the editable install), which it
+# leaves alone. setup.py rebuilds only what changed since the last run.
 test-debug: $(STAMP) $(BUILD_TOOLS)
 	FANOUT_DEBUG=1 $(PY) setup.py -q build --build-base build/debug --build-lib $(DEBUG_LIB)
-	PYTHONPATH=$(DEBUG_LIB) $(PY) -P -c 'import fanout._core as c; print("core:", c.__file__); \
+	cd $(DEBUG_LIB) && $(CURDIR)/$(PY) -c 'import fanout._core as c; print("core:", c.__file__); \
 	    assert c.__file__.startswith("$(CURDIR)/$(DEBUG_LIB)/"), "not the debug build"; \
 	    assert b"__assert_fail" in open(c.__file__, "rb").read(), "no C asserts in it"'
-	PYTHONPATH=$(DEBUG_LIB) $(PY) -P -m pytest tests/test_core.py
+	cd $(DEBUG_LIB) && $(CURDIR)/$(PY) -m pytest --rootdir $(CURDIR) -p no:cacheprovider \
+	    $(CURDIR)/tests/test_core.py
 
 build: $(STAMP)
 
@@ -48,8 +49,9 @@ $(STAMP): $(PY) $(SOURCES)
 # What pip installs in its isolated build env: pyproject.toml's
 # [build-system] requires.
 $(BUILD_TOOLS): $(PY) pyproject.toml
-	$(PY) -m pip install -q $$($(PY) -c 'import tomllib; \
-	    print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
+	$(PY) -m pip install -q $$($(PY) -c 'import sys; \
+	    toml = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); \
+	    print(*toml.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
 	touch $(BUILD_TOOLS)
 
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
