@@ -9,7 +9,6 @@ from fanout.protocol.wire import WireError as FrameError
 
 STATUS_SLOW: int
 STATUS_DEAD: int
-FRAME_HEADROOM: int
 
 def core_frame(ftype: int, body: Buffer, compress_min: int = 0, level: int = 0) -> bytes: ...
 def wire_bytes(frame: bytes) -> bytes: ...

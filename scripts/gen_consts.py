@@ -19,12 +19,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from generated import ROOT, write_or_check
+
 sys.path.insert(0, str(ROOT))
 
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol import wire  # noqa: E402
-from generated import write_or_check  # noqa: E402
 
 OUT = ROOT / "pyx" / "includes" / "consts.pxi"
 

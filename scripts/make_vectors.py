@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from generated import ROOT, write_or_check
+
 sys.path.insert(0, str(ROOT))
 
 from google.protobuf import json_format  # noqa: E402
@@ -26,7 +26,6 @@ from google.protobuf import json_format  # noqa: E402
 from fanout.protocol import wire  # noqa: E402
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol.wire import FrameType  # noqa: E402
-from generated import write_or_check  # noqa: E402
 
 OUT = ROOT / "tests" / "vectors" / "frames.json"
 

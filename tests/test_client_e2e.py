@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import SECRET, token
+from conftest import token
 from inprocess import local_app
 from fanout.client import Client, KickedError
 from fanout.logic import Rejected

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from conftest import token
 from fanout.client import Client
 from fanout.protocol import fanout_pb2 as pb

@@ -294,18 +294,6 @@ class Node:
             info.update(stats)
         return info
 
-    def stats(self) -> dict:
-        rooms = self.hub.rooms.values() if self.hub is not None else ()
-        return {
-            "connections": len(self.sessions),
-            "rooms": len(self.hub.rooms) if self.hub is not None else 0,
-            "flushes": self.hub.flushes if self.hub is not None else 0,
-            "frames_built": sum(r.frames_built for r in rooms),
-            "deliveries": sum(r.deliveries for r in rooms),
-            "degradation_level": self.degradation_level,
-            "draining": self.draining,
-        }
-
     def _gauges(self):
         if self.hub is None:
             return

@@ -71,7 +71,7 @@ class Session:
     # Per-connection memory counts at 19k connections per process: keep
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
-                 "claims", "rooms", "connected_at", "_hard_close", "_busy", "_logged_in")
+                 "claims", "rooms", "connected_at", "_hard_close", "_logged_in")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -87,7 +87,6 @@ class Session:
         self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.connected_at = host.loop.time()
         self._hard_close = None
-        self._busy: asyncio.Task | None = None   # a handler waiting on the logic
         self._logged_in = False                  # holds a login the logic must be given back
         conn.owner = self
         conn.start_reading(self.on_readable)
@@ -109,45 +108,46 @@ class Session:
             return
         self._handle(frames)
 
-    def _handle(self, frames: list) -> None:
+    def _handle(self, frames: list) -> bool:
+        """Handle ``frames`` in order; True if a handler is still waiting on
+        the logic (it resumes the rest when done)."""
         conn = self.conn
         for i, (ftype, _flags, body) in enumerate(frames):
             if conn.closing:
-                return
+                return False
             entry = _HANDLERS.get(ftype)
             if entry is None:
                 self.fail(pb.UNKNOWN_FRAME_TYPE, f"frame type 0x{ftype:02x} is not a client frame")
-                return
+                return False
             handler, message_type = entry
             try:
                 msg = message_type.FromString(body)
             except DecodeError as exc:
                 self.fail(pb.BAD_PROTOBUF, f"{message_type.__name__} does not decode: {exc}")
-                return
+                return False
             if self.user is None and ftype != FrameType.HELLO:
                 self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
-                return
+                return False
             try:
                 waiting = handler(self, msg)
                 if waiting is not None:
                     waiting = eager.start(waiting)
             except Exception:
                 self._internal_error(message_type.__name__)
-                return
+                return False
             if waiting is not None:
                 # Hold the rest until this handler is done: replies keep the
                 # order of the requests, and the socket backs up meanwhile.
-                self._busy = waiting
                 conn.pause_reading()             # a closing connection keeps reading
                 rest = frames[i + 1:]
                 waiting.add_done_callback(lambda task: self._resume(task, rest, message_type))
-                return
+                return True
         if conn.eof and not conn.closing:
             log.debug("%s: peer closed", self)
             conn.close()
+        return False
 
     def _resume(self, task: asyncio.Task, rest: list, message_type) -> None:
-        self._busy = None
         if self.conn.closing:
             return
         if task.cancelled():                     # the loop is shutting down
@@ -156,8 +156,7 @@ class Session:
         if task.exception() is not None:
             self._internal_error(message_type.__name__, task.exception())
             return
-        self._handle(rest)
-        if self._busy is None and not self.conn.closing:
+        if not self._handle(rest) and not self.conn.closing:
             self.conn.resume_reading()
 
     def _internal_error(self, what: str, exc: BaseException | None = None) -> None:

@@ -41,7 +41,7 @@ cdef enum SendStatus:
 
 cdef enum ConnState:
     CONN_OPEN = 0
-    CONN_CLOSING = 1     # flushing a final Kick/Error, reading stopped
+    CONN_CLOSING = 1     # flushing a final Kick/Error; input read and discarded
     CONN_CLOSED = 2
 
 cdef class Connection:
@@ -81,6 +81,7 @@ cdef class Connection:
     # the hot path: one frame, from C, for every member of a flushed room
     cdef int send_frame(self, bytes frame) except -1
     cdef PyObject* _prefixed(self, bytes frame) except NULL
+    cdef int _queue(self, bytes frame) except -1
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
     cdef int _drain(self) except -1
     cdef void _arm_writer(self) except *

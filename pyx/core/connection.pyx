@@ -206,6 +206,14 @@ cdef class Connection:
         # bytes so that it ends at `end`, and returns its length.
         raise NotImplementedError("a kind with a prefix tag must write its prefix")
 
+    cdef int _queue(self, bytes frame) except -1:
+        # The whole frame (this kind's bytes of it) behind the backlog, past
+        # its bound: for frames the node bounds itself (replays, a last word).
+        cdef PyObject* obj = <PyObject*>frame
+        if self._prefix_tag:
+            obj = self._prefixed(frame)
+        return self._enqueue(<bytes>obj, _wire_start(self, <object>obj))
+
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1:
         cdef Py_ssize_t i, new_cap
         cdef PyObject** grown
@@ -313,9 +321,7 @@ cdef class Connection:
         cdef int st
         _check_core_frame(frame)
         if force and self.state == CONN_OPEN and self._bl_len:
-            if self._prefix_tag:
-                frame = <bytes>self._prefixed(frame)
-            self._enqueue(frame, _wire_start(self, frame))
+            self._queue(frame)
             return SEND_OK
         st = self.send_frame(frame)
         if st == SEND_SLOW or st == SEND_DEAD:
@@ -347,9 +353,7 @@ cdef class Connection:
                                           else _wire_start(self, <object>obj)))
                 Py_DECREF(<object>obj)
                 self._bl_len -= 1
-        if self._prefix_tag:
-            frame = <bytes>self._prefixed(frame)
-        self._enqueue(frame, _wire_start(self, frame))
+        self._queue(frame)
         self.resume_reading()          # in discard mode: see the peer's close
         _on_writable(self)
         if self._bl_len:

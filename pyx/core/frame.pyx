@@ -8,14 +8,11 @@ from libc.string cimport memcpy, memset
 
 import lz4.block as _lz4_block
 
+# The core raises the protocol's own error class (one base: ReasonError).
 from fanout.protocol.wire import WireError as FrameError
 
 _lz4_compress = _lz4_block.compress
 _lz4_decompress = _lz4_block.decompress
-
-# FrameError: the core raises the protocol's own error class (one base: ReasonError).
-#: Bytes before the wire header in every core frame (frame.pxd).
-FRAME_HEADROOM = HEADROOM
 
 
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
