@@ -101,6 +101,7 @@ def valid_messages() -> list[tuple[str, FrameType, object]]:
         ("leave", FrameType.LEAVE, pb.Leave(req_id=3, room="live:42")),
         ("chat", FrameType.CHAT, pb.Chat(req_id=4, room="live:42", payload=b'{"text":"hi"}')),
         ("ping", FrameType.PING, pb.Ping(nonce=7)),
+        ("refresh", FrameType.REFRESH, pb.Refresh(req_id=5, token="eyJhbGciOiJIUzI1NiJ9.e30.sig")),
         (
             "auth_ok",
             FrameType.AUTH_OK,
@@ -110,12 +111,18 @@ def valid_messages() -> list[tuple[str, FrameType, object]]:
                 ping_interval_ms=15000,
                 idle_timeout_ms=45000,
                 server_time_ms=TS,
+                token_expires_ms=TS + 3_600_000,
             ),
         ),
         (
             "error_room_forbidden",
             FrameType.ERROR,
             pb.Error(reason=pb.ROOM_FORBIDDEN, message="room not allowed", req_id=1, room="vip:1"),
+        ),
+        (
+            "error_already_joined",
+            FrameType.ERROR,
+            pb.Error(reason=pb.ALREADY_JOINED, message="already in room", req_id=6, room="live:42"),
         ),
         ("ack_join", FrameType.ACK, pb.Ack(req_id=1, room="live:42", seq=1000, epoch="e1")),
         ("ack_chat", FrameType.ACK, pb.Ack(req_id=4, room="live:42", seq=1004)),

@@ -72,6 +72,7 @@ class FrameType(enum.IntEnum):
     LEAVE = 0x03
     CHAT = 0x04
     PING = 0x05
+    REFRESH = 0x06
     AUTH_OK = 0x41
     ERROR = 0x42
     BATCH = 0x43
@@ -89,6 +90,7 @@ MESSAGE_TYPES = {
     FrameType.LEAVE: pb.Leave,
     FrameType.CHAT: pb.Chat,
     FrameType.PING: pb.Ping,
+    FrameType.REFRESH: pb.Refresh,
     FrameType.AUTH_OK: pb.AuthOk,
     FrameType.ERROR: pb.Error,
     FrameType.BATCH: pb.Batch,
@@ -101,7 +103,8 @@ MESSAGE_TYPES = {
 
 #: Frame types a client may send.
 CLIENT_TO_SERVER = frozenset(
-    (FrameType.HELLO, FrameType.JOIN, FrameType.LEAVE, FrameType.CHAT, FrameType.PING)
+    (FrameType.HELLO, FrameType.JOIN, FrameType.LEAVE, FrameType.CHAT, FrameType.PING,
+     FrameType.REFRESH)
 )
 #: Frame types a server may send.
 SERVER_TO_CLIENT = frozenset(MESSAGE_TYPES) - CLIENT_TO_SERVER

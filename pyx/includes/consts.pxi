@@ -17,6 +17,7 @@ cdef enum:
     FT_LEAVE = 0x03
     FT_CHAT = 0x04
     FT_PING = 0x05
+    FT_REFRESH = 0x06
     FT_AUTH_OK = 0x41
     FT_ERROR = 0x42
     FT_BATCH = 0x43
@@ -48,6 +49,7 @@ cdef enum:
     R_BAD_REQUEST = 25
     R_ROOM_OVERLOADED = 26
     R_DRAINING = 27
+    R_ALREADY_JOINED = 28
     R_HEARTBEAT_TIMEOUT = 30
     R_SLOW_CONSUMER = 31
     R_DUPLICATE_LOGIN = 32
@@ -55,7 +57,11 @@ cdef enum:
     R_CONNECTION_LIMIT = 34
     R_CONNECTION_RATE_LIMITED = 35
     R_ADMIN_DISCONNECT = 36
+    R_TOO_MANY_REQUESTS = 37
+    R_TOKEN_EXPIRED = 38
+    R_TOKEN_REVOKED = 39
     R_INTERNAL_ERROR = 40
+    R_ADDRESS_LIMIT = 41
 
 # message kinds (fanout.proto Kind)
 cdef enum:
@@ -65,4 +71,4 @@ cdef enum:
 
 # one past the largest reason code: size of per-reason counter arrays
 cdef enum:
-    REASON_LIMIT = 41
+    REASON_LIMIT = 42
