@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")),
                    help="its port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
-                   help="the node's admin API key (default $FANOUT_API_KEY)")
+                   help="the node's admin API key (default $FANOUT_API_KEY, else the key "
+                        "file a node on loopback wrote for that port)")
     _load_parser(sub)
     return parser
 
@@ -169,6 +170,15 @@ async def _say(args) -> int:
     return 0
 
 
+def _generated_key(admin_port: int) -> str:
+    """The key a node on loopback generated for ``admin_port``, if its file is there."""
+    try:
+        with open(config_mod.default_key_file(admin_port)) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def _drain(args) -> int:
     import json
     import urllib.error
@@ -176,11 +186,12 @@ def _drain(args) -> int:
 
     host = f"[{args.admin_host}]" if ":" in args.admin_host else args.admin_host
     where = f"{host}:{args.admin_port}"
-    if not args.api_key:
+    api_key = args.api_key or _generated_key(args.admin_port)
+    if not api_key:
         print("fanout drain: no API key; pass --api-key or set FANOUT_API_KEY", file=sys.stderr)
         return 1
     request = urllib.request.Request(f"http://{where}/v1/drain", method="POST",
-                                     headers={"Authorization": f"Bearer {args.api_key}"})
+                                     headers={"Authorization": f"Bearer {api_key}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             status = response.status
@@ -216,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             run(cfg)
+        except config_mod.ConfigError as exc:     # found at start: the key file
+            print(f"fanout node: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:     # typically: the port is taken
             print(f"fanout node: cannot serve on {cfg.host}:{cfg.port} "
                   f"(admin {cfg.admin_host}:{cfg.admin_port}): {exc}", file=sys.stderr)

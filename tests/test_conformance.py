@@ -203,13 +203,56 @@ async def test_chat_size_and_rate_limits(impl):
 async def test_one_login_per_user_and_device_class(impl):
     bus = await impl.bus()
     async with started(bus), started(await impl.logic(bus)) as logic:
-        assert await logic.login("zoe", "mobile", "s1") is None
-        assert await logic.login("zoe", "web", "s2") is None
-        assert await logic.login("zoe", "mobile", "s3") == "s1"
+        assert await logic.login("zoe", "mobile", "s1", issued_at=None) is None
+        assert await logic.login("zoe", "web", "s2", issued_at=None) is None
+        assert await logic.login("zoe", "mobile", "s3", issued_at=None) == "s1"
         await logic.logout("zoe", "mobile", "s1")           # not the holder: no effect
-        assert await logic.login("zoe", "mobile", "s4") == "s3"
+        assert await logic.login("zoe", "mobile", "s4", issued_at=None) == "s3"
         await logic.logout("zoe", "mobile", "s4")
-        assert await logic.login("zoe", "mobile", "s5") is None
+        assert await logic.login("zoe", "mobile", "s5", issued_at=None) is None
+
+
+async def test_revoke_refuses_older_tokens_at_login_and_refresh(impl):
+    # Issue 8 item 5: tokens of a user issued before T (or without iat) are
+    # refused at Hello (login) and at Refresh (revoked); later tokens and
+    # other users are not.
+    import time
+    bus = await impl.bus()
+    async with started(bus), started(await impl.logic(bus)) as logic:
+        now = int(time.time())
+        assert await logic.login("max", "web", "s1", issued_at=now - 100) is None
+        assert not await logic.revoked("max", now - 100)
+        await logic.revoke("max", now - 50)
+        for issued_at in (now - 100, now - 51, None):
+            assert await logic.revoked("max", issued_at)
+            with pytest.raises(Rejected) as err:
+                await logic.login("max", "mobile", "s2", issued_at=issued_at)
+            assert err.value.reason == pb.TOKEN_REVOKED
+        assert not await logic.revoked("max", now - 50)           # issued at T: not before it
+        assert not await logic.revoked("other", None)
+        # a refused login records nothing: the next good one replaces s1 only
+        assert await logic.login("max", "web", "s3", issued_at=now) == "s1"
+        # an earlier T never narrows a later one; a later one widens it
+        await logic.revoke("max", now - 80)
+        assert await logic.revoked("max", now - 60)
+        await logic.revoke("max", now + 10)
+        assert await logic.revoked("max", now)
+        assert not await logic.revoked("max", now + 10)
+
+
+async def test_revocations_end_when_every_covered_token_has(impl):
+    # Bounded memory: a revocation is kept for max_token_lifetime_s after its
+    # T; by then every token issued before T has expired (the node refuses
+    # longer-lived ones), so it may go. A token without iat shows it went.
+    import time
+    bus = await impl.bus()
+    async with started(bus), started(await impl.logic(bus, max_token_lifetime_s=1)) as logic:
+        await logic.revoke("old", time.time() - 5)         # already moot: nothing to keep
+        assert not await logic.revoked("old", None)
+        await logic.revoke("kim", time.time())
+        assert await logic.revoked("kim", None)
+        await asyncio.sleep(1.2)
+        assert not await logic.revoked("kim", None)
 
 
 async def test_room_budget_samples_chat_never_gifts(impl):

@@ -93,12 +93,30 @@ class Logic(Protocol):
             refusals of :meth:`publish`.
         """
 
-    async def login(self, user: str, device_class: str, session: str) -> str | None:
+    async def login(self, user: str, device_class: str, session: str, *,
+                    issued_at: int | None) -> str | None:
         """Record ``session`` as the login of (user, device class). Returns
-        the session it replaces, which the caller kicks."""
+        the session it replaces, which the caller kicks.
+
+        :param issued_at: the token's ``iat`` (None: it has none), checked
+            against :meth:`revoke` in the same call, so a Hello costs one
+            round trip.
+        :raises Rejected: ``TOKEN_REVOKED``; nothing is recorded.
+        """
 
     async def logout(self, user: str, device_class: str, session: str) -> None:
         """Forget the login if ``session`` still holds it."""
+
+    async def revoke(self, user: str, before: float) -> None:
+        """Refuse every token of ``user`` issued before ``before`` (unix
+        seconds): a token whose ``iat`` is earlier, or that has no ``iat``.
+        Later revocations of a user widen earlier ones. The logic keeps the
+        rule while a token it covers can still be valid (the node's
+        ``max_token_lifetime_s``); the caller kicks the live connections."""
+
+    async def revoked(self, user: str, issued_at: int | None) -> bool:
+        """Whether a token of ``user`` issued at ``issued_at`` (None: no
+        ``iat``) is revoked: the check of a Refresh."""
 
     async def room_stats(self, room: str) -> dict | None:
         """Budget, recent inbound rates and overload drops of ``room``, or

@@ -1,8 +1,9 @@
 """The embedded logic: a :class:`~fanout.logic.base.Logic` in the node's own
-process, made of the three parts a cluster deploys differently: the
+process, made of the parts a cluster deploys differently: the
 :class:`~.sequencer.Sequencer` (seqs, budgets, encoding), the
-:class:`~.admission.ChatAdmission` (per-user limits) and the
-:class:`~.logins.LoginRegistry`. Messages leave through the bus it is given.
+:class:`~.admission.ChatAdmission` (per-user limits), the
+:class:`~.logins.LoginRegistry` and the :class:`~.revocations.Revocations`.
+Messages leave through the bus it is given.
 
 Every coroutine here completes without suspending (until the bus does), so
 an in-process node pays no task switch for its logic.
@@ -15,8 +16,9 @@ import asyncio
 from ..bus.base import Bus
 from ..protocol import fanout_pb2 as pb
 from .admission import ChatAdmission
-from .base import RoomHead
+from .base import Rejected, RoomHead
 from .logins import LoginRegistry
+from .revocations import Revocations
 from .sequencer import Sequencer
 
 #: Longest time between sweeps of idle room state, seconds; a short
@@ -26,16 +28,19 @@ SWEEP_INTERVAL = 10.0
 
 class LocalLogic:
     """:param bus: where published messages go.
-    :param sequencer, admission, logins: the parts (defaults: default limits).
+    :param sequencer, admission, logins, revocations: the parts (defaults:
+        default limits; revocations kept a day).
     """
 
     def __init__(self, bus: Bus, *, sequencer: Sequencer | None = None,
                  admission: ChatAdmission | None = None,
-                 logins: LoginRegistry | None = None) -> None:
+                 logins: LoginRegistry | None = None,
+                 revocations: Revocations | None = None) -> None:
         self.bus = bus
         self.sequencer = sequencer if sequencer is not None else Sequencer()
         self.admission = admission if admission is not None else ChatAdmission()
         self.logins = logins if logins is not None else LoginRegistry()
+        self.revocations = revocations if revocations is not None else Revocations(86_400.0)
         self._timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -44,6 +49,7 @@ class LocalLogic:
 
         def sweep() -> None:
             self.sequencer.sweep()
+            self.revocations.sweep()
             self._timer = loop.call_later(every, sweep)
         self._timer = loop.call_later(every, sweep)
 
@@ -72,11 +78,20 @@ class LocalLogic:
         self.admission.check(user, payload)
         return await self.publish(room, pb.CHAT, payload, sender=user)
 
-    async def login(self, user: str, device_class: str, session: str) -> str | None:
+    async def login(self, user: str, device_class: str, session: str, *,
+                    issued_at: int | None) -> str | None:
+        if self.revocations.revoked(user, issued_at):
+            raise Rejected(pb.TOKEN_REVOKED, f"this token of user {user} was revoked")
         return self.logins.login(user, device_class, session)
 
     async def logout(self, user: str, device_class: str, session: str) -> None:
         self.logins.logout(user, device_class, session)
+
+    async def revoke(self, user: str, before: float) -> None:
+        self.revocations.revoke(user, before)
+
+    async def revoked(self, user: str, issued_at: int | None) -> bool:
+        return self.revocations.revoked(user, issued_at)
 
     async def room_stats(self, room: str) -> dict | None:
         return self.sequencer.stats(room)

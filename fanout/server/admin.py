@@ -15,6 +15,8 @@ import binascii
 import hmac
 import json
 import logging
+import math
+import time
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -24,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 
 from ..logic.base import Rejected
 from ..protocol import fanout_pb2 as pb
+from ..protocol.auth import MAX_SUB_BYTES
 from .config import NodeConfig
 
 log = logging.getLogger("fanout.admin")
@@ -59,6 +62,7 @@ HTTP_CODES = {
 
 _PUBLISH_FIELDS = frozenset({"room", "kind", "priority", "sender", "payload", "payload_b64"})
 _DISCONNECT_FIELDS = frozenset({"user", "reason"})
+_REVOKE_FIELDS = frozenset({"before"})
 _MISSING = object()
 
 
@@ -186,6 +190,8 @@ class AdminHost(Protocol):
 
     def disconnect_user(self, user: str, message: str = "") -> int: ...
 
+    async def revoke(self, user: str, before: float) -> int: ...
+
     async def room_info(self, room: str) -> dict: ...
 
     def start_drain(self) -> None: ...
@@ -215,6 +221,7 @@ class AdminServer:
         app.add_routes([
             web.post("/v1/publish", self.publish),
             web.post("/v1/disconnect", self.disconnect),
+            web.post("/v1/users/{user}/revoke", self.revoke),
             web.get("/v1/rooms/{room}", self.room),
             web.post("/v1/drain", self.drain),
             web.get("/healthz", self.healthz),
@@ -317,6 +324,32 @@ class AdminServer:
             raise ApiError.bad_request("'user' must not be empty")
         message = _field(body, "reason", str, "disconnected by the operator")
         return web.json_response({"disconnected": self.node.disconnect_user(user, message)})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """``POST /v1/users/{user}/revoke``: refuse the user's tokens issued
+        before ``before`` (default now), and kick the live ones on this node."""
+        user = request.match_info["user"]
+        if len(user.encode("utf-8", "surrogateescape")) > MAX_SUB_BYTES:
+            raise ApiError.bad_request(f"user longer than {MAX_SUB_BYTES} bytes")
+        raw = await request.read()
+        if not raw.strip():
+            body = {}                            # no body: revoke up to now
+        else:
+            body = _object(await _read_json(request), "the body", _REVOKE_FIELDS)
+        now = time.time()
+        before = body.get("before", now)
+        if isinstance(before, bool) or not isinstance(before, (int, float)) \
+                or not math.isfinite(before):
+            raise ApiError.bad_request(f"'before' must be a number (unix seconds), "
+                                       f"got {_json_type(before)}")
+        # A time in the future bars tokens issued until then (a timed ban),
+        # within the span a revocation is kept.
+        horizon = now + self.config.max_token_lifetime_s
+        if not 0 <= before <= horizon:
+            raise ApiError.bad_request(f"'before' must be between 0 and now + "
+                                       f"max_token_lifetime_s ({horizon:.0f})")
+        kicked = await self.node.revoke(user, before)
+        return web.json_response({"user": user, "before": before, "kicked": kicked})
 
     async def room(self, request: web.Request) -> web.Response:
         """``GET /v1/rooms/{room}``: the room's state on this node."""

@@ -20,9 +20,11 @@ from ..logic.admission import ChatAdmission
 from ..logic.base import Logic
 from ..logic.local import LocalLogic
 from ..logic.logins import LoginRegistry
+from ..logic.revocations import Revocations
 from ..logic.sequencer import Sequencer
+from . import keyfile
 from .admin import AdminServer
-from .config import NodeConfig
+from .config import MIN_SECRET_BYTES, NodeConfig
 from .metrics import NodeMetrics
 from .node import Node
 
@@ -40,7 +42,8 @@ def local_logic(config: NodeConfig, bus: Bus, metrics: NodeMetrics | None = None
         admission=ChatAdmission(max_chat_bytes=config.max_chat_bytes,
                                 chat_rate=config.chat_rate, chat_burst=config.chat_burst,
                                 metrics=metrics),
-        logins=LoginRegistry())
+        logins=LoginRegistry(),
+        revocations=Revocations(config.max_token_lifetime_s))
 
 
 class App:
@@ -57,9 +60,11 @@ class App:
         self.bus = bus if bus is not None else LocalBus()
         self.logic = logic if logic is not None else local_logic(config, self.bus, self.metrics)
         self.node = Node(config, metrics=self.metrics, bus=self.bus, logic=self.logic)
-        self.api_key = config.api_key or secrets.token_urlsafe(24)
+        self.api_key = config.api_key or secrets.token_urlsafe(32)
         self.admin = (AdminServer(self.node, config, self.metrics.registry, self.api_key)
                       if config.admin_port >= 0 else None)
+        #: Where the generated API key was written (None: it was configured).
+        self.api_key_file: str | None = None
         self._closed = False
 
     async def start(self) -> None:
@@ -71,6 +76,12 @@ class App:
             await self.node.start()
             if self.admin is not None:
                 await self.admin.start()
+            if self.admin is not None and not self.config.api_key:
+                # The key goes to a file only this user can read, never to
+                # the log (logs are shipped and read widely).
+                path = self.config.key_file_path(self.admin.address[1])
+                keyfile.write_key(path, self.api_key)
+                self.api_key_file = path
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -78,8 +89,12 @@ class App:
         if cfg.uses_dev_secret:
             log.warning("using the built-in development secret: anyone can mint tokens; "
                         "set FANOUT_SECRET (or --secret) for anything but development")
-        if self.admin is not None and not cfg.api_key:
-            log.warning("no api_key configured; this run's admin API key is %s", self.api_key)
+        for name in cfg.weak_credentials():
+            log.warning("%s is shorter than %d bytes: it can be guessed; use a longer random one",
+                        name, MIN_SECRET_BYTES)
+        if self.api_key_file is not None:
+            log.warning("no api_key configured; this run's admin API key is in %s",
+                        self.api_key_file)
 
     async def serve_forever(self) -> None:
         """Until the node has drained (SIGTERM, ``POST /v1/drain``), then close."""
@@ -99,6 +114,8 @@ class App:
         self._closed = True
         if self.admin is not None:
             await self.admin.close()
+        if self.api_key_file is not None:
+            keyfile.remove_key(self.api_key_file, self.api_key)
         await self.logic.close()
         await self.bus.close()
 

@@ -10,7 +10,9 @@ Every field of :class:`NodeConfig` is settable all three ways: field
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -24,8 +26,31 @@ from ..protocol.auth import DEV_SECRET
 ENV_PREFIX = "FANOUT_"
 
 
+#: Secrets and API keys shorter than this many bytes are guessable: the node warns.
+MIN_SECRET_BYTES = 32
+
+
 class ConfigError(ValueError):
     pass
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a port on this machine: 127.0.0.0/8,
+    ::1 or ``localhost``. Any other name or address counts as reachable."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_key_file(admin_port: int) -> str:
+    """``fanout-<admin_port>.key`` in ``$XDG_RUNTIME_DIR`` (private to the
+    user), else in the system temp dir: where a node on loopback writes its
+    generated API key, and where ``fanout drain`` looks for it."""
+    directory = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(directory, f"fanout-{admin_port}.key")
 
 
 def _field(default, doc, *, minimum=None):
@@ -36,10 +61,22 @@ def _field(default, doc, *, minimum=None):
 class NodeConfig:
     host: str = _field("127.0.0.1", "address the client port binds to")
     port: int = _field(7000, "client port (0: any free port)", minimum=0)
-    secret: str = _field(DEV_SECRET, "HS256 secret that signs client tokens")
+    secret: str = _field(DEV_SECRET, "HS256 secret that signs client tokens "
+                         "(the built-in development secret only on a loopback host)")
     admin_host: str = _field("127.0.0.1", "address the admin HTTP API binds to (keep it private)")
     admin_port: int = _field(7001, "admin HTTP API port (0: any free port, -1: no admin API)", minimum=-1)
-    api_key: str = _field("", "key for the admin API ('': generate one per run and log it)")
+    api_key: str = _field("", "key for the admin API ('': on a loopback admin_host, generate "
+                          "one per run and write it to api_key_file; required elsewhere)")
+    api_key_file: str = _field("", "where a generated API key is written, mode 0600 ('': "
+                               "$XDG_RUNTIME_DIR or the temp dir, fanout-<admin port>.key)")
+    # client tokens
+    token_issuer: str = _field("", "tokens must carry this 'iss' ('': not checked)")
+    token_audience: str = _field("", "tokens must carry this 'aud' ('': not checked)")
+    token_grace_ms: int = _field(10_000, "a live connection outlives its token's exp by this "
+                                 "much before Kick(TOKEN_EXPIRED)", minimum=0)
+    max_token_lifetime_s: float = _field(86_400.0, "refuse tokens that expire later than this "
+                                         "after their iat (or now); also how long a revocation "
+                                         "is kept", minimum=1)
     loop: str = _field("uvloop", "event loop: uvloop or asyncio")
     log_level: str = _field("INFO", "DEBUG, INFO, WARNING or ERROR")
     # connections
@@ -94,7 +131,23 @@ class NodeConfig:
             raise ConfigError("lag_overloaded_ms must be above lag_degraded_ms")
         if not self.secret:
             raise ConfigError("secret must not be empty")
+        if self.uses_dev_secret and not is_loopback(self.host):
+            raise ConfigError(f"the built-in development secret is only allowed on a loopback "
+                              f"host, not {self.host!r}: set secret (FANOUT_SECRET or --secret)")
+        if self.admin_port >= 0 and not self.api_key and not is_loopback(self.admin_host):
+            raise ConfigError(f"admin_host {self.admin_host!r} is not loopback: set api_key "
+                              "(FANOUT_API_KEY or --api-key)")
         return self
+
+    def weak_credentials(self) -> list[str]:
+        """Names of the configured secrets shorter than :data:`MIN_SECRET_BYTES`."""
+        return [name for name, value in (("secret", self.secret), ("api_key", self.api_key))
+                if value and value != DEV_SECRET
+                and len(value.encode("utf-8", "surrogateescape")) < MIN_SECRET_BYTES]
+
+    def key_file_path(self, admin_port: int) -> str:
+        """Where this node writes a generated API key, for the bound ``admin_port``."""
+        return self.api_key_file or default_key_file(admin_port)
 
     @property
     def uses_dev_secret(self) -> bool:

@@ -19,10 +19,12 @@ import itertools
 import logging
 import os
 import random
+import time
 
 from .. import _core
 from ..bus.base import Bus
 from ..logic.base import Logic, Rejected, check_room_name
+from ..logic.revocations import covers
 from ..protocol import fanout_pb2 as pb
 from ..protocol.wire import KIND_CODES, KIND_NAMES
 from .config import NodeConfig
@@ -217,6 +219,17 @@ class Node:
             session.kick(pb.ADMIN_DISCONNECT, message or "disconnected by the server")
         return len(victims)
 
+    async def revoke(self, user: str, before: float) -> int:
+        """Refuse ``user``'s tokens issued before ``before`` (unix seconds),
+        from now on (the logic's rule) and on this node's live connections,
+        which get Kick(TOKEN_REVOKED). Returns how many were kicked."""
+        await self.logic.revoke(user, before)
+        victims = [s for s in self.sessions.values()
+                   if s.user == user and not s.closing and covers(before, s.claims.issued_at)]
+        for session in victims:
+            session.kick(pb.TOKEN_REVOKED, "this user's token was revoked")
+        return len(victims)
+
     def auth_failed(self, reason: int) -> None:
         self.metrics.auth_failures.labels(pb.Reason.Name(reason)).inc()
         self._auth_failures += 1
@@ -230,6 +243,9 @@ class Node:
         idle = cfg.idle_timeout_ms / 1000
         auth = cfg.auth_timeout_ms / 1000
         backlog = 0
+        # A token lives until its exp plus the grace; checked here, so up to
+        # one sweep interval later.
+        expired = time.time() - cfg.token_grace_ms / 1000
         for session in list(self.sessions.values()):
             if session.closing:
                 continue
@@ -239,6 +255,8 @@ class Node:
                     session.fail(pb.AUTH_TIMEOUT, f"no Hello within {auth:g} s")
             elif now - session.conn.last_recv > idle:
                 session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {idle:g} s")
+            elif session.claims.expires_at <= expired:
+                session.kick(pb.TOKEN_EXPIRED, "the token expired and was not refreshed")
         if self._auth_failures >= AUTH_BURST:
             self.throttled.warning("auth", "%d auth failures in the last second",
                                    self._auth_failures)

@@ -65,6 +65,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _verify(token: str, cfg: NodeConfig) -> Claims:
+    """The node's token rules: its secret, issuer, audience and lifetime cap."""
+    return verify(token, cfg.secret, issuer=cfg.token_issuer, audience=cfg.token_audience,
+                  max_lifetime=cfg.max_token_lifetime_s)
+
+
 class Session:
     """Control-plane state of one connection; the core's ``owner``."""
 
@@ -171,13 +177,19 @@ class Session:
             return
         host = self.host
         try:
-            claims = verify(msg.token, host.config.secret)
+            claims = _verify(msg.token, host.config)
         except AuthError as exc:
             host.auth_failed(exc.reason)
             self.fail(exc.reason, exc.message)
             return
         device_class = msg.device_class or "default"
-        replaced = await host.logic.login(claims.user, device_class, self.id)
+        try:
+            replaced = await host.logic.login(claims.user, device_class, self.id,
+                                              issued_at=claims.issued_at)
+        except Rejected as exc:                  # TOKEN_REVOKED
+            host.auth_failed(exc.reason)
+            self.fail(exc.reason, exc.message)
+            return
         if replaced is not None:
             # The rule holds even if this connection is already gone.
             host.kick(replaced, pb.DUPLICATE_LOGIN,
@@ -193,12 +205,39 @@ class Session:
         cfg = host.config
         self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
-            idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms()))
+            idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms(),
+            token_expires_ms=claims.expires_at * 1000))
         log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, device_class)
         for point in msg.resume:
             if self.conn.closing:
                 return
             await self._join_room(0, point.room, point.last_seq, point.epoch)
+
+    async def _refresh(self, msg: pb.Refresh) -> None:
+        """A new token for this connection, before the current one expires.
+        Refused: an Error with the request's id, and the connection keeps
+        its current token (until that one expires)."""
+        try:
+            claims = _verify(msg.token, self.host.config)
+        except AuthError as exc:
+            self.error(msg.req_id, exc.reason, exc.message)
+            return
+        if claims.user != self.user:
+            self.error(msg.req_id, pb.AUTH_INVALID,
+                       "the refresh token is for another user ('sub')")
+            return
+        if await self.host.logic.revoked(claims.user, claims.issued_at):
+            self.error(msg.req_id, pb.TOKEN_REVOKED, "the refresh token was revoked")
+            return
+        if self.conn.closing:
+            return
+        self.claims = claims
+        # The new token's rooms apply from now on: leave what it no longer allows.
+        for name in [r for r in self.rooms if not claims.may_join(r)]:
+            self._leave_room(name)
+            self.error(0, pb.ROOM_FORBIDDEN, f"the refreshed token does not allow room {name!r}",
+                       name)
+        self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id))
 
     def _join(self, msg: pb.Join):
         return self._join_room(msg.req_id, msg.room, msg.last_seq, msg.epoch)
@@ -368,4 +407,5 @@ _HANDLERS: dict[int, tuple[Callable, type]] = {
     FrameType.LEAVE: (Session._leave, pb.Leave),
     FrameType.CHAT: (Session._chat, pb.Chat),
     FrameType.PING: (Session._ping, pb.Ping),
+    FrameType.REFRESH: (Session._refresh, pb.Refresh),
 }
