@@ -2,7 +2,7 @@
 resume across reconnects with explicit gaps."""
 
 from .sdk import (REQUEST_TIMEOUT, AuthError, Client, ClientError, ConnectionLostError,
-                  Event, KickedError, RequestError)
+                  Event, KickedError, RequestError, TokenRefresher)
 
 __all__ = ["Client", "ClientError", "AuthError", "RequestError", "KickedError",
-           "ConnectionLostError", "Event", "REQUEST_TIMEOUT"]
+           "ConnectionLostError", "Event", "TokenRefresher", "REQUEST_TIMEOUT"]

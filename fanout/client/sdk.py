@@ -18,16 +18,28 @@ events it yields account for every sequence number after the join exactly
 once, either as a :class:`~fanout.protocol.fanout_pb2.RoomMessage` or inside a
 :class:`~fanout.protocol.fanout_pb2.Gap`.
 
+Tokens expire. Give the client a ``token_refresher`` (a function, or a
+coroutine function, returning a new token) and it keeps the connection's
+token fresh: it sends ``Refresh`` at about 80% of the token's remaining
+lifetime (jittered), uses the latest token on every reconnect, and after a
+``Kick(TOKEN_EXPIRED)`` or an ``AUTH_EXPIRED`` refusal gets a new token and
+reconnects. A revoked token (``TOKEN_REVOKED``) ends the client.
+
 The SDK is pure Python (it uses :mod:`fanout.protocol.wire`, never the compiled
-core) and costs two tasks and one socket per client, so one process can
-drive thousands of clients.
+core) and costs two tasks and one socket per client (three with a
+``token_refresher``), so one process can drive thousands of clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import inspect
+import json
 import logging
 import random
+import time
+from typing import Awaitable, Callable
 
 from fanout.protocol import wire
 from fanout.protocol import fanout_pb2 as pb
@@ -42,6 +54,7 @@ __all__ = [
     "KickedError",
     "ConnectionLostError",
     "Event",
+    "TokenRefresher",
     "REQUEST_TIMEOUT",
 ]
 
@@ -53,6 +66,17 @@ REQUEST_TIMEOUT = 10.0
 
 #: What iteration yields.
 Event = pb.RoomMessage | pb.Gap | pb.Error
+
+#: What the application gives to get a new token: ``() -> str`` or ``async () -> str``.
+TokenRefresher = Callable[[], "str | Awaitable[str]"]
+
+# A refresh is due at this fraction of the token's remaining lifetime, give
+# or take the jitter (so clients given tokens at once do not refresh at once).
+_REFRESH_AT = 0.8
+_REFRESH_JITTER = 0.05
+# A refused refresh is retried halfway to the expiry, unless less than this
+# many seconds are left: then the node's Kick(TOKEN_EXPIRED) comes first.
+_REFRESH_RETRY_MIN = 1.0
 
 _READ_SIZE = 65536
 # Used only if a node's AuthOk leaves the heartbeat fields at 0.
@@ -70,9 +94,15 @@ _FATAL_REASONS = frozenset(
         pb.ALREADY_AUTHENTICATED,
         pb.DUPLICATE_LOGIN,
         pb.ADMIN_DISCONNECT,
+        pb.TOKEN_EXPIRED,
+        pb.TOKEN_REVOKED,
     }
 )
-_AUTH_REASONS = frozenset(range(pb.AUTH_REQUIRED, pb.ALREADY_AUTHENTICATED + 1))
+# Fatal unless a token_refresher can get a new token.
+_EXPIRED_REASONS = frozenset({pb.AUTH_EXPIRED, pb.TOKEN_EXPIRED})
+_AUTH_REASONS = frozenset(range(pb.AUTH_REQUIRED, pb.ALREADY_AUTHENTICATED + 1)) | {
+    pb.TOKEN_REVOKED
+}
 # Error reasons after which the node closes the connection (framing and auth).
 _CLOSING_ERRORS = frozenset(range(pb.BAD_FRAME, pb.BAD_COMPRESSION + 1)) | _AUTH_REASONS
 _CLOSING_ERRORS |= {pb.CONNECTION_LIMIT, pb.CONNECTION_RATE_LIMITED}
@@ -121,6 +151,18 @@ class ConnectionLostError(ClientError):
     def __init__(self, reason: int, message: str = "", reconnect_after: float = 0.0) -> None:
         super().__init__(reason, message)
         self.reconnect_after = reconnect_after
+
+
+def _token_exp(token: str) -> float | None:
+    """The ``exp`` of a JWT, read without checking it (the node checks), or
+    None if the token is not a JWT with an integer ``exp``."""
+    try:
+        payload = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = data.get("exp")
+    except (IndexError, ValueError, TypeError, AttributeError):
+        return None
+    return float(exp) if type(exp) is int else None
 
 
 class _Pending:
@@ -174,7 +216,8 @@ class Client:
     :param host: node address.
     :param port: node TCP port.
     :param token: JWT sent in every Hello. The attribute ``token`` may be
-        replaced at any time (e.g. after a refresh); the next reconnect uses it.
+        replaced at any time; the next reconnect uses it. A successful
+        :meth:`refresh` replaces it too.
     :param device_id: opaque install id, for the node's logs.
     :param device_class: one login per user and device class; a newer login
         of the same class kicks this one with ``DUPLICATE_LOGIN``.
@@ -186,6 +229,12 @@ class Client:
     :param connect_timeout: seconds for TCP connect plus the Hello/AuthOk
         exchange.
     :param client_name: sent in ``Hello.client`` for the node's logs.
+    :param token_refresher: returns a new token for the same user (a plain or
+        a coroutine function). With it the client refreshes the live
+        connection's token before it expires, and gets a new token instead
+        of ending when the node says the token expired. An exception it
+        raises is logged and the refresh retried (on a reconnect, with the
+        reconnect backoff).
 
     Received events are buffered in an unbounded :class:`asyncio.Queue`: the
     SDK never pushes back on the node, so an application that stops
@@ -208,6 +257,7 @@ class Client:
         backoff_max: float = 10.0,
         connect_timeout: float = 5.0,
         client_name: str = "fanout-py",
+        token_refresher: TokenRefresher | None = None,
     ) -> None:
         if not 0 < backoff_min <= backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
@@ -223,6 +273,10 @@ class Client:
         self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
         self.client_name = client_name
+        self.token_refresher = token_refresher
+        # Server clock minus ours, seconds, from the last AuthOk: token
+        # times are the node's.
+        self._clock_offset = 0.0
         #: Counters: frames received, messages and gaps yielded, duplicate
         #: messages dropped, successful reconnects.
         self.stats: dict[str, int] = {
@@ -232,6 +286,7 @@ class Client:
             "gaps": 0,
             "reconnects": 0,
             "sampled_batches": 0,
+            "refreshes": 0,
         }
         self._online: dict[str, int] = {}  # room -> last Presence count
 
@@ -335,6 +390,28 @@ class Client:
             payload = payload.encode()
         return await self._request(FrameType.CHAT, pb.Chat(room=room, payload=payload))
 
+    async def refresh(self, token: str | None = None) -> pb.Ack:
+        """Give the live connection a new token (a ``Refresh``); on success
+        it becomes :attr:`token`, used by later reconnects too.
+
+        A new token whose ``rooms`` no longer allow a joined room makes the
+        node leave that room: iteration yields an ``Error(ROOM_FORBIDDEN)``
+        for it (``req_id`` 0), before this returns.
+
+        :param token: the new token; default: ask ``token_refresher``.
+        :raises RequestError: the node refused the token (``AUTH_INVALID``,
+            ``AUTH_EXPIRED``, ``TOKEN_REVOKED``); the connection keeps its
+            current token.
+        :raises ConnectionLostError: the connection dropped before the reply.
+        :raises asyncio.TimeoutError: no reply within ``request_timeout``.
+        """
+        if token is None:
+            token = await self._new_token()
+        ack = await self._request(FrameType.REFRESH, pb.Refresh(token=token))
+        self.token = token
+        self.stats["refreshes"] += 1
+        return ack
+
     async def next_event(self, timeout: float | None = None) -> Event | None:
         """Wait for the next event.
 
@@ -426,6 +503,8 @@ class Client:
             self._auth = None
             raise
         conn.auth = self._auth
+        if conn.auth.server_time_ms:
+            self._clock_offset = conn.auth.server_time_ms / 1000 - time.time()
         self._conn = conn
         self._ready.set()
         log.debug(
@@ -460,6 +539,7 @@ class Client:
                 if not self.reconnect or not self._retryable(error):
                     self._finish(error)
                     return
+                need_token = self._token_spent(error)
                 # A connection that dies right after connecting keeps
                 # backing off; only a stable one resets the backoff.
                 if loop.time() - conn.started >= self.backoff_max:
@@ -471,6 +551,9 @@ class Client:
                     )
                     attempt += 1
                     try:
+                        if need_token:
+                            self.token = await self._new_token()
+                            need_token = False
                         conn = await self._open()
                         break
                     except (OSError, asyncio.TimeoutError, ClientError) as exc:
@@ -478,6 +561,7 @@ class Client:
                             self._finish(exc)
                             return
                         log.info("reconnect to %s:%s failed (%s)", self.host, self.port, exc)
+                        need_token = need_token or self._token_spent(exc)
                         error = exc
                 self.stats["reconnects"] += 1
         except Exception as exc:  # a bug: end iteration with it instead of hanging
@@ -485,9 +569,63 @@ class Client:
             self._disconnected(exc)
             self._finish(exc)
 
-    @staticmethod
-    def _retryable(error: Exception) -> bool:
-        return not isinstance(error, (KickedError, AuthError)) or error.reason not in _FATAL_REASONS
+    def _retryable(self, error: Exception) -> bool:
+        if not isinstance(error, (KickedError, AuthError)) or error.reason not in _FATAL_REASONS:
+            return True
+        return self._token_spent(error)
+
+    def _token_spent(self, error: Exception) -> bool:
+        """Whether ``error`` says the token expired and a new one can be had."""
+        return (self.token_refresher is not None and isinstance(error, ClientError)
+                and error.reason in _EXPIRED_REASONS)
+
+    async def _new_token(self) -> str:
+        """A token from ``token_refresher``.
+
+        :raises ClientError: there is none, or it failed (reason 0: retryable).
+        """
+        if self.token_refresher is None:
+            raise ClientError(0, "no token_refresher to get a new token from")
+        try:
+            token = self.token_refresher()
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception as exc:
+            raise ClientError(0, f"token_refresher failed: {exc!r}") from exc
+        if not isinstance(token, str):
+            raise ClientError(0, f"token_refresher returned {type(token).__name__}, not str")
+        return token
+
+    def _server_now(self) -> float:
+        return time.time() + self._clock_offset
+
+    async def _keep_token(self, conn: _Connection) -> None:
+        """Refresh the connection's token before it expires, while it lasts."""
+        expires = conn.auth.token_expires_ms / 1000
+        if self.token_refresher is None or not expires:
+            return
+        while True:
+            left = expires - self._server_now()
+            jitter = random.uniform(-_REFRESH_JITTER, _REFRESH_JITTER)
+            await asyncio.sleep(max(0.0, left * (_REFRESH_AT + jitter)))
+            while True:
+                try:
+                    await self.refresh()
+                    break
+                except (ClientError, asyncio.TimeoutError) as exc:
+                    if isinstance(exc, ConnectionLostError):
+                        return                   # the read loop handles it
+                    if isinstance(exc, ClientError) and exc.reason == pb.TOKEN_REVOKED:
+                        log.warning("token refresh refused: %s", exc)
+                        return                   # the node's Kick(TOKEN_REVOKED) follows
+                    left = expires - self._server_now()
+                    log.warning("token refresh failed (%s); %.1f s left", exc, left)
+                    if left < _REFRESH_RETRY_MIN:
+                        return                   # refresh after the Kick(TOKEN_EXPIRED)
+                    await asyncio.sleep(left / 2)
+            new_exp = _token_exp(self.token)
+            # An opaque token: assume it lives as long as the last one did.
+            expires = new_exp if new_exp is not None else self._server_now() + max(left, 1.0)
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter: spreads a crowd of clients that lost the same node.
@@ -497,7 +635,9 @@ class Client:
 
     async def _serve(self, conn: _Connection) -> Exception:
         """Read and dispatch until the connection ends; return why it ended."""
-        pinger = asyncio.get_running_loop().create_task(self._keepalive(conn))
+        loop = asyncio.get_running_loop()
+        pinger = loop.create_task(self._keepalive(conn))
+        keeper = loop.create_task(self._keep_token(conn)) if self.token_refresher else None
         try:
             while conn.error is None:
                 try:
@@ -513,6 +653,8 @@ class Client:
                     conn.fail(error)
         finally:
             pinger.cancel()
+            if keeper is not None:
+                keeper.cancel()
             conn.close()
         return conn.error
 
@@ -608,7 +750,8 @@ class Client:
                 break
         self._last_req_id = msg.req_id = req_id
         future = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = _Pending(ftype, msg.room, future)
+        room = "" if ftype == FrameType.REFRESH else msg.room
+        self._pending[req_id] = _Pending(ftype, room, future)
         return future
 
     # ------------------------------------------------------------ frame handling
@@ -655,7 +798,7 @@ class Client:
             if not pending.future.done():
                 pending.future.set_exception(RequestError(err.reason, err.message, pending.room))
             return None
-        if err.reason in _CLOSING_ERRORS:
+        if err.req_id == 0 and err.reason in _CLOSING_ERRORS:
             cls = KickedError if err.reason in _FATAL_REASONS else ConnectionLostError
             return cls(err.reason, err.message)
         if err.req_id == 0 and err.room in self._cursors:
