@@ -1,7 +1,7 @@
 """The ``fanout`` command: run a node, mint tokens, try a node by hand.
 
     fanout node [--config FILE] [--port N] [--max-delay-ms MS] ...
-    fanout token --user U [--rooms a,b] [--ttl S]
+    fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
     fanout listen ROOM [--host H --port N]
     fanout say ROOM TEXT [--kind chat]
     fanout drain [--admin-host H --admin-port N --api-key KEY]
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--rooms", default="*", help="'*' or comma-separated room names")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
+    p.add_argument("--iss", default="", help="issuer claim, for a node with token_issuer")
+    p.add_argument("--aud", default="", help="audience claim, for a node with token_audience")
     p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
 
     p = sub.add_parser("listen", help="join a room and print its messages")
@@ -139,10 +141,16 @@ def _token(args) -> str:
     return args.token or mint(args.secret, args.user)
 
 
+def _refresher(args):
+    """A token minted here can be minted again when it expires; a given one cannot."""
+    return None if args.token else (lambda: mint(args.secret, args.user))
+
+
 async def _listen(args) -> int:
     from .client import Client
 
-    async with Client(args.host, args.port, _token(args), device_id="cli") as client:
+    async with Client(args.host, args.port, _token(args), device_id="cli",
+                      token_refresher=_refresher(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
         seen = 0
@@ -237,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "token":
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
-        print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl))
+        extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}
+        print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl, **extra))
         return 0
     if args.command == "drain":
         return _drain(args)

@@ -142,3 +142,32 @@ def test_sdk_stops_on_revocation(start_node):
         assert err.value.reason == pb.TOKEN_REVOKED
 
     asyncio.run(main())
+
+
+def test_sdk_refresh_with_fewer_rooms_ends_the_others(start_node):
+    """Client.refresh(token): the node leaves a room the new token does not
+    allow; iteration yields its Error(ROOM_FORBIDDEN) and the room is no
+    longer joined (nor resumed). A refused refresh raises RequestError and
+    keeps the token."""
+    from fanout.client import RequestError
+
+    node = start_node()
+
+    async def main():
+        first = mint(SECRET, "vic", rooms=["a", "b"], ttl=600)
+        async with Client(node.host, node.port, first) as c:
+            await c.join("a")
+            await c.join("b")
+            with pytest.raises(RequestError) as err:
+                await c.refresh(mint(SECRET, "someone-else", ttl=600))
+            assert err.value.reason == pb.AUTH_INVALID and c.token == first
+            narrower = mint(SECRET, "vic", rooms=["a"], ttl=600)
+            await c.refresh(narrower)
+            assert c.token == narrower and c.rooms == ["a"]
+            event = await c.next_event(timeout=5)
+            assert isinstance(event, pb.Error) and event.reason == pb.ROOM_FORBIDDEN
+            assert event.room == "b"
+            seq = await publish(node, "a", "still")
+            assert (await message(c)).seq == seq
+
+    asyncio.run(main())

@@ -418,7 +418,8 @@ class Client:
         :returns: a :class:`pb.RoomMessage`, a :class:`pb.Gap` (messages the
             node can no longer deliver, announced by it or detected by the
             client), or a :class:`pb.Error` with ``req_id`` 0 (the node
-            refused to resume that room; it is no longer joined). ``None``
+            refused to resume that room, or a refreshed token no longer
+            allows it; it is no longer joined). ``None``
             once :meth:`close` was called.
         :raises KickedError: kicked for good (after all earlier events).
         :raises AuthError: re-authentication failed while reconnecting.
@@ -802,10 +803,11 @@ class Client:
             cls = KickedError if err.reason in _FATAL_REASONS else ConnectionLostError
             return cls(err.reason, err.message)
         if err.req_id == 0 and err.room in self._cursors:
-            # A resume point was refused: the room is no longer joined. The
+            # A resume point was refused, or a refreshed token no longer
+            # allows the room: it is no longer joined. The
             # application is told, since its messages stop here.
             log.warning(
-                "node refused to resume room %r: %s", err.room, ClientError(err.reason, err.message)
+                "node refused or ended room %r: %s", err.room, ClientError(err.reason, err.message)
             )
             del self._cursors[err.room]
             self._events.put_nowait(err)
