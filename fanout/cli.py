@@ -215,12 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout node: {exc}", file=sys.stderr)
             return 2
         try:
-            run(cfg)
+            return run(cfg)        # 3 after a drain that left data undelivered
         except OSError as exc:     # typically: the port is taken
             print(f"fanout node: cannot serve on {cfg.host}:{cfg.port} "
                   f"(admin {cfg.admin_host}:{cfg.admin_port}): {exc}", file=sys.stderr)
             return 1
-        return 0
     if args.command == "token":
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
         print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl))

@@ -16,7 +16,10 @@ import asyncio
 import logging
 from typing import Callable
 
+from .logutil import ThrottledLog
+
 log = logging.getLogger("fanout.overload")
+_throttled = ThrottledLog(log)
 
 LAG_PROBE_INTERVAL = 0.1    # seconds between event-loop lag probes
 CALM_SECONDS = 5            # calm seconds before the level steps down one
@@ -100,9 +103,16 @@ class LagProbe:
 
     def _probe(self) -> None:
         now = self._loop.time()
-        self._sink(max(0.0, now - self._due))
-        self._due = now + LAG_PROBE_INTERVAL
-        self._timer = self._loop.call_at(self._due, self._probe)
+        try:
+            self._sink(max(0.0, now - self._due))
+        except Exception:
+            _throttled.log(logging.ERROR, "probe", "lag probe sink failed", exc_info=True)
+        finally:
+            if self._timer is not None:           # not stopped by the sink
+                self._due = now + LAG_PROBE_INTERVAL
+                self._timer = self._loop.call_at(self._due, self._probe)
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -378,7 +378,8 @@ class Session:
         """Server-initiated close: send Kick with the reason, then close.
 
         ``drop_queued=False`` (a drain) delivers everything already queued
-        for the client before the Kick.
+        for the client before the Kick, and takes as long as the caller
+        allows: no close grace of its own, the drain's deadline closes it.
         """
         if self.conn.closing:
             return
@@ -392,7 +393,7 @@ class Session:
             return
         self._detach()
         self.conn.close_after(frame, drop_queued)
-        if self.conn.closed:
+        if self.conn.closed or not drop_queued:
             return
         grace = self.host.config.close_grace_ms / 1000
         self._hard_close = self.host.loop.call_later(grace, self.conn.close)
