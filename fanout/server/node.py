@@ -32,7 +32,7 @@ from .config import NodeConfig
 from .listener import Listener
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
-from .overload import LagProbe, OverloadControl
+from .overload import LagProbe, OverloadControl, TimedInput
 from .rooms import RoomTable
 from .session import Session
 
@@ -246,7 +246,11 @@ class Node:
 
     def _accepted(self, conn: _core.Connection, peer) -> None:
         session_id = f"{self._tag}-{next(self._ids)}"
-        self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
+        session = self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
+        # Client input is timed so that it does not count as the node's own
+        # load (overload.py): the callback the session installed, wrapped.
+        if not conn.closing:
+            conn.start_reading(TimedInput(session.on_readable, self.overload))
         log.debug("accepted %s from %s", session_id, peer[:2])
 
     def session_closed(self, session: Session) -> None:
