@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout node: {exc}", file=sys.stderr)
             return 2
         try:
-            run(cfg)
+            return run(cfg)        # 3 after a drain that left data undelivered
         except config_mod.ConfigError as exc:     # found at start: the key file
             print(f"fanout node: {exc}", file=sys.stderr)
             return 2
@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout node: cannot serve on {cfg.host}:{cfg.port} "
                   f"(admin {cfg.admin_host}:{cfg.admin_port}): {exc}", file=sys.stderr)
             return 1
-        return 0
     if args.command == "token":
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
         extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}

@@ -143,7 +143,8 @@ def test_too_many_rooms(start_node):
     assert isinstance(c.join("a", 1), pb.Ack)
     assert isinstance(c.join("b", 2), pb.Ack)
     assert c.join("c", 3).reason == pb.TOO_MANY_ROOMS
-    assert isinstance(c.join("a", 4), pb.Ack)   # re-join of a joined room is fine
+    again = c.join("a", 4)                      # a joined room is not joined again
+    assert (again.reason, again.req_id, again.room) == (pb.ALREADY_JOINED, 4, "a")
 
 
 def test_chat_too_large(start_node):

@@ -97,3 +97,42 @@ def test_overload_steps_up_at_once_and_down_slowly():
     assert control.level == 0 and changes == [2, 1, 0]
     control.add_lag(0.05)
     assert control.tick(0) == 1                 # degraded, not overloaded
+
+
+def test_client_input_does_not_raise_the_level():
+    """Issue 8 item 8: loop lag explained by client input (an attacker's ping
+    flood) leaves the level alone; the same lag from the node's own work
+    (flushes) raises it. Raw lag is still reported."""
+    changes = []
+    control = OverloadControl(lag_degraded_ms=20, lag_overloaded_ms=100,
+                              backlog_degraded_bytes=1000, on_change=changes.append)
+    for _ in range(10):                         # a saturated loop, all of it client input
+        control.add_input(0.4)
+        control.add_lag(0.3)
+    assert control.tick(0) == 0 and changes == []
+    assert control.loop_lag == pytest.approx(0.3) and control.work_lag == 0.0
+    for _ in range(10):                         # half of the lateness is the node's own
+        control.add_input(0.15)
+        control.add_lag(0.3)
+    assert control.tick(0) == 2 and changes == [2]
+    assert control.work_lag == pytest.approx(0.15)
+
+
+def test_timed_input_adds_the_callback_time_even_when_it_raises():
+    import time
+
+    from fanout.server.overload import TimedInput
+
+    control = OverloadControl(lag_degraded_ms=20, lag_overloaded_ms=100,
+                              backlog_degraded_bytes=1000, on_change=lambda level: None)
+    TimedInput(lambda: time.sleep(0.02), control)()
+
+    def boom():
+        time.sleep(0.02)
+        raise RuntimeError("handler bug")
+    with pytest.raises(RuntimeError):
+        TimedInput(boom, control)()
+    assert 0.04 <= control.input_time < 0.5
+    control.add_lag(0.05)                       # the lag is all input: no work lag
+    control.tick(0)
+    assert control.work_lag == pytest.approx(0.01, abs=0.011) and control.level == 0

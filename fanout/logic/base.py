@@ -40,10 +40,24 @@ class Rejected(ReasonError):
 
 
 def check_room_name(room: str) -> None:
-    """:raises Rejected: ``BAD_REQUEST`` for an empty or over-long name."""
+    """A room name is 1-128 bytes of valid UTF-8.
+
+    A client's name is valid UTF-8 by the time it gets here (protobuf refuses
+    a ``string`` field that is not, as BAD_PROTOBUF); a name from JSON (the
+    admin API) can still hold a lone surrogate, which has no UTF-8 form.
+
+    :raises Rejected: ``BAD_REQUEST`` for an empty, over-long or non-UTF-8
+        name. The message never quotes the name.
+    """
     if not room:
         raise Rejected(pb.BAD_REQUEST, "room name is empty")
-    if len(room.encode("utf-8")) > MAX_ROOM_NAME:
+    if len(room) > MAX_ROOM_NAME:               # no need to encode a 60 KB name
+        raise Rejected(pb.BAD_REQUEST, f"room name longer than {MAX_ROOM_NAME} bytes")
+    try:
+        size = len(room.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise Rejected(pb.BAD_REQUEST, "room name is not valid UTF-8") from None
+    if size > MAX_ROOM_NAME:
         raise Rejected(pb.BAD_REQUEST, f"room name longer than {MAX_ROOM_NAME} bytes")
 
 

@@ -12,6 +12,7 @@ an in-process node pays no task switch for its logic.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ..bus.base import Bus
 from ..protocol import fanout_pb2 as pb
@@ -20,6 +21,11 @@ from .base import Rejected, RoomHead
 from .logins import LoginRegistry
 from .revocations import Revocations
 from .sequencer import Sequencer
+
+log = logging.getLogger("fanout.logic")
+
+#: Shortest time between two logged sweep failures, seconds.
+SWEEP_FAILURE_LOG_INTERVAL = 60.0
 
 #: Longest time between sweeps of idle room state, seconds; a short
 #: ``idle_ttl`` sweeps more often (twice per ttl).
@@ -42,16 +48,34 @@ class LocalLogic:
         self.logins = logins if logins is not None else LoginRegistry()
         self.revocations = revocations if revocations is not None else Revocations(86_400.0)
         self._timer: asyncio.TimerHandle | None = None
+        self._sweep_failures = 0
+        self._failure_logged_at = float("-inf")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         every = min(SWEEP_INTERVAL, max(self.sequencer.idle_ttl / 2, 0.05))
 
         def sweep() -> None:
-            self.sequencer.sweep()
-            self.revocations.sweep()
-            self._timer = loop.call_later(every, sweep)
+            # Rescheduled whatever the sweep does: one exception must not
+            # leave idle room state to pile up for the process's life.
+            try:
+                self.sequencer.sweep()
+                self.revocations.sweep()
+            except Exception:
+                self._sweep_failed(loop.time())
+            finally:
+                if self._timer is not None:       # not closed meanwhile
+                    self._timer = loop.call_later(every, sweep)
         self._timer = loop.call_later(every, sweep)
+
+    def _sweep_failed(self, now: float) -> None:
+        # Throttled by hand: the logic layer sits below the server's logutil.
+        self._sweep_failures += 1
+        if now - self._failure_logged_at >= SWEEP_FAILURE_LOG_INTERVAL:
+            self._failure_logged_at = now
+            log.error("room state sweep failed (%d failures since the last line)",
+                      self._sweep_failures, exc_info=True)
+            self._sweep_failures = 0
 
     async def close(self) -> None:
         if self._timer is not None:

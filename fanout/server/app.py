@@ -126,7 +126,12 @@ def install_loop(kind: str) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: NodeConfig) -> None:
+#: ``fanout node``'s exit status after a drain that closed connections still
+#: holding data they were sent (0 after a clean one).
+EXIT_UNCLEAN_DRAIN = 3
+
+
+async def _serve(config: NodeConfig) -> int:
     app = App(config)
     await app.start()
     if app.admin is not None:
@@ -138,11 +143,13 @@ async def _serve(config: NodeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.node.start_drain)
     await app.serve_forever()
+    return EXIT_UNCLEAN_DRAIN if app.node.undelivered else 0
 
 
-def run(config: NodeConfig) -> None:
-    """Run a node until SIGINT/SIGTERM or an admin drain (``fanout node``)."""
+def run(config: NodeConfig) -> int:
+    """Run a node until SIGINT/SIGTERM or an admin drain (``fanout node``).
+    Returns the exit status: 0, or EXIT_UNCLEAN_DRAIN."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_loop(config.loop)
-    asyncio.run(_serve(config))
+    return asyncio.run(_serve(config))

@@ -16,7 +16,7 @@ class ThrottledLog:
         self._burst = burst
         self._windows: dict[str, list] = {}      # key -> [window start, lines, suppressed]
 
-    def log(self, level: int, key: str, msg: str, *args) -> None:
+    def log(self, level: int, key: str, msg: str, *args, exc_info=None) -> None:
         if not self._logger.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -32,7 +32,7 @@ class ThrottledLog:
             window[2] += 1
             return
         window[1] += 1
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
 
     def warning(self, key: str, msg: str, *args) -> None:
         self.log(logging.WARNING, key, msg, *args)

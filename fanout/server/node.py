@@ -15,10 +15,13 @@ which hands it its metrics, bus and logic. It owns:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import os
 import random
+import struct
+import termios
 import time
 
 from .. import _core
@@ -31,7 +34,7 @@ from .config import NodeConfig
 from .listener import Listener
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
-from .overload import LagProbe, OverloadControl
+from .overload import LagProbe, OverloadControl, TimedInput
 from .rooms import RoomTable
 from .session import Session
 
@@ -41,6 +44,17 @@ SWEEP_INTERVAL = 1.0        # seconds between timeout and overload checks
 ROOM_SWEEP_INTERVAL = 10.0  # seconds between sweeps of idle rooms
 AUTH_BURST = 20             # auth failures per sweep that make a warning
 DELAY_FACTOR = (1, 2, 4)    # flush window multiplier per degradation level
+
+
+def _kernel_unsent(fd: int) -> int:
+    """Bytes in the socket's kernel send queue that the peer has not
+    acknowledged (Linux SIOCOUTQ); 0 where that cannot be read."""
+    if fd < 0:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def parse_kind(kind: int | str) -> int:
@@ -86,6 +100,9 @@ class Node:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._stopped: asyncio.Future | None = None
         self._drain_task: asyncio.Task | None = None
+        #: After a drain: connections closed at its deadline with data they
+        #: had not taken (0: a clean drain).
+        self.undelivered = 0
         self._auth_failures = 0
         self._last_room_sweep = 0.0
         metrics.add_gauges(self._gauges)
@@ -120,9 +137,16 @@ class Node:
         name = callback.__name__
 
         def tick():
-            callback()
-            if not self._stopped.done():
-                self._timers[name] = self.loop.call_later(interval, tick)
+            # Rescheduled whatever the callback does: one exception must not
+            # stop timeouts, overload control or presence for good.
+            try:
+                callback()
+            except Exception:
+                self.throttled.log(logging.ERROR, f"timer {name}", "timer %s failed", name,
+                                   exc_info=True)
+            finally:
+                if not self._stopped.done():
+                    self._timers[name] = self.loop.call_later(interval, tick)
         self._timers[name] = self.loop.call_later(interval, tick)
 
     @property
@@ -158,7 +182,11 @@ class Node:
         pending batch, then sends every client a Kick(SERVER_SHUTDOWN) queued
         behind everything it was already sent, with a reconnect delay
         jittered over ``drain_jitter_ms`` so clients do not return all at
-        once. Waits up to ``drain_grace_ms`` for clients to leave.
+        once. Waits up to ``drain_grace_ms`` for clients to leave: that one
+        deadline governs every connection (a kicked client has no shorter
+        close grace of its own). A connection still holding data it was sent
+        at the deadline is logged by name and counted in
+        :attr:`undelivered`; ``fanout node`` then exits non-zero.
         """
         if self.draining:
             if self._drain_task is not None and self._drain_task is not asyncio.current_task():
@@ -178,13 +206,13 @@ class Node:
         for session in list(self.sessions.values()):
             session.kick(pb.SERVER_SHUTDOWN, "node is draining; reconnect elsewhere",
                          reconnect_after_ms=random.randint(0, jitter), drop_queued=False)
+        # One deadline for everything: a kicked session has no close grace of
+        # its own here, so a slow reader gets until the deadline to take what
+        # it was sent.
         deadline = loop.time() + (cfg.drain_grace_ms / 1000 if grace is None else grace)
         while self.sessions and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if self.sessions:
-            log.warning("drain grace over: closing %d connections still open", len(self.sessions))
-        for session in list(self.sessions.values()):
-            session.conn.close()
+        self.undelivered = self._close_undelivered()
         for timer in self._timers.values():
             timer.cancel()
         if self._probe is not None:
@@ -194,11 +222,37 @@ class Node:
             self._stopped.set_result(None)
         log.info("drained and stopped")
 
+    def _close_undelivered(self) -> int:
+        """At the drain deadline: close every connection still open, logging
+        by name each one that has not taken everything it was sent (its
+        backlog, or bytes still in its kernel send queue). Returns how many."""
+        if not self.sessions:
+            return 0
+        log.warning("drain deadline: closing %d connections still open", len(self.sessions))
+        undelivered = 0
+        for session in list(self.sessions.values()):
+            conn = session.conn
+            queued, in_kernel = conn.backlog_bytes, _kernel_unsent(conn.fd)
+            if queued or in_kernel:
+                undelivered += 1
+                log.warning("drain: closing session %s (user %r, peer %s:%s) with undelivered "
+                            "data: backlog %d bytes, %d more in the kernel", session.id,
+                            session.user, session.peer_host, session.peer_port, queued, in_kernel)
+            conn.close()
+        if undelivered:
+            log.error("drain not clean: %d connections did not take everything they were sent",
+                      undelivered)
+        return undelivered
+
     # ---------------------------------------------------------------- sessions
 
     def _accepted(self, conn: _core.Connection, peer) -> None:
         session_id = f"{self._tag}-{next(self._ids)}"
-        self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
+        session = self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
+        # Client input is timed so that it does not count as the node's own
+        # load (overload.py): the callback the session installed, wrapped.
+        if not conn.closing:
+            conn.start_reading(TimedInput(session.on_readable, self.overload))
         log.debug("accepted %s from %s", session_id, peer[:2])
 
     def session_closed(self, session: Session) -> None:

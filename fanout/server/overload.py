@@ -1,22 +1,28 @@
-"""Overload control of one node: how busy the event loop is, and the
-degradation level that follows from it.
+"""Overload control of one node: how busy the event loop is with the work
+the node chooses to do, and the degradation level that follows from it.
 
 :class:`LagProbe` measures event-loop lag: a timer due every
 :data:`LAG_PROBE_INTERVAL` that runs late tells how long the loop was busy
-with other work. :class:`OverloadControl` turns the mean lag over the last
-second and the total write backlog into a level, 0 normal, 1 degraded,
-2 overloaded (not ready), with no sockets or loop of its own, so it is
-tested directly. The node applies each change (wider flush window, a
-smaller chat share, readiness).
+with other work. :class:`TimedInput` wraps each connection's read callback
+and adds the time spent handling client input to the controller.
+:class:`OverloadControl` discounts that input time from each lag sample, and
+turns the mean of what is left over the last second, with the total write
+backlog, into a level, 0 normal, 1 degraded, 2 overloaded (not ready), with
+no sockets or loop of its own, so it is tested directly. The node applies
+each change (wider flush window, a smaller chat share, readiness).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
+from .logutil import ThrottledLog
+
 log = logging.getLogger("fanout.overload")
+_throttled = ThrottledLog(log)
 
 LAG_PROBE_INTERVAL = 0.1    # seconds between event-loop lag probes
 CALM_SECONDS = 5            # calm seconds before the level steps down one
@@ -28,6 +34,21 @@ class OverloadControl:
         that makes the node degraded, overloaded.
     :param backlog_degraded_bytes: total write backlog that makes it degraded.
     :param on_change: ``on_change(level)`` after each change.
+
+    The level follows the work the node chooses to do (flushes, replays,
+    timers), not the input clients send it. Degrading is a node-wide answer
+    (every room's chat share shrinks, the node stops being ready), so it
+    must not be something one client can buy: 1,032,000 pings from one
+    connection once made the loop lag and the node "overloaded" for all.
+    Each lag sample is therefore reduced by the time the loop spent in
+    client read callbacks since the previous sample (:meth:`add_input`,
+    fed by :class:`TimedInput`): a probe late because the loop was parsing
+    and answering client frames is not late because of the node's own
+    work. An input flood is bounded per connection by the session's
+    request budget instead. What is left is the lateness of everything
+    else, which is where genuine fan-out overload shows (10k-member flushes
+    back to back), and a write backlog keeps its own signal. The raw lag is
+    still reported (:attr:`loop_lag`): it is what clients feel.
     """
 
     def __init__(self, *, lag_degraded_ms: float, lag_overloaded_ms: float,
@@ -41,11 +62,24 @@ class OverloadControl:
         self._on_change = on_change
         self._calm = 0
         self._lag_sum = 0.0
+        self._work_lag_sum = 0.0
         self._lag_samples = 0
+        #: Mean lag over the last second left after client input, seconds:
+        #: what the level follows.
+        self.work_lag = 0.0
+        #: Loop seconds spent handling client input since the last sample.
+        self.input_time = 0.0
+
+    def add_input(self, seconds: float) -> None:
+        """Loop time spent in one client read callback."""
+        self.input_time += seconds
 
     def add_lag(self, lag: float) -> None:
-        """One lag probe's sample, in seconds."""
+        """One lag probe's sample, in seconds: counted less the client input
+        handled since the previous sample."""
         self._lag_sum += lag
+        self._work_lag_sum += max(0.0, lag - self.input_time)
+        self.input_time = 0.0
         self._lag_samples += 1
 
     def tick(self, backlog: int) -> int:
@@ -54,9 +88,11 @@ class OverloadControl:
         The mean lag, not the worst: a hot room's flush to 10k sockets blocks
         the loop for tens of ms by design, and that is no overload. A loop
         that is saturated is late for most probes."""
-        self.loop_lag = self._lag_sum / self._lag_samples if self._lag_samples else 0.0
-        self._lag_sum, self._lag_samples = 0.0, 0
-        return self.update(self.loop_lag, backlog)
+        samples = self._lag_samples
+        self.loop_lag = self._lag_sum / samples if samples else 0.0
+        self.work_lag = self._work_lag_sum / samples if samples else 0.0
+        self._lag_sum, self._work_lag_sum, self._lag_samples = 0.0, 0.0, 0
+        return self.update(self.work_lag, backlog)
 
     def update(self, lag: float, backlog: int) -> int:
         """Set the level from a second's mean loop lag and the total write
@@ -82,10 +118,30 @@ class OverloadControl:
         return self.level
 
     def _set(self, level: int, lag: float, backlog: int) -> None:
-        log.warning("load %s -> %s (loop lag %.0f ms, write backlog %d bytes)",
-                    LEVEL_NAMES[self.level], LEVEL_NAMES[level], lag * 1000, backlog)
+        log.warning("load %s -> %s (loop lag from the node's own work %.0f ms, "
+                    "all loop lag %.0f ms, write backlog %d bytes)", LEVEL_NAMES[self.level],
+                    LEVEL_NAMES[level], lag * 1000, self.loop_lag * 1000, backlog)
         self.level = level
         self._on_change(level)
+
+
+class TimedInput:
+    """A connection's read callback that adds the loop time it takes to
+    ``control`` (:meth:`OverloadControl.add_input`). It replaces the bound
+    method it wraps, so it costs a connection no more memory than that."""
+
+    __slots__ = ("_callback", "_control")
+
+    def __init__(self, callback: Callable[[], object], control: OverloadControl) -> None:
+        self._callback = callback
+        self._control = control
+
+    def __call__(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._callback()
+        finally:
+            self._control.input_time += time.perf_counter() - started
 
 
 class LagProbe:
@@ -100,9 +156,16 @@ class LagProbe:
 
     def _probe(self) -> None:
         now = self._loop.time()
-        self._sink(max(0.0, now - self._due))
-        self._due = now + LAG_PROBE_INTERVAL
-        self._timer = self._loop.call_at(self._due, self._probe)
+        try:
+            self._sink(max(0.0, now - self._due))
+        except Exception:
+            _throttled.log(logging.ERROR, "probe", "lag probe sink failed", exc_info=True)
+        finally:
+            if self._timer is not None:           # not stopped by the sink
+                self._due = now + LAG_PROBE_INTERVAL
+                self._timer = self._loop.call_at(self._due, self._probe)
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -36,6 +36,31 @@ log = logging.getLogger("fanout.session")
 
 _NO_ROOMS: frozenset[str] = frozenset()   # shared by every session in no room
 
+#: Longest device class, UTF-8 bytes: it is kept for the connection's life.
+MAX_DEVICE_CLASS = 32
+#: Longest piece of client input quoted in an Error message or a log line.
+CLIP_CHARS = 64
+#: Longest Error/Kick message the node sends.
+MAX_MESSAGE_CHARS = 256
+
+
+def clip(value: str, limit: int = CLIP_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with an ellipsis: client
+    input quoted back in an Error or a log line costs a bounded size and
+    cannot forge a line (control characters are escaped)."""
+    text = repr(value[:limit + 1])
+    return text if len(value) <= limit else text[:limit + 1] + "…"
+
+
+def _echo_room(name: str) -> str:
+    """What an Error echoes of a room name: the name if it is a valid one,
+    else nothing (a 60 KB name is not sent back)."""
+    try:
+        check_room_name(name)
+    except Rejected:
+        return ""
+    return name
+
 
 class SessionHost(Protocol):
     """What a session needs from the node that holds it, and nothing more."""
@@ -166,14 +191,17 @@ class Session:
             self.conn.resume_reading()
 
     def _internal_error(self, what: str, exc: BaseException | None = None) -> None:
-        # A bug must cost one connection, not the node's loop.
-        log.error("%s: internal error handling %s", self, what,
-                  exc_info=exc if exc is not None else True)
+        # A bug must cost one connection, not the node's loop; a bug a
+        # client can trigger at will must not flood the log either.
+        self.host.throttled.log(logging.ERROR, "internal", "%s: internal error handling %s",
+                                self, what, exc_info=exc if exc is not None else True)
         self.fail(pb.INTERNAL_ERROR, "internal error")
 
     async def _hello(self, msg: pb.Hello) -> None:
         if self.user is not None:
             self.fail(pb.ALREADY_AUTHENTICATED, "this connection is already authenticated")
+            return
+        if self._refuse_hello_shape(msg):
             return
         host = self.host
         try:
@@ -207,7 +235,10 @@ class Session:
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms(),
             token_expires_ms=claims.expires_at * 1000))
-        log.debug("%s: authenticated (device %r, class %r)", self, msg.device_id, device_class)
+        log.debug("%s: authenticated (device %s, class %r)", self, clip(msg.device_id),
+                  device_class)
+        # In order; a room named twice is answered like a second Join of it
+        # (Error ALREADY_JOINED for the later one): nothing is replayed twice.
         for point in msg.resume:
             if self.conn.closing:
                 return
@@ -235,24 +266,50 @@ class Session:
         # The new token's rooms apply from now on: leave what it no longer allows.
         for name in [r for r in self.rooms if not claims.may_join(r)]:
             self._leave_room(name)
-            self.error(0, pb.ROOM_FORBIDDEN, f"the refreshed token does not allow room {name!r}",
+            self.error(0, pb.ROOM_FORBIDDEN, f"the refreshed token does not allow room {clip(name)}",
                        name)
         self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id))
+
+    def _refuse_hello_shape(self, msg: pb.Hello) -> bool:
+        """Refuse (and close) a Hello whose resume points exceed the room
+        limit or whose device class is too long, before any token check or
+        login: both are fixed by the client, not by the token. True if
+        refused."""
+        limit = self.host.config.max_rooms_per_conn
+        if len(msg.resume) > limit:
+            # Refused whole, not the first N answered: a client that sends
+            # more than it may hold is broken or hostile, and answering part
+            # of it would replay up to N rooms for nothing.
+            self.fail(pb.TOO_MANY_ROOMS,
+                      f"{len(msg.resume)} resume points, over the limit of {limit} rooms")
+            return True
+        if len(msg.device_class.encode("utf-8")) > MAX_DEVICE_CLASS:
+            self.fail(pb.BAD_REQUEST, f"device_class longer than {MAX_DEVICE_CLASS} bytes")
+            return True
+        return False
 
     def _join(self, msg: pb.Join):
         return self._join_room(msg.req_id, msg.room, msg.last_seq, msg.epoch)
 
     async def _join_room(self, req_id: int, name: str, last_seq: int, epoch: str) -> None:
         host = self.host
+        if self.conn.closing:                     # a closing connection gets no more work
+            return
         try:
             check_room_name(name)
         except Rejected as exc:
             self.error(req_id, exc.reason, exc.message, name)
             return
-        if not self.claims.may_join(name):
-            self.error(req_id, pb.ROOM_FORBIDDEN, f"token does not allow room {name!r}", name)
+        if name in self.rooms:
+            # Not a resume: a second replay of the same history is work an
+            # attacker could ask for 6,000 times in one write.
+            self.error(req_id, pb.ALREADY_JOINED, "already in this room; Leave first to rejoin",
+                       name)
             return
-        if name not in self.rooms and len(self.rooms) >= host.config.max_rooms_per_conn:
+        if not self.claims.may_join(name):
+            self.error(req_id, pb.ROOM_FORBIDDEN, f"token does not allow room {clip(name)}", name)
+            return
+        if len(self.rooms) >= host.config.max_rooms_per_conn:
             self.error(req_id, pb.TOO_MANY_ROOMS,
                        f"already in {len(self.rooms)} rooms, the limit", name)
             return
@@ -271,10 +328,12 @@ class Session:
                epoch: str) -> None:
         """Join ``room``, acquired for this connection: Ack, Gap, replay,
         then membership, all before anything else is written to it."""
-        if self.conn.closing:
+        # After the acquire's suspension: the connection may have closed, or
+        # an earlier request joined the room meanwhile.
+        if self.conn.closing or name in self.rooms:
+            if not self.conn.closing:
+                self.error(req_id, pb.ALREADY_JOINED, "already in this room", name)
             return
-        # A re-join on the same connection is a resume like any other.
-        room.discard(self.conn)
         if not last_seq:
             cursor = room.flushed_seq          # fresh join: from now on
         elif not epoch or epoch == room.epoch:
@@ -301,7 +360,7 @@ class Session:
 
     def _leave(self, msg: pb.Leave) -> None:
         if msg.room not in self.rooms:
-            self.error(msg.req_id, pb.NOT_A_MEMBER, f"not in room {msg.room!r}", msg.room)
+            self.error(msg.req_id, pb.NOT_A_MEMBER, f"not in room {clip(msg.room)}", msg.room)
             return
         self._leave_room(msg.room)
         self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
@@ -313,8 +372,10 @@ class Session:
 
     async def _chat(self, msg: pb.Chat) -> None:
         if msg.room not in self.rooms:
-            self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {msg.room!r} before chatting in it",
+            self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {clip(msg.room)} before chatting in it",
                        msg.room)
+            return
+        if self.conn.closing:                     # a closing connection gets no more work
             return
         try:
             seq = await self.host.logic.chat(self.user, msg.room, msg.payload)
@@ -332,13 +393,20 @@ class Session:
         self.conn.send(_frame(ftype, msg))
 
     def error(self, req_id: int, reason: int, message: str, room: str = "") -> None:
-        """A request failed; the connection stays open."""
+        """A request failed; the connection stays open.
+
+        The reply is bounded whatever the request held: ``room`` is echoed
+        only if it is a valid room name, and ``message`` (which may quote
+        client input, through :func:`clip`) is cut to MAX_MESSAGE_CHARS."""
+        message = message[:MAX_MESSAGE_CHARS]
         log.debug("%s: request %d refused: %s (%s)", self, req_id,
                   pb.Reason.Name(reason), message)
-        self.send(FrameType.ERROR, pb.Error(reason=reason, message=message, req_id=req_id, room=room))
+        self.send(FrameType.ERROR, pb.Error(reason=reason, message=message, req_id=req_id,
+                                            room=_echo_room(room)))
 
     def fail(self, reason: int, message: str) -> None:
         """Protocol or auth failure: send Error with the reason, then close."""
+        message = message[:MAX_MESSAGE_CHARS]
         name = pb.Reason.Name(reason)
         self.host.metrics.protocol_errors.labels(name).inc()
         self.host.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
@@ -349,7 +417,8 @@ class Session:
         """Server-initiated close: send Kick with the reason, then close.
 
         ``drop_queued=False`` (a drain) delivers everything already queued
-        for the client before the Kick.
+        for the client before the Kick, and takes as long as the caller
+        allows: no close grace of its own, the drain's deadline closes it.
         """
         if self.conn.closing:
             return
@@ -363,7 +432,7 @@ class Session:
             return
         self._detach()
         self.conn.close_after(frame, drop_queued)
-        if self.conn.closed:
+        if self.conn.closed or not drop_queued:
             return
         grace = self.host.config.close_grace_ms / 1000
         self._hard_close = self.host.loop.call_later(grace, self.conn.close)
