@@ -194,13 +194,18 @@ class Node:
 
     # ---------------------------------------------------------------- sessions
 
-    def _accepted(self, conn: _core.Connection, peer) -> None:
+    def _accepted(self, conn: _core.Connection, peer) -> Session:
         session_id = f"{self._tag}-{next(self._ids)}"
-        self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
+        session = self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
         log.debug("accepted %s from %s", session_id, peer[:2])
+        return session
+
+    def session_authenticated(self, session: Session) -> None:
+        self.listener.authenticated(session)
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.listener.release(session)
 
     def kick(self, session_id: str, reason: int, message: str) -> bool:
         session = self.sessions.get(session_id)
@@ -228,16 +233,13 @@ class Node:
         now = self.loop.time()
         cfg = self.config
         idle = cfg.idle_timeout_ms / 1000
-        auth = cfg.auth_timeout_ms / 1000
         backlog = 0
         for session in list(self.sessions.values()):
             if session.closing:
                 continue
             backlog += session.conn.backlog_bytes
-            if session.user is None:
-                if now - session.connected_at > auth:
-                    session.fail(pb.AUTH_TIMEOUT, f"no Hello within {auth:g} s")
-            elif now - session.conn.last_recv > idle:
+            # The handshake deadline is the listener's (to the millisecond).
+            if session.user is not None and now - session.conn.last_recv > idle:
                 session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {idle:g} s")
         if self._auth_failures >= AUTH_BURST:
             self.throttled.warning("auth", "%d auth failures in the last second",
