@@ -27,7 +27,12 @@ class RawClient:
         self.closed = False
 
     def send(self, ftype: int, msg) -> None:
-        self.sock.sendall(wire.encode_frame(ftype, msg))
+        try:
+            self.sock.sendall(wire.encode_frame(ftype, msg))
+        except ConnectionResetError:
+            # Refused at accept, the node resets the socket: what it sent
+            # first (the Error) stays readable, then reads see EOF.
+            pass
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
