@@ -95,8 +95,7 @@ def descriptor_budget(config: NodeConfig) -> tuple[int, int]:
     if config.max_connections > room:
         log.warning("RLIMIT_NOFILE %d (hard %s) leaves room for %d client connections next to "
                     "fd_reserve %d: max_connections %d lowered to %d; raise the limit to hold more",
-                    soft, hard, room, config.fd_reserve, config.max_connections, config.max_connections,
-                    room)
+                    soft, hard, room, config.fd_reserve, config.max_connections, room)
         return room, ceiling
     return config.max_connections, ceiling
 
