@@ -15,6 +15,10 @@ from fanout.protocol.auth import DEV_SECRET, mint
 sys.path.insert(0, str(Path(__file__).parent))
 
 SECRET = "test-secret-for-the-fanout-suite-0123456789"
+# The suite plays many users from 127.0.0.1; the admission tests
+# (tests/test_adv_slots.py) give their nodes the limits they test.
+SUITE_ADMISSION = {"FANOUT_MAX_CONNS_PER_IP": "1000000", "FANOUT_MAX_UNAUTHENTICATED": "1000000",
+                   "FANOUT_MAX_UNAUTHENTICATED_PER_IP": "1000000"}
 API_KEY = "test-api-key-for-the-fanout-suite"
 
 
@@ -36,7 +40,7 @@ def start_node(tmp_path, request, node_loop):
             raise ValueError("start_node takes the loop from the node_loop fixture; "
                              "parametrize node_loop to pin it")
         node = NodeProcess(["--loop", node_loop, *args], api_key=API_KEY, port=port,
-                           env={**os.environ, "FANOUT_SECRET": SECRET, **(env or {})},
+                           env={**os.environ, "FANOUT_SECRET": SECRET, **SUITE_ADMISSION, **(env or {})},
                            log_path=tmp_path / f"node-{time.monotonic_ns()}.log")
         nodes.append(node)
         return node

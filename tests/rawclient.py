@@ -21,13 +21,21 @@ class RawClient:
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
+        try:
+            self.sock.connect((host, port))
+        except ConnectionResetError:
+            pass            # refused at accept; on loopback the RST can beat connect()
         self.decoder = wire.FrameDecoder()
         self.pending: list = []
         self.closed = False
 
     def send(self, ftype: int, msg) -> None:
-        self.sock.sendall(wire.encode_frame(ftype, msg))
+        try:
+            self.sock.sendall(wire.encode_frame(ftype, msg))
+        except (ConnectionResetError, BrokenPipeError):
+            # Refused at accept, the node resets the socket: what it sent
+            # first (the Error) stays readable, then reads see EOF.
+            pass
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)

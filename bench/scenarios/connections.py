@@ -7,7 +7,8 @@ import threading
 import time
 
 from bench.scenarios.harness import Node, delta
-from bench.scenarios.load import STORM_WINDOW, load_args_idle, load_args_storm, run_load, slim
+from bench.scenarios.load import (STORM_ADMISSION, STORM_WINDOW, load_args_idle, load_args_storm,
+                                  run_load, slim)
 from bench.scenarios.report import TARGETS
 
 
@@ -61,7 +62,8 @@ def idle_connections(quick: bool) -> dict:
 def connect_storm(quick: bool) -> dict:
     n = 500 if quick else 19000
     settings = dict(max_connections=19500, conn_rate_per_ip=1000000,
-                    conn_burst_per_ip=1000000)
+                    conn_burst_per_ip=1000000,
+                    **STORM_ADMISSION)
     node = Node(**settings)
     try:
         m0 = node.metrics()

@@ -68,6 +68,9 @@ def load_deliveries(load: dict) -> float | None:
 REF_PREFIX = "live:ref-"          # the reference room is "live:ref-0"
 REF_ROOM = REF_PREFIX + "0"
 STORM_WINDOW = 4096               # = the node's listen backlog
+# A storm's 4,096 handshakes in flight pass a default node's unauthenticated
+# budget (1,024) and per-address handshake cap (16): lift both.
+STORM_ADMISSION = dict(max_unauthenticated=20000, max_unauthenticated_per_ip=256)
 
 
 def load_args_reference(viewers: int, duration: float, rate: float = 2000) -> list[str]:

@@ -11,8 +11,8 @@ import threading
 import time
 
 from bench.scenarios.harness import BIN, BUILD, ROOT, Node
-from bench.scenarios.load import (latency_summary, load_args_quiet, load_args_reference,
-                                  load_args_storm, run_load)
+from bench.scenarios.load import (STORM_ADMISSION, latency_summary, load_args_quiet,
+                                  load_args_reference, load_args_storm, run_load)
 from bench.scenarios.reference_room import REFERENCE_SETTINGS
 
 
@@ -33,7 +33,8 @@ def profile(quick: bool) -> dict:
 def profile_storm(quick: bool) -> dict:
     """py-spy of the node during connect-storm: what one connect costs."""
     n = 500 if quick else 19000
-    settings = dict(max_connections=19500, conn_rate_per_ip=1000000, conn_burst_per_ip=1000000)
+    settings = dict(max_connections=19500, conn_rate_per_ip=1000000, conn_burst_per_ip=1000000,
+                    **STORM_ADMISSION)
     return _profile("connect_storm", settings, load_args_storm(n), publish=False,
                     start_after=0.0, seconds=2 if quick else 6, timeout=300,
                     title="fanout node during connect-storm (19,000 connects)")

@@ -17,7 +17,11 @@ __all__ = ["LoadConfig", "LoadError", "MAX_PER_PROCESS", "numeric_host", "plan"]
 #: Most viewers one worker process holds (the open-file limit is 20,000).
 MAX_PER_PROCESS = 19_000
 
-_VIEWERS_PER_SOURCE = 1000  # viewers per source address with source_addrs="auto"
+# Viewers per source address with source_addrs="auto" (at most 254 addresses
+# per process): few, so that the handshakes of a connect window spread over
+# many addresses and stay under a default node's per-address caps
+# (max_conns_per_ip 256, max_unauthenticated_per_ip 16).
+_VIEWERS_PER_SOURCE = 16
 
 
 class LoadError(RuntimeError):
@@ -34,7 +38,8 @@ class LoadConfig:
         round-robin over the rooms; 0 is the idle mode (no publisher: viewers
         only keep their connections alive with pings).
     :ivar source_addrs: ``"auto"`` binds each viewer to one of several
-        loopback source addresses (1,000 viewers per address) when the node
+        loopback source addresses (16 viewers per address, at most 254 per
+        process) when the node
         is on IPv4 loopback, so the node's per-address connection rate limit
         and the ephemeral port range apply per simulated client network, as
         with real viewers; ``"none"`` lets the kernel pick; or a

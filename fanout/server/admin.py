@@ -28,12 +28,14 @@ from ..logic.base import Rejected
 from ..protocol import fanout_pb2 as pb
 from ..protocol.auth import MAX_SUB_BYTES
 from .config import NodeConfig
+from .httpguard import ConnectionGuard, GuardedSite
 
 log = logging.getLogger("fanout.admin")
 
 MAX_BATCH = 1000            # messages in one publish request
 MAX_BODY = 4 << 20          # request body bytes (a full batch of typical messages)
 SHUTDOWN_TIMEOUT = 2.0      # seconds in-flight requests get when the server closes
+KEEPALIVE_TIMEOUT = 15.0    # seconds an idle keep-alive connection (or a next request's headers) gets
 DEFAULT_SENDER = "api"
 JSON_TYPE = "application/json"
 PROTOBUF_TYPE = "application/x-protobuf"
@@ -230,7 +232,10 @@ class AdminServer:
         ])
         # No access log: Prometheus and the orchestrator's probes would fill
         # the node's log; the middleware logs failures instead.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                                     keepalive_timeout=KEEPALIVE_TIMEOUT)
+        self.guard = ConnectionGuard(max_connections=config.admin_max_connections,
+                                     header_timeout=config.admin_header_timeout_ms / 1000)
 
     async def start(self) -> None:
         """Bind ``admin_host``:``admin_port`` and start serving.
@@ -240,7 +245,7 @@ class AdminServer:
         host, port = self.config.admin_host, self.config.admin_port
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            await GuardedSite(self._runner, host, port, guard=self.guard).start()
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(exc.errno, f"admin API cannot listen on {host}:{port}: "

@@ -82,7 +82,7 @@ class NodeConfig:
     # connections
     ping_interval_ms: int = _field(20_000, "how often clients should ping", minimum=100)
     idle_timeout_ms: int = _field(45_000, "close a connection silent this long", minimum=200)
-    auth_timeout_ms: int = _field(5_000, "close a connection without Hello after this", minimum=100)
+    auth_timeout_ms: int = _field(3_000, "close a connection without a valid Hello after this", minimum=100)
     close_grace_ms: int = _field(2_000, "time a closing connection gets to take its last frame", minimum=0)
     max_frame: int = _field(65_536, "largest client frame body, before and after lz4", minimum=64)
     max_rooms_per_conn: int = _field(16, "rooms one connection may join", minimum=1)
@@ -91,6 +91,15 @@ class NodeConfig:
     max_connections: int = _field(19_000, "connections this node holds at most", minimum=1)
     conn_rate_per_ip: float = _field(500.0, "new connections per second per client address", minimum=0)
     conn_burst_per_ip: float = _field(2000.0, "burst of new connections per client address", minimum=1)
+    # admission (the client port; see the listener)
+    max_conns_per_ip: int = _field(256, "connections one client address (IPv6: one /64) may hold at once", minimum=1)
+    max_unauthenticated: int = _field(1024, "connections without a valid Hello, in total (over it the oldest is closed)", minimum=1)
+    max_unauthenticated_per_ip: int = _field(16, "connections without a valid Hello per client address", minimum=1)
+    fd_reserve: int = _field(256, "file descriptors client sockets never take (admin API, probes, logs)", minimum=16)
+    sndbuf_bytes: int = _field(262_144, "SO_SNDBUF of client sockets, bounding kernel memory per slow client (0: kernel default)", minimum=0)
+    proxy_protocol_from: str = _field("", "comma-separated networks (CIDR) whose connections must start with a PROXY v1/v2 header ('': none)")
+    admin_max_connections: int = _field(128, "admin API connections at once (over it the oldest is closed)", minimum=1)
+    admin_header_timeout_ms: int = _field(5_000, "close an admin API connection without complete request headers after this", minimum=100)
     presence_interval_ms: int = _field(10_000, "how often members get the room's online count (0: never)", minimum=0)
     drain_grace_ms: int = _field(10_000, "longest a drain waits for clients to leave", minimum=0)
     drain_jitter_ms: int = _field(5_000, "spread of the reconnect delays a drain hands out", minimum=0)
@@ -137,6 +146,11 @@ class NodeConfig:
         if self.admin_port >= 0 and not self.api_key and not is_loopback(self.admin_host):
             raise ConfigError(f"admin_host {self.admin_host!r} is not loopback: set api_key "
                               "(FANOUT_API_KEY or --api-key)")
+        if self.admin_max_connections >= self.fd_reserve:
+            raise ConfigError("admin_max_connections must be below fd_reserve, which it draws from")
+        if self.max_unauthenticated_per_ip > self.max_conns_per_ip:
+            raise ConfigError("max_unauthenticated_per_ip must not exceed max_conns_per_ip")
+        self.trusted_proxies()
         return self
 
     def weak_credentials(self) -> list[str]:
@@ -148,6 +162,20 @@ class NodeConfig:
     def key_file_path(self, admin_port: int) -> str:
         """Where this node writes a generated API key, for the bound ``admin_port``."""
         return self.api_key_file or default_key_file(admin_port)
+
+    def trusted_proxies(self) -> tuple:
+        """``proxy_protocol_from`` as ``ipaddress`` networks."""
+        nets = []
+        for part in self.proxy_protocol_from.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ConfigError(f"proxy_protocol_from: {part!r} is not a network "
+                                  "(write 10.0.0.0/8 or 2001:db8::/32)") from None
+        return tuple(nets)
 
     @property
     def uses_dev_secret(self) -> bool:

@@ -246,7 +246,7 @@ class Node:
 
     # ---------------------------------------------------------------- sessions
 
-    def _accepted(self, conn: _core.Connection, peer) -> None:
+    def _accepted(self, conn: _core.Connection, peer) -> Session:
         session_id = f"{self._tag}-{next(self._ids)}"
         session = self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
         # Client input is timed so that it does not count as the node's own
@@ -254,9 +254,14 @@ class Node:
         if not conn.closing:
             conn.start_reading(TimedInput(session.on_readable, self.overload))
         log.debug("accepted %s from %s", session_id, peer[:2])
+        return session
+
+    def session_authenticated(self, session: Session) -> None:
+        self.listener.authenticated(session)
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.listener.release(session)
 
     def kick(self, session_id: str, reason: int, message: str) -> bool:
         session = self.sessions.get(session_id)
@@ -295,7 +300,6 @@ class Node:
         now = self.loop.time()
         cfg = self.config
         idle = cfg.idle_timeout_ms / 1000
-        auth = cfg.auth_timeout_ms / 1000
         backlog = 0
         # A token lives until its exp plus the grace; checked here, so up to
         # one sweep interval later.
@@ -304,10 +308,8 @@ class Node:
             if session.closing:
                 continue
             backlog += session.conn.backlog_bytes
-            if session.user is None:
-                if now - session.connected_at > auth:
-                    session.fail(pb.AUTH_TIMEOUT, f"no Hello within {auth:g} s")
-            elif now - session.conn.last_recv > idle:
+            # The handshake deadline is the listener's (to the millisecond).
+            if session.user is not None and now - session.conn.last_recv > idle:
                 session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {idle:g} s")
             elif session.claims.expires_at <= expired:
                 session.kick(pb.TOKEN_EXPIRED, "the token expired and was not refreshed")

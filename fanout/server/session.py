@@ -78,6 +78,9 @@ class SessionHost(Protocol):
     def auth_failed(self, reason: int) -> None:
         """Count a refused Hello."""
 
+    def session_authenticated(self, session: "Session") -> None:
+        """The session's Hello succeeded: it leaves the unauthenticated budget."""
+
     def session_closed(self, session: "Session") -> None:
         """The session's connection is gone; forget it."""
 
@@ -230,6 +233,7 @@ class Session:
         self.claims = claims
         self.user = claims.user
         self.device_class = device_class
+        host.session_authenticated(self)
         cfg = host.config
         self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
