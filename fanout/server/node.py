@@ -308,8 +308,9 @@ class Node:
             if session.closing:
                 continue
             backlog += session.conn.backlog_bytes
-            # The handshake deadline is the listener's (to the millisecond).
-            if session.user is not None and now - session.conn.last_recv > idle:
+            if session.user is None:
+                continue                  # the handshake deadline is the listener's
+            if now - session.conn.last_recv > idle:
                 session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {idle:g} s")
             elif session.claims.expires_at <= expired:
                 session.kick(pb.TOKEN_EXPIRED, "the token expired and was not refreshed")
