@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import multiprocessing as mp
 import os
 import random
 import re
@@ -57,7 +56,6 @@ import urllib.request
 from pathlib import Path
 
 import lz4.block
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -66,6 +64,9 @@ if str(ROOT) not in sys.path:
 from fanout._testbase import NodeProcess  # noqa: E402
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol.auth import mint  # noqa: E402
+
+from bench.scenarios.probes import (HDR, Background, canary, corrected, fb, frame,  # noqa: E402
+                                    fv, percentiles_ms, varint)
 
 SECRET = "fuzz-secret-not-for-production-use-0123456789"
 API_KEY = "fuzz-api-key"
@@ -79,36 +80,11 @@ DEFINED = {v.number: v.name for v in pb.Reason.DESCRIPTOR.values if v.number}
 CLOSING = {n: name for n, name in DEFINED.items() if n not in REQUEST_REASONS}
 SERVER_TYPES = frozenset(range(0x41, 0x49))
 T_ERROR, T_KICK, T_PONG = 0x42, 0x44, 0x45
-HDR = struct.Struct(">BBBBI")
 
 
 # --------------------------------------------------------------------- encoding
 # Bodies are assembled by hand so that fields can carry what a protobuf
 # library refuses to encode: invalid UTF-8, out-of-range integers, wrong wire types.
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def fv(num: int, n: int) -> bytes:
-    return varint(num << 3) + varint(n) if n else b""
-
-
-def fb(num: int, b: bytes) -> bytes:
-    return varint(num << 3 | 2) + varint(len(b)) + b if b else b""
-
-
-def frame(ftype: int, body: bytes, *, flags: int = 0, version: int = 1, reserved: int = 0,
-          length: int | None = None) -> bytes:
-    return HDR.pack(version, ftype, flags, reserved,
-                    len(body) if length is None else length) + body
-
 
 def lz4_frame(ftype: int, body: bytes) -> bytes:
     return frame(ftype, lz4.block.compress(body, store_size=True), flags=1)
@@ -620,69 +596,6 @@ class Fuzzer:
 
 # --------------------------------------------------------------------- helpers
 
-def canary(host: str, port: int, token: str, stop, out, interval: float, deadline: float):
-    """A healthy client in its own process: pings and measures round trips."""
-    rtts, unanswered, closed = [], 0, None
-    try:
-        s = socket.create_connection((host, port), timeout=deadline)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        hello = fb(1, token.encode()) + fb(3, b"canary")
-        s.sendall(frame(0x01, hello) + frame(0x02, fv(1, 1) + fb(2, HOT_ROOMS[0].encode())))
-        buf = bytearray()
-        nonce = 0
-
-        def until(pred):
-            nonlocal buf
-            end = time.monotonic() + deadline
-            while True:
-                while len(buf) >= 8:
-                    _v, ft, _f, _r, ln = HDR.unpack_from(buf)
-                    if len(buf) < 8 + ln:
-                        break
-                    body = bytes(buf[8:8 + ln])
-                    del buf[:8 + ln]
-                    if ft == T_KICK:
-                        return ("kick", pb.Kick.FromString(body).reason)
-                    if ft == T_ERROR:
-                        err = pb.Error.FromString(body)
-                        if err.reason not in REQUEST_REASONS:
-                            return ("error", err.reason)
-                    if pred(ft, body):
-                        return ("ok", None)
-                left = end - time.monotonic()
-                if left <= 0:
-                    return ("timeout", None)
-                s.settimeout(left)
-                try:
-                    d = s.recv(1 << 16)
-                except socket.timeout:
-                    return ("timeout", None)
-                if not d:
-                    return ("eof", None)
-                buf += d
-
-        st, why = until(lambda ft, b: ft == 0x41)
-        if st != "ok":
-            closed = f"hello: {st} {why}"
-        while closed is None and not stop.is_set():
-            nonce += 1
-            want = b"\x08" + varint(nonce)
-            t = time.perf_counter()
-            s.sendall(frame(0x05, fv(1, nonce)))
-            st, why = until(lambda ft, b: ft == T_PONG and b.startswith(want))
-            if st == "ok":
-                rtts.append((time.perf_counter() - t) * 1000)
-            elif st == "timeout":
-                unanswered += 1
-            else:
-                closed = f"{st} {DEFINED.get(why, why)}"
-            time.sleep(interval)
-        s.close()
-    except OSError as exc:
-        closed = f"error {exc}"
-    out.send({"rtts": rtts, "unanswered": unanswered, "closed": closed})
-
-
 def publisher(admin_port: int, stop: threading.Event, counts: dict) -> None:
     """Keeps the hot rooms' history rings full and their members receiving."""
     url = f"http://127.0.0.1:{admin_port}/v1/publish"
@@ -710,15 +623,6 @@ def make_tokens() -> dict:
            mint(SECRET, "old", ttl=-10).encode(), b"not.a.jwt", b"x" * 3000,
            valid[0][:-3] + b"AAA", b"\xff\xfe"]
     return {"valid": valid + limited, "bad": bad}
-
-
-def percentiles(v: list[float]) -> dict:
-    if not v:
-        return {"count": 0}
-    a = np.asarray(v)
-    p50, p99, p999 = np.percentile(a, [50, 99, 99.9])
-    return {"count": int(a.size), "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
-            "p999_ms": round(float(p999), 3), "max_ms": round(float(a.max()), 3)}
 
 
 def log_findings(text: str) -> dict:
@@ -760,27 +664,21 @@ def main(argv: list[str] | None = None) -> int:
     pub = threading.Thread(target=publisher, args=(node.admin_port, stop_pub, pub_counts),
                            daemon=True)
     pub.start()
-    ctx = mp.get_context("spawn")
-    stop_canary = ctx.Event()
-    rx, tx = ctx.Pipe(duplex=False)
-    can = ctx.Process(target=canary, args=("127.0.0.1", node.port, mint(SECRET, "canary"),
-                                            stop_canary, tx, args.canary_interval, args.deadline))
-    can.start()
+    can = Background(canary, "127.0.0.1", node.port, mint(SECRET, "canary"),
+                     args.canary_interval, args.deadline, HOT_ROOMS[0])
     time.sleep(0.5)
     fz = Fuzzer(node.host, node.port, args, Pools(args.seed, tokens))
     try:
         seconds = fz.run(node.alive)
     finally:
-        stop_canary.set()
         stop_pub.set()
-        can_res = rx.recv() if rx.poll(args.deadline + 5) else {"rtts": [], "unanswered": -1,
-                                                                 "closed": "no report"}
-        can.join(5)
+        can_res = can.result(timeout=args.deadline + 5)
         pub.join(15)
         alive = node.alive()
         exit_status = node.stop()
     findings = log_findings(log_path.read_text(errors="replace"))
-    canary_ok = can_res["unanswered"] == 0 and can_res["closed"] is None and can_res["rtts"]
+    rtts = [r for _, r in can_res.get("samples", [])]
+    canary_ok = can_res.get("unanswered") == 0 and can_res.get("closed") is None and rtts
     summary = {
         "seed": args.seed, "inputs": fz.inputs, "frames": fz.frames_sent,
         "raw_chunks": fz.raw_chunks, "bytes_sent": fz.bytes_sent, "seconds": round(seconds, 2),
@@ -795,8 +693,9 @@ def main(argv: list[str] | None = None) -> int:
         "internal_errors": findings["internal_errors"], "log_lines": findings["first_lines"],
         "violations": fz.violations, "violation_examples": fz.examples,
         "bad_server_frames": fz.bad_server_frames, "connect_failures": fz.connect_failures,
-        "canary": {**percentiles(can_res["rtts"]), "unanswered": can_res["unanswered"],
-                   "closed": can_res["closed"]},
+        "canary": {**percentiles_ms(rtts), "unanswered": can_res.get("unanswered"),
+                   "closed": can_res.get("closed", can_res.get("error")),
+                   "corrected": percentiles_ms(corrected(rtts, args.canary_interval * 1000))},
         "published": pub_counts, "node_command": node.command, "node_log": str(log_path),
         "command": "python bench/fuzz.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -195,9 +195,7 @@ def connect_probe(stop, host: str, port: int, token: str, n: int, interval: floa
     """A valid client connecting ``n`` times, ``interval`` s apart: seconds
     from connect() to AuthOk, or why it failed."""
     tries = []
-    for i in range(n):
-        if stop.is_set() and i:
-            break
+    for i in range(n):                  # all n, even past the stop event
         t = time.perf_counter()
         outcome = None
         try:
@@ -244,6 +242,20 @@ def percentiles_ms(v: list[float]) -> dict:
     p50, p99, p999 = np.percentile(a, [50, 99, 99.9])
     return {"count": int(a.size), "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
             "p999_ms": round(float(p999), 3), "max_ms": round(float(a.max()), 3)}
+
+
+def corrected(rtts: list[float], interval_ms: float) -> list[float]:
+    """Round trips corrected for coordinated omission: a pinger that waits
+    for each answer sends nothing while the node stalls, so a stall of R ms
+    adds the samples its missed pings would have seen (R - interval,
+    R - 2 * interval, ...), as HdrHistogram's recordValueWithExpectedInterval."""
+    out = list(rtts)
+    for r in rtts:
+        k = 1
+        while r - k * interval_ms > interval_ms:
+            out.append(r - k * interval_ms)
+            k += 1
+    return out
 
 
 def histogram_ms(v: list[float]) -> dict:
