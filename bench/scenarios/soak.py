@@ -22,6 +22,7 @@ second half of a shorter run) and bounds the drift.
 from __future__ import annotations
 
 import errno
+import os
 import json
 import random
 import selectors
@@ -211,8 +212,10 @@ def _publisher(admin_port: int, stop: threading.Event, counts: dict) -> None:
     while not stop.is_set():
         msgs = [{"room": ROOMS[k % 10], "kind": "chat" if k % 4 else "gift",
                  "sender": f"s{k}", "payload": f"msg {i}-{k} " + "c" * 80} for k in range(20)]
-        msgs += [{"room": HOT, "kind": "chat", "payload": f"hot {i}-{k} " + "h" * 400}
-                 for k in range(40)]
+        # The busy room: ~400 KB/s of payloads that lz4 halves, not erases,
+        # so that a reader that stops falls behind by its backlog bound.
+        msgs += [{"room": HOT, "kind": "gift", "payload": os.urandom(200).hex()}
+                 for k in range(200)]
         req = urllib.request.Request(url, data=json.dumps({"messages": msgs}).encode(), headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
         try:
@@ -259,7 +262,7 @@ def soak(quick: bool, minutes: float | None = None) -> dict:
     pub.start()
     t0 = time.time()
     load = Background(viewers, "127.0.0.1", node.port, SECRET, n_viewers, 1, 0.05,
-                      5.0 if quick else 30.0)
+                      5.0 if quick else 60.0)
     time.sleep(minutes * 60)
     t_steady_end = time.time()
     view_stats = load.result(timeout=60)
