@@ -9,7 +9,7 @@ BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run test test-debug build debug clean perf-check bench bench-micro
+.PHONY: run test test-debug build debug clean perf-check bench bench-micro fuzz soak
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -75,6 +75,15 @@ bench: $(STAMP)
 # pytest-benchmark of the same hot functions (opt-in: not collected by `make test`).
 bench-micro: $(STAMP)
 	$(PY) -m pytest bench/test_micro.py --benchmark-only
+
+# Issue 8's tools (bench/README.md): the fuzzer and the soak scenario.
+FUZZ_ARGS ?= --inputs 1000000 --seed 1
+fuzz: $(STAMP)
+	$(PY) bench/fuzz.py $(FUZZ_ARGS)
+
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	flock /tmp/fanout-bench.lock $(PY) -m bench.scenarios soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/fanout_pb2.py* .pytest_cache

@@ -121,3 +121,33 @@ def test_json_peers_with_c_reader(peer):
     # Every message published reached every viewer of its room (10 each).
     assert r["reader"]["messages"] == r["messages_published"] * 10
     assert r["reader"]["duplicates"] == 0
+
+
+def test_adversarial_quick(tmp_path):
+    """Issue 8, "How it is shown": the adversarial scenario's small version
+    runs every attack against a real node with a healthy client beside it and
+    reports each figure with its threshold (it never asserts on speed)."""
+    r = _run_scenario("adversarial", tmp_path, 240)
+    names = {"replay_hello", "replay_joins", "ping_flood", "connection_flood",
+             "closing_flood", "admin_slowloris"}
+    assert set(r["attacks"]) == names
+    for name, a in r["attacks"].items():
+        for part in a["attacker"] if isinstance(a["attacker"], list) else [a["attacker"]]:
+            assert "error" not in part, (name, part)     # the attacker's process failed
+        assert a["node"]["alive_after"], name
+        assert a["node"]["tracebacks_in_log"] == 0, name
+        assert a["healthy_ping_during"]["count"] > 0, name
+        assert a["healthy_connect"]["tries"] > 0, name
+        assert a["node"]["samples"] > 0 and a["node"]["rss_kib_max"] > 0, name
+        assert set(a["thresholds"]) == {"ping_p99_under_50ms", "connects_99_of_100_within_1s",
+                                        "healthz_200", "rss_bounded", "node_alive"}
+        assert a["passed"] == all(a["thresholds"].values())
+    # The attacks did what they say.
+    hello = r["attacks"]["replay_hello"]["attacker"]
+    assert hello["resume_points"] == 200 and hello["first_frame"] is not None
+    assert r["attacks"]["replay_hello"]["prepared"]["published"] == 64
+    assert r["attacks"]["ping_flood"]["attacker"]["pings_written"] > 1000
+    flood = r["attacks"]["connection_flood"]["attacker"]
+    assert sum(p["opened"] for p in flood) >= 100
+    assert sum(p["bytes_written"] for p in r["attacks"]["closing_flood"]["attacker"]) > 0
+    assert r["summary"].startswith("adversarial:")

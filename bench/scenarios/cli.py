@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import bench.scenarios
+from bench.scenarios.adversarial import adversarial
 from bench.scenarios.connections import connect_storm, idle_connections
 from bench.scenarios.harness import ROOT, machine
 from bench.scenarios.profiles import profile, profile_quiet, profile_storm
 from bench.scenarios.quiet_rooms import quiet_rooms
 from bench.scenarios.reference_room import reference_room
 from bench.scenarios.report import summarize
+from bench.scenarios.soak import soak
 from bench.scenarios.sweep import sweep
 from bench.scenarios.wire_bytes import wire_bytes
 
@@ -30,7 +32,11 @@ SCENARIOS = {
     "profile": profile,
     "profile-storm": profile_storm,
     "profile-quiet": profile_quiet,
+    "adversarial": adversarial,
+    "soak": soak,
 }
+# Not part of "all": the hardening scenarios, run on their own (bench/README.md).
+SEPARATE = {"adversarial", "soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("scenario", choices=[*SCENARIOS, "all"])
     p.add_argument("--quick", action="store_true", help="scaled-down smoke variant")
     p.add_argument("--out", default=str(RESULTS), help="directory for SCENARIO.json")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="soak: length of the steady part (default 30; --quick: 0.3)")
     args = p.parse_args(argv)
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = [n for n in SCENARIOS if n not in SEPARATE] if args.scenario == "all" \
+        else [args.scenario]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         started = time.time()
         info = machine()
-        result = SCENARIOS[name](args.quick)
+        result = (soak(args.quick, args.minutes) if name == "soak"
+                  else SCENARIOS[name](args.quick))
         result = {"scenario": name, "quick": args.quick, "machine": info,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                   "wall_seconds": round(time.time() - started, 1),

@@ -40,4 +40,4 @@ def summarize(name: str, r: dict) -> str:
     if name == "connect-storm":
         return (f"connect-storm: {r['connects_per_s']} connects/s, all joined "
                 f"after {r['time_to_all_joined_s']} s ({r['verdict']})")
-    return name
+    return r.get("summary", name)
