@@ -538,11 +538,17 @@ class Fuzzer:
         """EOF or reset from the node: judge the last frame it sent."""
         last = c.last
         reason = None
+        closing = False
         if last and last[0] in (T_ERROR, T_KICK):
             body = lz4.block.decompress(last[2]) if last[1] & 1 else last[2]
-            reason = (pb.Error if last[0] == T_ERROR else pb.Kick).FromString(body).reason
-        if reason in CLOSING:
-            self.finish(c, CLOSING[reason] + ("+rst" if reset else ""))
+            msg = (pb.Error if last[0] == T_ERROR else pb.Kick).FromString(body)
+            reason = msg.reason
+            # docs/protocol.md: a closing Error has req_id 0 and no room, whatever
+            # its reason (a Hello refused for its shape: TOO_MANY_ROOMS, BAD_REQUEST).
+            closing = reason in CLOSING or (last[0] == T_ERROR and not msg.req_id
+                                            and not msg.room)
+        if closing:
+            self.finish(c, DEFINED.get(reason, str(reason)) + ("+rst" if reset else ""))
             return
         if c.script.half_close:
             self.finish(c, "after_client_eof" + ("+rst" if reset else ""))
