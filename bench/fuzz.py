@@ -69,7 +69,7 @@ from bench.scenarios.probes import (HDR, Background, canary, corrected, fb, fram
                                     fv, percentiles_ms, varint)
 
 SECRET = "fuzz-secret-not-for-production-use-0123456789"
-API_KEY = "fuzz-api-key"
+API_KEY = "fuzz-api-key-not-for-production-0123456789"
 MAX_FRAME = 65536
 SENTINEL = 0x5E5E_5E5E_5E5E_5E5E            # the last Ping's nonce: everything before it was handled
 HOT_ROOMS = ["fuzz:hot0", "fuzz:hot1", "fuzz:hot2"]

@@ -19,7 +19,7 @@ PY = str(BIN / "python") if (BIN / "python").exists() else sys.executable
 FANOUT = str(BIN / "fanout")
 BUILD = ROOT / "build"
 SECRET = "bench-secret-not-for-production-use-0123"
-API_KEY = "bench-api-key"
+API_KEY = "bench-api-key-not-for-production-0123456789"
 
 
 def build_c(name: str) -> Path:
