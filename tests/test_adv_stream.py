@@ -165,3 +165,32 @@ def test_ping_flood_is_cut_and_does_not_slow_others(start_node):
     assert "TOO_MANY_REQUESTS" in node.log()
     healthy.send(FT.PING, pb.Ping(nonce=999))
     assert healthy.expect(FT.PONG).nonce == 999
+
+
+async def test_a_waiting_handler_still_answers_before_the_error():
+    """Item 12 with a logic that answers a loop turn late (a network logic):
+    the handler waits, the frames behind it wait, and the stored framing
+    error comes only after all of them are answered."""
+    from inprocess import local_app
+    from test_room_state import StreamClient, _later_logic
+    from fanout.bus.local import LocalBus
+    from fanout.server import config
+
+    bus = LocalBus()
+    cfg = config.load(None, env={}, overrides={"secret": "x"})
+    async with local_app(bus=bus, logic=_later_logic(cfg, bus)) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("ann"))),
+                    (FT.JOIN, pb.Join(req_id=1, room="a")))
+        await client.until(1)
+        client.writer.write(b"".join(wire.encode_frame(t, m) for t, m in (
+            (FT.CHAT, pb.Chat(req_id=10, room="a", payload=b"one")),
+            (FT.CHAT, pb.Chat(req_id=11, room="a", payload=b"two")),
+            (FT.PING, pb.Ping(nonce=5)))) + b"\x01\x05\x00\x07\x00\x00\x00\x00")
+        frames = await client.until(1, FT.ERROR)
+        replies = [(t, getattr(m, "req_id", None)) for t, m in frames
+                   if t in (FT.ACK, FT.PONG, FT.ERROR)]
+        assert replies == [(FT.ACK, 1), (FT.ACK, 10), (FT.ACK, 11), (FT.PONG, None),
+                           (FT.ERROR, 0)]
+        assert frames[-1][1].reason == pb.BAD_FRAME
+        client.close()
