@@ -24,9 +24,12 @@
 #        partial/EAGAIN -> keep a reference + offset, writev when writable
 #        backlog over its bound -> SEND_SLOW, the control layer cuts it
 #
-# Reads go the other way: Connection.read() drains the socket into a shared
-# scratch buffer, the kind splits complete frames in C (tcp.pyx) and hands
-# only their bodies to the Python control layer (fanout/server/session.py).
+# Reads go the other way: Connection.read(max_frames) reads a bounded share
+# of the socket into a shared scratch buffer, the kind splits complete frames
+# in C (tcp.pyx) and hands only their bodies, at most max_frames of them (the
+# session's request budget), to the Python control layer
+# (fanout/server/session.py). Bad input never raises there: the frames before
+# it are returned and the error waits in read_error (connection.pxd).
 
 include "frame.pxd"
 include "connection.pxd"

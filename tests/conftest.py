@@ -63,7 +63,8 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def node(start_node):
-    return start_node("--chat-rate", "100000", "--chat-burst", "100000")
+    return start_node("--chat-rate", "100000", "--chat-burst", "100000",
+                      "--request-rate", "1e6", "--request-burst", "1e6")
 
 
 def token(user: str = "alice", rooms="*", ttl: float = 3600, secret: str = SECRET) -> str:

@@ -196,9 +196,9 @@ async def test_read_splits_frames_and_keeps_partial_tail():
     assert [pb.Ping.FromString(b).nonce for _t, _f, b in conn.read()] == [4]
     peer.send(_core.pack_frame(0x05, b"x" * 1001))
     await asyncio.sleep(0.01)
-    with pytest.raises(_core.FrameError) as err:
-        conn.read()
-    assert err.value.reason == pb.FRAME_TOO_LARGE
+    assert conn.read() == []                   # never raises: the error is kept
+    assert conn.read_error.reason == pb.FRAME_TOO_LARGE
+    assert conn.carry_capacity == 0
     conn.close()
 
 
@@ -521,3 +521,393 @@ def test_send_refuses_bare_wire_frames():
     conn.close()
     peer.close()
     loop.close()
+
+
+# ---------------------------------------------------------------- hardening (issue 8)
+# The read side (items 4, 8, 12), abort (item 11), the replay cache (item 1)
+# and the header message (item 11), on real sockets.
+
+def tcp_pair(loop, small_buffers=False, **limits):
+    """(TcpConnection on the node side, client socket) over loopback TCP, so
+    an RST is an RST (a socketpair has none)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.socket()
+    if small_buffers:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(server.getsockname())
+    node_side, _ = server.accept()
+    server.close()
+    if small_buffers:
+        node_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    node_side.setblocking(False)
+    conn = _core.TcpConnection(node_side.detach(), loop, **limits)
+    conn.owner = Owner()
+    client.setblocking(False)
+    return conn, client
+
+
+def ping(nonce):
+    return _core.pack_frame(0x05, pb.Ping(nonce=nonce).SerializeToString())
+
+
+def nonces(frames):
+    return [pb.Ping.FromString(b).nonce for _t, _f, b in frames]
+
+
+async def settle():
+    for _ in range(3):
+        await asyncio.sleep(0.005)
+
+
+async def test_carry_never_holds_more_than_one_frame():
+    # Item 4: the carry used to take the whole 64 KiB read behind a partial
+    # frame, ~2x max_frame. Now at most header + max_frame, in any split.
+    import random
+    rnd = random.Random(8)
+    loop = asyncio.get_running_loop()
+    max_frame = 20_000
+    conn, peer = make_pair(loop, max_frame=max_frame)
+    bodies = [bytes([i % 251]) * rnd.choice([0, 1, 7, 5000, max_frame - 1, max_frame])
+              for i in range(60)]
+    stream = b"".join(_core.pack_frame(0x43, b) for b in bodies)
+    got, pos, peak = [], 0, 0
+    while pos < len(stream):
+        step = rnd.choice([1, 3, 8, 9, 100, 4096, 30_000, 70_000, 200_000])
+        peer.sendall(stream[pos:pos + step])
+        pos += step
+        await settle()
+        while True:
+            frames = conn.read()
+            got += frames
+            peak = max(peak, conn.carry_capacity)
+            assert conn.carry_capacity <= 8 + max_frame
+            if not frames:
+                break
+    assert conn.read_error is None
+    assert [b for _t, _f, b in got] == bodies
+    assert conn.carry_capacity == 0                 # nothing carried: freed
+    assert peak > max_frame // 2                    # the bound was exercised
+    conn.close()
+
+
+async def test_carry_grows_with_what_arrived_not_what_is_declared():
+    # A header declaring max_frame costs what was sent, not max_frame.
+    loop = asyncio.get_running_loop()
+    conn, peer = make_pair(loop, max_frame=65_536)
+    peer.send(_core.pack_frame(0x05, b"x" * 65_536)[:8 + 10])
+    await settle()
+    assert conn.read() == [] and conn.carry_capacity == 18
+    conn.close()
+
+
+async def test_frames_before_a_bad_header_are_returned_then_the_error():
+    # Item 12: a good frame in the same read as a later bad header used to be
+    # dropped with the exception.
+    loop = asyncio.get_running_loop()
+    for bad, reason in ((b"\x01\x05\x80\x00\x00\x00\x00\x00", pb.BAD_FRAME),
+                        (b"\x09\x05\x00\x00\x00\x00\x00\x00", pb.UNSUPPORTED_VERSION),
+                        (_core.pack_frame(0x05, b"y" * 600)[:20], pb.FRAME_TOO_LARGE)):
+        conn, peer = make_pair(loop, max_frame=500)
+        peer.send(ping(1) + ping(2) + bad + ping(3))
+        await settle()
+        assert nonces(conn.read()) == [1, 2]
+        assert conn.read_error.reason == reason
+        peer.send(ping(4))
+        await settle()
+        assert conn.read() == []                # nothing is parsed after the error
+        conn.close()
+
+
+async def test_frames_before_a_bad_lz4_body_are_returned_then_the_error():
+    loop = asyncio.get_running_loop()
+    conn, peer = make_pair(loop)
+    body = b"\x10\x00\x00\x00garbage!"          # declares 16 bytes, corrupt block
+    bad = bytes([1, 0x05, 1, 0]) + len(body).to_bytes(4, "big") + body
+    # the good frame completes out of the carry, the bad one follows in the same read
+    first = ping(1)
+    peer.send(first[:5])
+    await settle()
+    assert conn.read() == []
+    peer.send(first[5:] + bad)
+    await settle()
+    assert nonces(conn.read()) == [1]
+    assert conn.read_error.reason == pb.BAD_COMPRESSION
+    assert conn.carry_capacity == 0
+    conn.close()
+
+
+async def test_read_takes_at_most_max_frames():
+    # Item 8: the budget. Past it no body is copied, and the error says why.
+    loop = asyncio.get_running_loop()
+    conn, peer = make_pair(loop)
+    peer.send(b"".join(ping(i) for i in range(10)))
+    await settle()
+    assert nonces(conn.read(10)) == list(range(10)) and conn.read_error is None
+    peer.send(b"".join(ping(i) for i in range(10)) + ping(99)[:3])
+    await settle()
+    assert nonces(conn.read(4)) == [0, 1, 2, 3]
+    assert conn.read_error.reason == pb.TOO_MANY_REQUESTS
+    conn.close()
+    conn, peer = make_pair(loop)
+    peer.send(ping(1) + ping(2)[:4])             # a partial frame is not a request yet
+    await settle()
+    assert nonces(conn.read(1)) == [1] and conn.read_error is None
+    peer.send(ping(2)[4:])
+    await settle()
+    assert conn.read(0) == [] and conn.read_error.reason == pb.TOO_MANY_REQUESTS
+    conn.close()
+    frames, used = _core.parse_frames(ping(1) + ping(2), 100, 2)
+    assert nonces(frames) == [1, 2]
+    with pytest.raises(_core.FrameError) as err:
+        _core.parse_frames(ping(1) + ping(2), 100, 1)
+    assert err.value.reason == pb.TOO_MANY_REQUESTS
+
+
+async def test_max_frame_is_settable():
+    loop = asyncio.get_running_loop()
+    conn, peer = make_pair(loop, max_frame=100)
+    assert conn.max_frame == 100
+    with pytest.raises(ValueError):
+        conn.max_frame = 0
+    conn.max_frame = 5000
+    peer.send(_core.pack_frame(0x05, b"a" * 5000))
+    await settle()
+    assert len(conn.read()) == 1
+    conn.max_frame = 100
+    peer.send(_core.pack_frame(0x05, b"a" * 101))
+    await settle()
+    assert conn.read() == [] and conn.read_error.reason == pb.FRAME_TOO_LARGE
+    conn.close()
+
+
+def test_header_messages_show_bytes_unsigned():
+    # Item 11: every header byte >= 0x80 is shown as its unsigned value, and
+    # a length with the top bit set as the full unsigned 32-bit number.
+    cases = [
+        (b"\x01\x05\x80\x00\x00\x00\x00\x00", "flags=0x80, reserved=0x00"),
+        (b"\x01\x05\x00\xff\x00\x00\x00\x00", "flags=0x00, reserved=0xff"),
+        (b"\xfe\x05\x00\x00\x00\x00\x00\x00", "unsupported protocol version 254"),
+        (b"\x01\x05\x00\x00\xff\xff\xff\xfe", "frame body of 4294967294 bytes exceeds limit 100"),
+        (b"\x01\x05\x00\x00\x80\x00\x00\x01", "frame body of 2147483649 bytes exceeds limit 100"),
+    ]
+    for header, text in cases:
+        with pytest.raises(_core.FrameError) as err:
+            _core.parse_frames(header, 100)
+        assert text in err.value.message, err.value.message
+        assert "-" not in err.value.message
+
+
+async def wait_until(cond, timeout=2.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond() and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    return cond()
+
+
+def recv_until_reset(sock, timeout=2.0):
+    """Bytes the peer got before its connection was reset; None if it was
+    closed cleanly (EOF) instead."""
+    import time
+    sock.settimeout(timeout)
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            return bytes(got)
+        except (BlockingIOError, socket.timeout):
+            continue
+        if not chunk:
+            return None
+        got += chunk
+    raise AssertionError("neither reset nor closed")
+
+
+async def test_abort_sends_rst_and_tells_the_owner():
+    # Item 11: an RST frees the kernel's buffers at once (no FIN_WAIT, no
+    # send queue kept for a peer that does not read).
+    loop = asyncio.get_running_loop()
+    conn, peer = tcp_pair(loop)
+    owner = conn.owner
+    conn.send(_core.core_frame(0x43, b"before"))
+    kick = _core.core_frame(0x44, pb.Kick(reason=pb.SLOW_CONSUMER).SerializeToString())
+    conn.abort(kick)
+    assert conn.closed and owner.lost == 1
+    conn.abort()                                 # idempotent
+    got = await loop.run_in_executor(None, recv_until_reset, peer)
+    # the socket had room: the best-effort Kick went out before the RST
+    assert got == _core.wire_bytes(_core.core_frame(0x43, b"before")) + _core.wire_bytes(kick)
+    peer.close()
+
+
+async def test_abort_drops_unstarted_frames_keeps_the_stream_whole():
+    loop = asyncio.get_running_loop()
+    conn, peer = tcp_pair(loop, small_buffers=True, max_backlog_bytes=1 << 24)
+    sent = [_core.core_frame(0x43, bytes([i]) * 100_000) for i in range(40)]
+    for f in sent:
+        conn.send(f)
+    assert conn.backlog_frames > 1
+    wire = [_core.wire_bytes(f) for f in sent]
+    written, started = conn.bytes_sent, 0
+    while sum(map(len, wire[:started])) < written:
+        started += 1
+    kick = _core.core_frame(0x44, b"")
+    conn.abort(kick)
+    peer.setblocking(True)
+    got = await loop.run_in_executor(None, recv_until_reset, peer)
+    # What the peer got is a prefix of the frames already started, then the
+    # Kick: the unstarted ones were dropped, so the RST came early.
+    expected = b"".join(wire[:started]) + _core.wire_bytes(kick)
+    assert got and expected.startswith(got)     # the send queue dies with the RST
+    assert started < len(sent)
+    peer.close()
+
+
+async def test_closing_connection_reads_a_bounded_amount_then_resets():
+    # Item 8: a closing connection was read until EAGAIN, without bound.
+    loop = asyncio.get_running_loop()
+    conn, peer = tcp_pair(loop)
+    owner = conn.owner
+    conn.start_reading(lambda: None)
+    conn.close_after(_core.core_frame(0x42, b""))
+    assert conn.closing and not conn.closed
+    sent = 0
+
+    def flood():
+        nonlocal sent
+        peer.setblocking(True)
+        peer.settimeout(5)
+        chunk = b"\x00" * 65536
+        try:
+            for _ in range(200):                 # 12.5 MiB, far past the bound
+                peer.sendall(chunk)
+                sent += len(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        return False
+
+    reset = await loop.run_in_executor(None, flood)
+    assert await wait_until(lambda: conn.closed)
+    assert owner.lost == 1
+    assert reset and sent < 8 << 20, sent
+    peer.close()
+
+
+async def test_closing_connection_under_the_bound_closes_cleanly():
+    # What a client had in flight when it was told to go is read and dropped
+    # (no RST that could destroy the final frame before it is read).
+    loop = asyncio.get_running_loop()
+    conn, peer = tcp_pair(loop)
+    conn.start_reading(lambda: None)
+    final = _core.core_frame(0x42, b"bye")
+    conn.close_after(final)
+    peer.setblocking(True)
+    peer.sendall(b"\x00" * (200 * 1024))
+    await asyncio.sleep(0.05)
+    assert conn.closing and not conn.closed
+    peer.shutdown(socket.SHUT_WR)
+    assert await wait_until(lambda: conn.closed)
+    got = await loop.run_in_executor(None, recv_until_reset, peer)
+    assert got is None                           # EOF, not a reset
+    peer.close()
+
+
+# ---------------------------------------------------------------- replay cache
+
+def _replayed(frames):
+    out = []
+    for f in frames:
+        [(t, _fl, body)], _ = _core.parse_frames(_core.wire_bytes(f), MAX)
+        assert t == 0x43
+        out.append(pb.Batch.FromString(body).messages)
+    return out
+
+
+def _naive(records, after, flushed, oldest):
+    start = max(after + 1, oldest)
+    return [records[s] for s in range(start, flushed + 1)]
+
+
+async def test_replay_matches_a_naive_rebuild_and_is_shared():
+    import random
+    rnd = random.Random(1)
+    loop = asyncio.get_running_loop()
+    ring = 300
+    hub = _core.Hub(loop, ring_size=ring, ring_bytes=1 << 20)
+    room = hub.room("r", "e", 0)
+    records = {}
+    seq = 0
+    for round_ in range(6):                      # the ring wraps several times
+        for _ in range(rnd.randint(50, 250)):
+            seq += 1
+            records[seq] = record("r", seq, bytes([seq % 256]) * rnd.choice([3, 50, 700]))
+            hub.publish("r", "e", seq, records[seq])
+        hub.flush()
+        oldest = room.oldest_seq
+        for _ in range(40):
+            after = rnd.randint(max(0, oldest - 20), seq)
+            max_bytes = rnd.choice([200, 5000, 65536])
+            gap_from, gap_to, frames = room.replay(after, max_bytes, 256, 4)
+            if after + 1 < oldest:
+                assert (gap_from, gap_to) == (after + 1, oldest - 1)
+            else:
+                assert (gap_from, gap_to) == (0, 0)
+            batches = _replayed(frames)
+            got = [m.SerializeToString() for b in batches for m in b]
+            want = [pb.Batch.FromString(r).messages[0].SerializeToString()
+                    for r in _naive(records, after, seq, oldest)]
+            assert got == want                    # exact range, no duplicates
+            for f in frames:                      # cut by bytes, as before
+                assert len(f) - 24 <= max(max_bytes, 800) + 64
+            again = room.replay(after, max_bytes, 256, 4)[2]
+            assert all(a is b for a, b in zip(again, frames)) and len(again) == len(frames)
+        # what the cache holds stays about the ring's size
+        assert room.replay_cache_bytes <= (1 << 20) + (1 << 19)
+
+
+async def test_a_thousand_replays_of_one_range_cost_one_build():
+    # Item 1: the whole history was rebuilt and lz4-HC-compressed per requester.
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop, ring_size=1024)
+    room = hub.room("r", "e", 0)
+    for seq in range(1, 1001):
+        hub.publish("r", "e", seq, record("r", seq, b"gift from a fan " * 8))
+    hub.flush()
+    first = room.replay(1, 65536, 256, 4)[2]
+    builds = room.replay_builds
+    assert builds <= 1000 // 64 + 2
+    for _ in range(1000):
+        frames = room.replay(1, 65536, 256, 4)[2]
+        assert frames == first and all(a is b for a, b in zip(frames, first))
+    assert room.replay_builds == builds          # nothing rebuilt
+    assert room.replay_hits >= 1000
+    # another start shares every whole chunk: at most one new piece
+    room.replay(37, 65536, 256, 4)
+    assert room.replay_builds == builds + 1
+
+
+async def test_replay_cache_follows_the_ring_and_the_epoch():
+    loop = asyncio.get_running_loop()
+    hub = _core.Hub(loop, ring_size=128)
+    room = hub.room("r", "e1", 0)
+    for seq in range(1, 129):
+        hub.publish("r", "e1", seq, record("r", seq, b"old"))
+    hub.flush()
+    room.replay(0, 65536)
+    assert room.replay_cache_bytes > 0
+    for seq in range(129, 129 + 70):             # seqs 1..70 leave the ring
+        hub.publish("r", "e1", seq, record("r", seq, b"new"))
+    hub.flush()
+    gap_from, gap_to, frames = room.replay(0, 65536)
+    assert (gap_from, gap_to) == (1, 70)
+    seqs = [m.seq for b in _replayed(frames) for m in b]
+    assert seqs == list(range(71, 199))
+    hub.publish("r", "e2", 1, record("r", 1, b"epoch two"))   # new epoch: history restarts
+    assert room.replay_cache_bytes == 0
+    hub.flush()
+    [[msg]] = _replayed(room.replay(0, 65536)[2])
+    assert (msg.seq, msg.payload) == (1, b"epoch two")

@@ -55,7 +55,8 @@ def test_thousand_clients_get_identical_ordered_streams(node):
 
 
 def test_batches_are_compressed_and_decode(start_node):
-    node = start_node("--max-delay-ms", "100", "--chat-rate", "1e6", "--chat-burst", "1e6")
+    node = start_node("--max-delay-ms", "100", "--chat-rate", "1e6", "--chat-burst", "1e6",
+                      "--request-rate", "1e6", "--request-burst", "1e6")
     viewer = RawClient(node.host, node.port)
     viewer.hello(token("viewer"))
     viewer.join("r")
@@ -101,7 +102,7 @@ def _compressed_frame_sizes(raw: bytes) -> list[int]:
 def test_slow_consumer_is_cut_others_unaffected(start_node):
     node = start_node("--max-backlog-bytes", "262144", "--max-chat-bytes", "16384",
                       "--chat-rate", "1e6", "--chat-burst", "1e6", "--compress-min", "0",
-                      "--max-delay-ms", "5")
+                      "--max-delay-ms", "5", "--request-rate", "1e6", "--request-burst", "1e6")
     slow = RawClient(node.host, node.port, rcvbuf=4096)
     slow.hello(token("slowpoke"))
     slow.join("r")
@@ -125,8 +126,12 @@ def test_slow_consumer_is_cut_others_unaffected(start_node):
     assert rss_after - rss_before < 64 * 1024, (rss_before, rss_after)
     frames = slow.until_closed(timeout=20)
     kinds = [t for t, _m in frames]
-    assert kinds[-1] == FT.KICK and frames[-1][1].reason == pb.SLOW_CONSUMER
-    # whatever it got before the kick was whole, ordered frames
+    # Cut with an RST (issue 8 item 11): the Kick is a best effort, sent
+    # only if the full socket took it at once.
+    assert FT.KICK not in kinds[:-1]
+    if kinds and kinds[-1] == FT.KICK:
+        assert frames[-1][1].reason == pb.SLOW_CONSUMER
+    # whatever it got before the cut was whole, ordered frames
     seqs = [m.seq for t, msg in frames if t == FT.BATCH for m in msg.messages]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < count
     assert "slow consumer" in node.log()
@@ -136,7 +141,8 @@ def test_slow_consumer_does_not_delay_others(start_node):
     """Latency of a healthy member with a stalled member in the same room
     stays within a loose bound (the loop never waits on a socket)."""
     node = start_node("--max-backlog-bytes", "65536", "--chat-rate", "1e6",
-                      "--chat-burst", "1e6", "--max-delay-ms", "5")
+                      "--chat-burst", "1e6", "--max-delay-ms", "5",
+                      "--request-rate", "1e6", "--request-burst", "1e6")
     stalled = [RawClient(node.host, node.port, rcvbuf=4096) for _ in range(20)]
     for i, c in enumerate(stalled):
         c.hello(token(f"stalled-{i}"))

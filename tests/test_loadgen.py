@@ -228,8 +228,14 @@ def test_slow_consumer_cut_is_counted(start_node):
     while viewers.viewer(1)["state"] == 4 and time.monotonic() < deadline:
         viewers.run_for(0.05)
     stats = viewers.stats()
-    assert stats["slow_cuts"] == 1, (stats, viewers.viewer(1))
-    assert viewers.viewer(1)["end"] == "kick" and viewers.viewer(1)["end_code"] == pb.SLOW_CONSUMER
+    # The node cuts a slow consumer with an RST (issue 8 item 11): the Kick
+    # arrives only if the full socket took it at once, else a reset ends it.
+    viewer = viewers.viewer(1)
+    if viewer["end"] == "kick":
+        assert stats["slow_cuts"] == 1 and viewer["end_code"] == pb.SLOW_CONSUMER
+    else:
+        assert viewer["end"] == "socket" and stats["slow_cuts"] == 0, (stats, viewer)
+    assert "cut as slow consumer" in node.log()
     assert viewers.viewer(0)["state"] == 4              # the reader kept up
     check = viewers.verify()
     assert check["cut"] == 1 and check["divergences"] == 0    # what it got was a prefix

@@ -79,7 +79,7 @@ async def test_looking_at_unknown_rooms_creates_nothing():
 
 async def test_join_leave_loop_leaves_no_room_state():
     pairs = 100_000
-    async with local_app(max_rooms_per_conn=1) as app:
+    async with local_app(max_rooms_per_conn=1, request_rate=1e6, request_burst=1e6) as app:
         client = await StreamClient.connect(app.node.address)
         client.send((FT.HELLO, pb.Hello(token=token("walker"))))
         await client.until(1, FT.AUTH_OK)

@@ -119,6 +119,8 @@ class Node:
                              compress_level=cfg.compress_level, ring_size=cfg.ring_size,
                              ring_bytes=cfg.ring_bytes)
         self.hub.flush_observer = self.metrics.observe_flush
+        self.hub.error_handler = lambda where, exc: self.throttled.log(
+            logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc)
         self.rooms = RoomTable(self.hub, self.bus, self.logic)
         self.listener = Listener(cfg, loop, on_connection=self._accepted,
                                  connection_count=self.sessions.__len__, metrics=self.metrics,

@@ -105,7 +105,7 @@ class Session:
     # Per-connection memory counts at 19k connections per process: keep
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
-                 "claims", "rooms", "connected_at", "_hard_close", "_logged_in")
+                 "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -122,6 +122,14 @@ class Session:
         self.connected_at = host.loop.time()
         self._hard_close = None
         self._logged_in = False                  # holds a login the logic must be given back
+        # The request budget, a token bucket of request_rate frames per
+        # second holding request_burst, kept as one float (GCRA): the loop
+        # time at which the bucket would have been empty. Tokens now are
+        # min(burst, (now - _budget_at) * rate). It starts full.
+        cfg = host.config
+        self._budget_at = self.connected_at - cfg.request_burst / cfg.request_rate
+        # A Hello is small: the full frame limit comes with authentication.
+        conn.max_frame = min(cfg.max_hello_bytes, cfg.max_frame)
         conn.owner = self
         conn.start_reading(self.on_readable)
 
@@ -134,12 +142,18 @@ class Session:
 
     # ---------------------------------------------------------------- input
 
+    def authenticated_limits(self) -> None:
+        """Lift the pre-authentication frame limit (called after AuthOk)."""
+        self.conn.max_frame = self.host.config.max_frame
+
     def on_readable(self) -> None:
-        try:
-            frames = self.conn.read()
-        except _core.FrameError as exc:
-            self.fail(exc.reason, exc.message)
-            return
+        # Every frame spends a token of the request budget; past it, read()
+        # stops and keeps TOO_MANY_REQUESTS as its read_error (see _handle).
+        cfg = self.host.config
+        now = self.host.loop.time()
+        tokens = min(cfg.request_burst, (now - self._budget_at) * cfg.request_rate)
+        frames = self.conn.read(int(tokens))
+        self._budget_at = now - (tokens - len(frames)) / cfg.request_rate
         self._handle(frames)
 
     def _handle(self, frames: list) -> bool:
@@ -176,6 +190,11 @@ class Session:
                 rest = frames[i + 1:]
                 waiting.add_done_callback(lambda task: self._resume(task, rest, message_type))
                 return True
+        # Every frame before a bad one has had its answer: now the error.
+        error = conn.read_error
+        if error is not None and not conn.closing:
+            self.fail(error.reason, error.message)
+            return False
         if conn.eof and not conn.closing:
             log.debug("%s: peer closed", self)
             conn.close()
@@ -239,6 +258,7 @@ class Session:
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms(),
             token_expires_ms=claims.expires_at * 1000))
+        self.authenticated_limits()
         log.debug("%s: authenticated (device %s, class %r)", self, clip(msg.device_id),
                   device_class)
         # In order; a room named twice is answered like a second Join of it
@@ -454,11 +474,19 @@ class Session:
 
     def connection_failed(self, status: int) -> None:
         if status == _core.STATUS_SLOW:
+            if self.conn.closing:
+                return
             self.host.metrics.slow_consumers.inc()
+            self.host.metrics.kicks.labels(pb.Reason.Name(pb.SLOW_CONSUMER)).inc()
             self.host.throttled.warning(
                 "slow", "%s: cut as slow consumer (backlog %d bytes in %d frames)", self,
                 self.conn.backlog_bytes, self.conn.backlog_frames)
-            self.kick(pb.SLOW_CONSUMER, "write backlog over its bound")
+            # Cut at once with an RST, so the kernel frees the socket's
+            # buffers now rather than after close_grace_ms; the Kick goes
+            # out only if the socket takes it right away.
+            self._detach()
+            self.conn.abort(_frame(FrameType.KICK, pb.Kick(
+                reason=pb.SLOW_CONSUMER, message="write backlog over its bound")))
         else:
             log.debug("%s: socket error, closing", self)
             self.conn.close()

@@ -25,9 +25,22 @@
 # most).
 #
 # Read side: frames are parsed from a scratch buffer shared by all
-# connections (the loop is single-threaded); only an incomplete tail is
-# copied into a per-connection carry buffer, so an idle connection holds no
-# read memory. The kind's input framing is _parse().
+# connections (the loop is single-threaded). The carry buffer holds at most
+# the one incomplete frame at the end of the input: when more bytes come,
+# only those that complete it are copied in (its header says how many), it
+# is parsed and freed, and the rest is parsed straight from the scratch
+# buffer. Its allocation grows with what arrived, never past that frame's
+# header + body (<= HEADER_SIZE + max_frame), and an idle connection holds
+# no read memory. The kind's input framing is _parse() and _need().
+#
+# read() never raises for bad input: it returns the frames before the first
+# bad one and keeps the error in read_error; from then on no input is parsed.
+# The owner answers the good frames first, in order, then fails the
+# connection with that error (a request budget overrun is one such error).
+#
+# Closing: a closing connection reads and discards input to see the peer's
+# close, at most MAX_READS_PER_WAKE reads per wake and MAX_DISCARD bytes in
+# all; past that it is aborted (RST).
 
 from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t
@@ -70,7 +83,9 @@ cdef class Connection:
     cdef char* _carry
     cdef Py_ssize_t _carry_len
     cdef Py_ssize_t _carry_cap
-    cdef readonly Py_ssize_t max_frame
+    cdef Py_ssize_t _max_frame        # property max_frame: settable (smaller before auth)
+    cdef readonly object read_error   # FrameError that stopped parsing, or None
+    cdef Py_ssize_t _discarded        # bytes read and dropped while closing
     cdef public double last_recv      # loop time of the last byte received
 
     # counters
@@ -88,9 +103,19 @@ cdef class Connection:
     cdef void _disarm_writer(self) except *
     cdef void _release_backlog(self) noexcept
     cdef int _discard_input(self) except -1
-    cdef int _keep(self, const char* data, Py_ssize_t n) except -1
+    cdef int _drop_unstarted(self) except -1
+    cdef int _take(self, const char* data, Py_ssize_t n, list out,
+                   Py_ssize_t max_frames) except -1
+    cdef int _keep(self, const char* data, Py_ssize_t n, Py_ssize_t need) except -1
+    cdef void _free_carry(self) noexcept
     cdef void _report(self, int status) except *
 
     # what a kind overrides
     cdef Py_ssize_t _write_prefix(self, char* end, Py_ssize_t wire_len) except -1
-    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1
+    # (_parse: complete frames off data into out, at most max_frames in out
+    # in all; returns the bytes consumed. _need: the bytes the frame starting
+    # at data needs in all, as far as the n bytes there tell. Both raise
+    # FrameError on bad input.)
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out,
+                           Py_ssize_t max_frames) except -1
+    cdef Py_ssize_t _need(self, const char* data, Py_ssize_t n) except -1

@@ -12,10 +12,20 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 # EWOULDBLOCK equals EAGAIN on the platforms we build for (Linux, BSDs).
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy
+from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from system cimport c_send, c_recv, c_shutdown, c_writev, c_close, iovec, \
     MSG_NOSIGNAL, MSG_DONTWAIT, SHUT_WR
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct linger:
+        int l_onoff
+        int l_linger
+    int c_setsockopt "setsockopt"(int fd, int level, int name, const void* val,
+                                  unsigned int n)
+    enum: SOL_SOCKET
+    enum: SO_LINGER
 
 # Invariant checks for debug builds only (setup.py: FANOUT_DEBUG=1); in a
 # release build the macro expands to nothing, so the hot path pays nothing.
@@ -42,6 +52,10 @@ cdef enum:
     SCRATCH_SIZE = 65536
     MAX_IOV = 64                 # frames per writev; well under IOV_MAX
     MAX_READS_PER_WAKE = 4       # bound one connection's share of a loop turn
+    # What a closing connection may still send before it is cut with an RST:
+    # room for what a client had in flight (a drain can take seconds of
+    # chat and pings), not for a flood.
+    MAX_DISCARD = 256 * 1024
 
 # One read buffer for every connection: the loop is single-threaded and a
 # read callback parses everything it reads before returning.
@@ -129,7 +143,7 @@ cdef class Connection:
                             "use TcpConnection")
         if max_frame <= 0 or max_backlog_bytes <= 0 or max_backlog_frames <= 0:
             raise ValueError("limits must be positive")
-        self.max_frame = max_frame
+        self._max_frame = max_frame
         self.max_backlog_bytes = max_backlog_bytes
         self._max_backlog_frames = max_backlog_frames
         self.last_recv = loop.time()
@@ -338,26 +352,58 @@ cdef class Connection:
         queued goes out first. Input is read and discarded from then on; the
         socket closes once the peer closes or the owner calls close().
         """
-        cdef PyObject* obj
-        cdef Py_ssize_t started
         _check_core_frame(frame)
         if self.state != CONN_OPEN:
             return
         self.state = CONN_CLOSING
+        self._free_carry()             # no more input is parsed
+        if drop_queued:
+            self._drop_unstarted()
+        self._queue(frame)
+        self.resume_reading()          # in discard mode: see the peer's close
+        _on_writable(self)
+        if self._bl_len:
+            self._arm_writer()
+
+    cdef int _drop_unstarted(self) except -1:
+        # Drop queued frames not yet started; a frame already partly written
+        # stays, so the stream remains parseable.
+        cdef PyObject* obj
+        cdef Py_ssize_t started
         if self._bl_len:
             started = self._bl_offset > _wire_start(self, <object>self._bl[self._bl_head])
-            while drop_queued and self._bl_len > (1 if started else 0):
+            while self._bl_len > (1 if started else 0):
                 obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
                 self.backlog_bytes -= (PyBytes_GET_SIZE(<object>obj)
                                        - (self._bl_offset if self._bl_len == 1
                                           else _wire_start(self, <object>obj)))
                 Py_DECREF(<object>obj)
                 self._bl_len -= 1
-        self._queue(frame)
-        self.resume_reading()          # in discard mode: see the peer's close
-        _on_writable(self)
-        if self._bl_len:
-            self._arm_writer()
+            if self._bl_len == 0:
+                self._bl_offset = 0
+        return 0
+
+    def abort(self, bytes last=None):
+        """Close now with an RST (SO_LINGER 0): the kernel frees the socket's
+        buffers at once instead of holding them for a peer that does not
+        read. Tells the owner once, as :meth:`close`.
+
+        ``last`` (a core frame, e.g. a Kick) is a best effort: queued frames
+        not yet started are dropped, and what the socket takes right now of
+        a partly written frame and then ``last`` is sent; nothing waits.
+        """
+        cdef linger lg
+        if self.state == CONN_CLOSED:
+            return
+        if last is not None and self.state == CONN_OPEN:
+            _check_core_frame(last)
+            self._drop_unstarted()
+            self._queue(last)
+            self._drain()
+        lg.l_onoff = 1
+        lg.l_linger = 0
+        c_setsockopt(self.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        self.close()
 
     def close(self):
         """Close the socket now; tells the owner once."""
@@ -369,9 +415,7 @@ cdef class Connection:
             self._loop.remove_reader(self.fd)
         self._disarm_writer()
         self._release_backlog()
-        free(self._carry)
-        self._carry = NULL
-        self._carry_len = self._carry_cap = 0
+        self._free_carry()
         c_close(self.fd)
         self.fd = -1
         self._read_cb = None
@@ -392,6 +436,24 @@ cdef class Connection:
     @property
     def closed(self):
         return self.state == CONN_CLOSED
+
+    @property
+    def max_frame(self):
+        """Largest frame body this connection accepts (before and after
+        lz4). Settable: a session keeps it small until authenticated."""
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, Py_ssize_t value):
+        if value <= 0:
+            raise ValueError("max_frame must be positive")
+        self._max_frame = value
+
+    @property
+    def carry_capacity(self):
+        """Bytes allocated for the incomplete frame carried to the next read
+        (at most its header + body; 0 when none)."""
+        return self._carry_cap
 
     # ---------------------------------------------------------------- reading
 
@@ -416,17 +478,25 @@ cdef class Connection:
             self._loop.add_reader(self.fd, _readable_cb, self)
             self._reading = True
 
-    def read(self):
-        """Drain the socket and return its complete frames as a list of
-        ``(type, flags, body)``, bodies inflated.
+    def read(self, Py_ssize_t max_frames=PY_SSIZE_T_MAX):
+        """Read what the socket has (a bounded share of it per call) and
+        return its complete frames as a list of ``(type, flags, body)``,
+        bodies inflated, at most ``max_frames`` of them.
 
-        Sets :attr:`eof` when the peer closed. Raises ``FrameError`` on the
-        first frame that breaks the protocol.
+        Sets :attr:`eof` when the peer closed. Never raises for bad input:
+        the frames before the first frame that breaks the protocol are
+        returned and the error is kept in :attr:`read_error` (a
+        ``FrameError``), after which nothing more is parsed. More complete
+        frames than ``max_frames`` is such an error (TOO_MANY_REQUESTS);
+        no body is copied for them.
         """
         cdef list out = []
         cdef ssize_t r
-        cdef Py_ssize_t used
         cdef int turn
+        if self.read_error is not None:
+            return out
+        if max_frames < 0:
+            max_frames = 0
         for turn in range(MAX_READS_PER_WAKE):
             r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
             if r == 0:
@@ -439,56 +509,100 @@ cdef class Connection:
                     self.eof = True   # reset by peer: same as a close for us
                 break
             self.bytes_received += <unsigned long long>r
-            if self._carry_len == 0:
-                used = self._parse(_scratch, r, out)
-                if used < r:
-                    self._keep(_scratch + used, r - used)
-            else:
-                self._keep(_scratch, r)
-                used = self._parse(self._carry, self._carry_len, out)
-                if used:
-                    memmove(self._carry, self._carry + used, self._carry_len - used)
-                    self._carry_len -= used
-                if self._carry_len == 0:
-                    # idle connections should hold no read memory
-                    free(self._carry)
-                    self._carry = NULL
-                    self._carry_cap = 0
+            try:
+                self._take(_scratch, r, out, max_frames)
+            except FrameError as exc:
+                self.read_error = exc
+                self._free_carry()
+                break
             if r < SCRATCH_SIZE:
                 break
         if out or self.eof:
             self.last_recv = self._loop.time()
         return out
 
-    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out) except -1:
+    cdef int _take(self, const char* data, Py_ssize_t n, list out,
+                   Py_ssize_t max_frames) except -1:
+        # Parse n fresh bytes. A carried frame first gets only the bytes it
+        # lacks (re-asked after its header completes), so the carry never
+        # holds more than that one frame; the rest is parsed in place.
+        cdef Py_ssize_t pos = 0, need, step, used
+        while self._carry_len:
+            need = self._need(self._carry, self._carry_len)
+            if self._carry_len < need:
+                step = need - self._carry_len
+                if step > n - pos:
+                    step = n - pos
+                if step == 0:
+                    return 0
+                self._keep(data + pos, step, need)
+                pos += step
+                continue
+            used = self._parse(self._carry, self._carry_len, out, max_frames)
+            FANOUT_ASSERT(used == self._carry_len)
+            self._free_carry()         # idle connections hold no read memory
+        used = self._parse(data + pos, n - pos, out, max_frames)
+        pos += used
+        if pos < n:
+            self._keep(data + pos, n - pos, self._need(data + pos, n - pos))
+        return 0
+
+    cdef Py_ssize_t _parse(self, const char* data, Py_ssize_t n, list out,
+                           Py_ssize_t max_frames) except -1:
         # A kind splits its input into (type, flags, body) frames and returns
         # the bytes it consumed; the rest is carried to the next read.
         raise NotImplementedError("a connection kind must parse its input")
 
-    cdef int _keep(self, const char* data, Py_ssize_t n) except -1:
-        cdef Py_ssize_t need = self._carry_len + n
+    cdef Py_ssize_t _need(self, const char* data, Py_ssize_t n) except -1:
+        raise NotImplementedError("a connection kind must parse its input")
+
+    cdef int _keep(self, const char* data, Py_ssize_t n, Py_ssize_t need) except -1:
+        # Append to the carry. The allocation grows geometrically with what
+        # arrives (a frame trickling in costs few reallocs) but never past
+        # `need`, the carried frame's whole size as far as it is known.
+        cdef Py_ssize_t want = self._carry_len + n, cap
         cdef char* grown
-        if need > self._carry_cap:
-            grown = <char*>realloc(self._carry, need)
+        FANOUT_ASSERT(want <= need)
+        if want > self._carry_cap:
+            cap = 2 * self._carry_cap
+            if cap < want:
+                cap = want
+            if cap > need:
+                cap = need
+            grown = <char*>realloc(self._carry, cap)
             if grown == NULL:
                 raise MemoryError()
             self._carry = grown
-            self._carry_cap = need
+            self._carry_cap = cap
         memcpy(self._carry + self._carry_len, data, n)
-        self._carry_len = need
+        self._carry_len = want
         return 0
 
+    cdef void _free_carry(self) noexcept:
+        free(self._carry)
+        self._carry = NULL
+        self._carry_len = self._carry_cap = 0
+
     cdef int _discard_input(self) except -1:
+        # A closing connection reads only to see the peer's close: a bounded
+        # share of the loop per wake, and a bounded amount in all.
         cdef ssize_t r
-        while True:
+        cdef int turn = 0
+        while turn < MAX_READS_PER_WAKE:
             r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
             if r > 0:
+                turn += 1
+                self._discarded += r
+                if self._discarded > MAX_DISCARD:
+                    self.abort()
+                    return 0
                 continue
             if r < 0 and errno == EINTR:
                 continue
             if r == 0 or (errno != EAGAIN):
                 self.close()
             return 0
+        return 0
 
 
 cdef int _check_core_frame(bytes frame) except -1:

@@ -20,6 +20,7 @@
 # immutable, and only the headroom ever changes.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from cpython.pyport cimport PY_SSIZE_T_MAX
 
 cdef enum:
     HEADROOM = 16
@@ -38,9 +39,15 @@ cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
                    Py_ssize_t max_body)
 
 # Split complete wire frames off data into out as (type, flags, body), bodies
-# inflated; returns the bytes consumed. Raises FrameError on the first bad one.
+# inflated; returns the bytes consumed. Raises FrameError on the first bad
+# one, or TOO_MANY_REQUESTS on a complete frame once out holds max_frames.
 cdef Py_ssize_t split_frames(const char* data, Py_ssize_t n, Py_ssize_t max_body,
-                             list out) except -1
+                             list out, Py_ssize_t max_frames=*) except -1
+
+# Bytes the frame starting at data needs in all: its header's size while
+# fewer than HEADER_SIZE bytes are there, else header + body. Raises
+# FrameError on a bad header.
+cdef Py_ssize_t frame_need(const char* data, Py_ssize_t n, Py_ssize_t max_body) except -1
 
 # The reason text for a header check_header() refused.
 cdef str header_problem(int reason, const uint8_t* p, Py_ssize_t max_body)

@@ -4,6 +4,7 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
+from cpython.list cimport PyList_GET_SIZE
 from libc.string cimport memcpy, memset
 
 import lz4.block as _lz4_block
@@ -66,11 +67,30 @@ cdef bytes body_of(uint8_t flags, const char* body, Py_ssize_t n,
 
 
 cdef str header_problem(int reason, const uint8_t* p, Py_ssize_t max_body):
+    # Every byte is formatted as the unsigned value it is on the wire, and the
+    # length is composed unsigned: a signed shift of a byte >= 0x80 makes a
+    # 32-bit Py_ssize_t negative (and is undefined behaviour).
+    cdef uint32_t length = ((<uint32_t>p[4] << 24) | (<uint32_t>p[5] << 16)
+                            | (<uint32_t>p[6] << 8) | <uint32_t>p[7])
     if reason == R_UNSUPPORTED_VERSION:
-        return f"unsupported protocol version {p[0]}"
+        return f"unsupported protocol version {<unsigned int>p[0]}"
     if reason == R_FRAME_TOO_LARGE:
-        return f"frame body of {body_length(p)} bytes exceeds limit {max_body}"
-    return f"malformed frame header (flags=0x{p[2]:02x}, reserved=0x{p[3]:02x})"
+        return f"frame body of {length} bytes exceeds limit {max_body}"
+    return (f"malformed frame header (flags=0x{<unsigned int>p[2]:02x}, "
+            f"reserved=0x{<unsigned int>p[3]:02x})")
+
+
+cdef Py_ssize_t frame_need(const char* data, Py_ssize_t n, Py_ssize_t max_body) except -1:
+    # The header is checked as soon as it is whole, before any body byte is
+    # awaited: a reader never carries bytes of a frame it would refuse.
+    cdef const uint8_t* p = <const uint8_t*>data
+    cdef Py_ssize_t length
+    if n < HEADER_SIZE:
+        return HEADER_SIZE
+    length = check_header(p, max_body)
+    if length < 0:
+        raise FrameError(<int>-length, header_problem(<int>-length, p, max_body))
+    return HEADER_SIZE + length
 
 
 # ---------------------------------------------------------------- records
@@ -169,9 +189,11 @@ def wire_bytes(bytes frame):
 
 
 cdef Py_ssize_t split_frames(const char* data, Py_ssize_t n, Py_ssize_t max_body,
-                             list out) except -1:
+                             list out, Py_ssize_t max_frames=PY_SSIZE_T_MAX) except -1:
     # Header checks come before waiting for a body, so a reader's carry
     # buffer never holds more than one frame of at most max_body bytes.
+    # Past max_frames frames in `out` no body is copied: the next complete
+    # frame is refused as one request too many.
     cdef Py_ssize_t pos = 0, length
     cdef const uint8_t* p
     while n - pos >= HEADER_SIZE:
@@ -181,22 +203,26 @@ cdef Py_ssize_t split_frames(const char* data, Py_ssize_t n, Py_ssize_t max_body
             raise FrameError(<int>-length, header_problem(<int>-length, p, max_body))
         if n - pos - HEADER_SIZE < length:
             break
+        if PyList_GET_SIZE(out) >= max_frames:
+            raise FrameError(R_TOO_MANY_REQUESTS,
+                             f"more than {max_frames} requests at once, over the budget")
         out.append((p[1], p[2], body_of(p[2], data + pos + HEADER_SIZE, length, max_body)))
         pos += HEADER_SIZE + length
     return pos
 
 
-def parse_frames(data, Py_ssize_t max_body):
+def parse_frames(data, Py_ssize_t max_body, Py_ssize_t max_frames=PY_SSIZE_T_MAX):
     """Split complete frames off ``data``.
 
     Returns ``(frames, consumed)`` where frames is a list of
     ``(type, flags, body)`` with bodies inflated. Raises :class:`FrameError`
-    on the first invalid header or body. Used by tests and tools; a
+    on the first invalid header or body, or (TOO_MANY_REQUESTS) on a
+    complete frame past ``max_frames``. Used by tests and tools; a
     connection runs the same checks on its socket.
     """
     cdef const unsigned char[:] view = data
     cdef list frames = []
     cdef Py_ssize_t used = 0
     if view.shape[0]:
-        used = split_frames(<const char*>&view[0], view.shape[0], max_body, frames)
+        used = split_frames(<const char*>&view[0], view.shape[0], max_body, frames, max_frames)
     return frames, used

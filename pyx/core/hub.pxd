@@ -14,6 +14,15 @@ cdef enum:
     FLUSH_BURST = 3
 # Connections that a flush finds slow or dead are handed to their owner's
 # connection_failed(reason) after the write loop, never during it.
+#
+# Fault isolation: one room's flush and one connection's callback cannot
+# stop the others. A flush (or its observer) that raises is reported and the
+# next room still flushes; an owner callback that raises costs that one
+# connection, closed with Error(INTERNAL_ERROR). Either way the exception
+# goes to error_handler(where, exc) (where: the Room or the Connection), or
+# to the loop's exception handler when none is set. Hub.publish therefore
+# returns normally once its record is taken, even if a flush it triggers
+# goes wrong.
 
 cdef class Hub:
     cdef object _loop
@@ -28,8 +37,11 @@ cdef class Hub:
     cdef bint _soon_scheduled
     cdef readonly unsigned long long flushes
     cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
+    cdef public object error_handler  # f(room_or_connection, exc) or None
 
     cpdef Room room(self, str name, str epoch, unsigned long long head_seq)
     cdef void _schedule(self, Room room) except *
     cdef void _flush(self, Room room) except *
     cdef void _report_all(self, list troubled) except *
+    cdef void _flush_isolated(self, Room room) except *
+    cdef void _fault(self, object where, object exc) except *

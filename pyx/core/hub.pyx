@@ -1,19 +1,26 @@
 # Every room on this node and the adaptive flush schedule (see hub.pxd).
 
 
+# A connection whose owner's callback raised gets this, then is closed.
+_INTERNAL_ERROR_BODY = bytes([0x08, R_INTERNAL_ERROR, 0x12, 14]) + b"internal error"
+# How long such a connection may take to read it before the socket closes.
+FAULT_CLOSE_GRACE = 2.0
+
+
 def _flush_soon(Hub hub):
     cdef list due = hub._soon
     cdef Room room
     hub._soon = []
     hub._soon_scheduled = False
-    for room in due:
+    for room in due:                   # none stays marked, whatever happens
         room._scheduled = False
-        hub._flush(room)
+    for room in due:
+        hub._flush_isolated(room)
 
 
 def _flush_timer(Hub hub, Room room):
     room._scheduled = False
-    hub._flush(room)
+    hub._flush_isolated(room)
 
 
 cdef class Hub:
@@ -86,7 +93,7 @@ cdef class Hub:
             room.sampled = True
         room.last_activity = now
         if room._pend_len >= self.max_batch_bytes:
-            self._flush(room)
+            self._flush_isolated(room)         # the record is taken: say so
         else:
             self._schedule(room)
         return True
@@ -131,14 +138,44 @@ cdef class Hub:
             self._report_all(troubled)
             members -= len(troubled)
         if self.flush_observer is not None and members:
-            self.flush_observer(messages, members, raw, room.bytes_out - wire_before,
-                                now - room.first_pending)
+            try:
+                self.flush_observer(messages, members, raw, room.bytes_out - wire_before,
+                                    now - room.first_pending)
+            except Exception as exc:
+                self._fault(room, exc)
+
+    cdef void _flush_isolated(self, Room room) except *:
+        try:
+            self._flush(room)
+        except Exception as exc:
+            self._fault(room, exc)
 
     cdef void _report_all(self, list troubled) except *:
         # After the write loop: cutting a member changes the member list.
+        # Each owner's callback is isolated: a failing one costs its own
+        # connection, never the rest of the list or the caller (a publish).
         cdef Connection conn
         for conn, st in troubled:
-            conn._report(st)
+            try:
+                conn._report(st)
+            except Exception as exc:
+                self._fault(conn, exc)
+                if conn.state == CONN_OPEN:
+                    conn.close_after(_core_frame(FT_ERROR, _INTERNAL_ERROR_BODY, 0, 0))
+                    if conn.state != CONN_CLOSED:
+                        self._loop.call_later(FAULT_CLOSE_GRACE, conn.close)
+
+    cdef void _fault(self, object where, object exc) except *:
+        handler = self.error_handler
+        if handler is not None:
+            try:
+                handler(where, exc)
+                return
+            except Exception as exc2:
+                exc = exc2
+        self._loop.call_exception_handler({
+            "message": f"fanout core: error in a callback of {where!r}",
+            "exception": exc})
 
     def broadcast(self, str room_name, bytes frame):
         """Write a ready core frame (:func:`core_frame`; e.g. presence) to

@@ -164,6 +164,12 @@ cdef class Room:
     cdef void _ring_pop(self) noexcept:
         cdef Py_ssize_t i = self._ring_first % self._ring_cap
         cdef PyObject* old = self._ring[i]
+        cdef tuple chunk
+        if self._chunks and (self._ring_first - 1) % REPLAY_CHUNK == 0:
+            # The chunk's first seq leaves: no replay can start there again.
+            chunk = self._chunks.pop((self._ring_first - 1) // REPLAY_CHUNK, None)
+            if chunk is not None:
+                self._chunk_bytes -= <Py_ssize_t>chunk[0]
         self._ring[i] = NULL
         self._ring_bytes -= PyBytes_GET_SIZE(<object>old)
         Py_DECREF(<object>old)
@@ -171,9 +177,15 @@ cdef class Room:
         self._ring_first += 1
 
     cdef void _ring_clear(self) noexcept:
+        self._drop_replays()
         while self._ring_count:
             self._ring_pop()
         self._ring_first = 0
+
+    cdef void _drop_replays(self) noexcept:
+        self._chunks = None
+        self._pieces = None
+        self._chunk_bytes = self._piece_bytes = 0
 
     def reset(self, str epoch, unsigned long long head_seq):
         """The room's history restarted upstream (new epoch): forget it."""
@@ -197,14 +209,15 @@ cdef class Room:
         range ``after_seq+1 .. gap_to`` has left the ring, in which case the
         client must be told before the replayed batches. Replay ends at
         ``flushed_seq``; later messages reach the client with the next flush.
+        The frames are shared, cached objects (see room.pxd): built once per
+        range, whoever asks.
         """
         cdef unsigned long long start = after_seq + 1
         cdef unsigned long long end = self.flushed_seq
-        cdef unsigned long long first, seq
+        cdef unsigned long long first, seq, k, cfirst, clast, last
         cdef unsigned long long gap_from = 0, gap_to = 0
         cdef list frames = []
-        cdef bytearray buf
-        cdef object rec
+        cdef tuple piece
         if after_seq >= end:
             return 0, 0, frames
         first = self._ring_first if self._ring_count else end + 1
@@ -212,18 +225,86 @@ cdef class Room:
             gap_from = start
             gap_to = min(first - 1, end)
             start = gap_to + 1
-        buf = bytearray()
+        if start > end:
+            return gap_from, gap_to, frames
+        if (self._chunks is None or max_frame_bytes != self._rp_max_frame
+                or compress_min != self._rp_compress_min or level != self._rp_level):
+            self._drop_replays()
+            self._chunks = {}
+            self._pieces = {}
+            self._rp_max_frame = max_frame_bytes
+            self._rp_compress_min = compress_min
+            self._rp_level = level
         seq = start
         while seq <= end:
+            k = (seq - 1) // REPLAY_CHUNK
+            cfirst = k * REPLAY_CHUNK + 1
+            clast = cfirst + REPLAY_CHUNK - 1
+            if seq == cfirst and clast <= end:
+                piece = self._chunks.get(k)
+                if piece is None:
+                    piece = self._build_replay(cfirst, clast, level)
+                    self._chunks[k] = piece
+                    self._chunk_bytes += <Py_ssize_t>piece[0]
+                else:
+                    self.replay_hits += 1
+                seq = clast + 1
+            else:
+                last = clast if clast < end else end
+                piece = self._cached_piece(seq, last)
+                seq = last + 1
+            frames.extend(<tuple>piece[1])
+        return gap_from, gap_to, frames
+
+    cdef tuple _cached_piece(self, unsigned long long first, unsigned long long last):
+        # A head or tail piece, from the LRU or built (lz4 fast mode) and kept.
+        cdef tuple piece
+        key = (first, last)
+        piece = self._pieces.pop(key, None)
+        if piece is not None:
+            self._pieces[key] = piece          # most recently used
+            self.replay_hits += 1
+            return piece
+        piece = self._build_replay(first, last, 0)
+        if <Py_ssize_t>piece[0] <= self._ring_max_bytes // 2:
+            self._pieces[key] = piece
+            self._piece_bytes += <Py_ssize_t>piece[0]
+            while (len(self._pieces) > REPLAY_PIECES
+                   or self._piece_bytes > self._ring_max_bytes // 2):
+                self._piece_bytes -= <Py_ssize_t>self._pieces.pop(next(iter(self._pieces)))[0]
+        return piece
+
+    cdef tuple _build_replay(self, unsigned long long first, unsigned long long last,
+                             int level):
+        # (bytes, frames) of ring records first..last, cut into frames of at
+        # most _rp_max_frame body bytes counted from `first`.
+        cdef list frames = []
+        cdef bytearray buf = bytearray()
+        cdef Py_ssize_t total = 0
+        cdef unsigned long long seq = first
+        cdef object rec
+        cdef bytes frame
+        self.replay_builds += 1
+        while True:
             rec = <object>self._ring[seq % self._ring_cap]
-            if buf and len(buf) + len(rec) > max_frame_bytes:
-                frames.append(build_frame(FT_BATCH, buf, len(buf), compress_min, level))
+            if buf and len(buf) + len(rec) > self._rp_max_frame:
+                frame = build_frame(FT_BATCH, buf, len(buf), self._rp_compress_min, level)
+                total += PyBytes_GET_SIZE(frame)
+                frames.append(frame)
                 buf = bytearray()
             buf += rec
+            if seq == last:
+                break
             seq += 1
-        if buf:
-            frames.append(build_frame(FT_BATCH, buf, len(buf), compress_min, level))
-        return gap_from, gap_to, frames
+        frame = build_frame(FT_BATCH, buf, len(buf), self._rp_compress_min, level)
+        total += PyBytes_GET_SIZE(frame)
+        frames.append(frame)
+        return (total, tuple(frames))
+
+    @property
+    def replay_cache_bytes(self):
+        """Bytes of replay frames the room keeps (chunks and pieces)."""
+        return self._chunk_bytes + self._piece_bytes
 
     def stats(self):
         return {
