@@ -29,8 +29,10 @@ cdef inline void write_header(char* p, uint8_t ftype, uint8_t flags,
 
 cdef inline Py_ssize_t body_length(const uint8_t* p) noexcept nogil:
     """The header's length field."""
-    return ((<Py_ssize_t>p[4] << 24) | (<Py_ssize_t>p[5] << 16)
-            | (<Py_ssize_t>p[6] << 8) | <Py_ssize_t>p[7])
+    # Assembled unsigned: a signed shift of a byte >= 0x80 into bit 31 is
+    # undefined (and negative with a 32-bit Py_ssize_t).
+    return <Py_ssize_t>((<uint32_t>p[4] << 24) | (<uint32_t>p[5] << 16)
+                        | (<uint32_t>p[6] << 8) | <uint32_t>p[7])
 
 
 cdef inline Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexcept nogil:
@@ -51,8 +53,8 @@ cdef inline Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexc
 cdef inline Py_ssize_t lz4_stored_size(const uint8_t* body) noexcept nogil:
     """The uncompressed size an LZ4 body declares (its u32le prefix); the
     caller checks it against its limit before inflating anything."""
-    return (<Py_ssize_t>body[0] | (<Py_ssize_t>body[1] << 8)
-            | (<Py_ssize_t>body[2] << 16) | (<Py_ssize_t>body[3] << 24))
+    return <Py_ssize_t>(<uint32_t>body[0] | (<uint32_t>body[1] << 8)
+                        | (<uint32_t>body[2] << 16) | (<uint32_t>body[3] << 24))
 
 
 # ---------------------------------------------------------------- protobuf varints
