@@ -52,7 +52,6 @@ import struct
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import lz4.block
@@ -65,7 +64,7 @@ from fanout._testbase import NodeProcess  # noqa: E402
 from fanout.protocol import fanout_pb2 as pb  # noqa: E402
 from fanout.protocol.auth import mint  # noqa: E402
 
-from bench.scenarios.probes import (HDR, Background, canary, corrected, fb, frame,  # noqa: E402
+from bench.scenarios.probes import (HDR, Background, admin_publish, canary, corrected, fb, frame,  # noqa: E402
                                     fv, percentiles_ms, varint)
 
 SECRET = "fuzz-secret-not-for-production-use-0123456789"
@@ -604,16 +603,12 @@ class Fuzzer:
 
 def publisher(admin_port: int, stop: threading.Event, counts: dict) -> None:
     """Keeps the hot rooms' history rings full and their members receiving."""
-    url = f"http://127.0.0.1:{admin_port}/v1/publish"
     i = 0
     while not stop.is_set():
         msgs = [{"room": HOT_ROOMS[(i + k) % len(HOT_ROOMS)], "kind": "gift",
                  "payload": f"gift {i}-{k} " + "x" * 200} for k in range(30)]
-        req = urllib.request.Request(url, data=json.dumps({"messages": msgs}).encode(), headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                resp.read()
+            admin_publish(admin_port, API_KEY, msgs)
             counts["published"] = counts.get("published", 0) + len(msgs)
         except OSError as exc:
             counts["errors"] = counts.get("errors", 0) + 1

@@ -18,6 +18,7 @@ from fanout.logic.base import Rejected, check_room_name
 from fanout.logic.ratelimit import TokenBucket
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol import wire
+from nodeprobe import metric
 from rawclient import FT, RawClient
 
 # The checks are the node's Python, the same on both loops.
@@ -166,13 +167,6 @@ def test_recent_chatters_keep_their_buckets():
 
 # ---------------------------------------------------------------- overload
 
-def _metric(node, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
-
 
 @one_loop
 def test_a_ping_flood_does_not_degrade_the_node_for_everyone(start_node):
@@ -204,11 +198,11 @@ def test_a_ping_flood_does_not_degrade_the_node_for_everyone(start_node):
         while time.monotonic() < end:
             flooder.sock.sendall(blob)
             sent += 20_000
-            levels.append(_metric(node, "fanout_degradation_level"))
-            lags.append(_metric(node, "fanout_event_loop_lag_last_seconds"))
+            levels.append(metric(node, "fanout_degradation_level"))
+            lags.append(metric(node, "fanout_event_loop_lag_last_seconds"))
     except OSError:
         pass                     # cut by a request budget: also an answer
-    levels.append(_metric(node, "fanout_degradation_level"))
+    levels.append(metric(node, "fanout_degradation_level"))
     stop.set()
     reader.join(2)
     print(f"{sent} pings sent; raw loop lag up to {max(lags, default=0) * 1000:.1f} ms; "

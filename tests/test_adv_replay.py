@@ -22,13 +22,13 @@ import socket
 import statistics
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from conftest import token
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol import wire
+from nodeprobe import metric, ready_status
 from rawclient import FT, RawClient
 from test_operations import api_publish
 
@@ -48,21 +48,6 @@ def _fill_history(node) -> None:
         assert all("seq" in r for r in api_publish(node, batch))
 
 
-def _ready(node) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/readyz",
-                                    timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def _metric(node, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 class Pinger(threading.Thread):
@@ -140,7 +125,7 @@ def test_replay_amplification_is_bounded_and_others_stay_fast(start_node):
     assert frames_a[0][1].reason in (pb.TOO_MANY_ROOMS, pb.FRAME_TOO_LARGE,
                                      pb.BAD_COMPRESSION)
     assert bytes_a < 1024
-    assert _ready(node) == 200
+    assert ready_status(node) == 200
 
     # (b) 6,000 Joins for the room in one write, read to the end.
     b = RawClient(node.host, node.port)
@@ -164,17 +149,17 @@ def test_replay_amplification_is_bounded_and_others_stay_fast(start_node):
     assert all(e.room == ROOM for e in already)
     assert kinds.index(FT.ACK) < kinds.index(FT.ERROR)
     assert bytes_b < 2 * HISTORY * PAYLOAD + 6000 * 100      # was 182 MB
-    assert _ready(node) == 200
+    assert ready_status(node) == 200
 
     # (c) A join with a replay, then never reading (a tiny receive buffer).
     c = RawClient(node.host, node.port, rcvbuf=4096)
     assert isinstance(c.hello(token("attacker3")), pb.AuthOk)
     c.send_raw(joins[:len(joins) // 6000 * 100])   # its first 100 Joins, one write
     time.sleep(1.0)
-    backlog = _metric(node, "fanout_write_backlog_bytes")
+    backlog = metric(node, "fanout_write_backlog_bytes")
     print(f"(c) write backlog with a stalled attacker: {backlog:.0f} bytes")
     assert backlog < 2 * HISTORY * PAYLOAD + (1 << 20)
-    assert _ready(node) == 200
+    assert ready_status(node) == 200
 
     pinger.stop.set()
     pinger.join(5)

@@ -22,6 +22,7 @@ from conftest import API_KEY, SECRET, token
 from fanout._testbase import NodeProcess
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol import wire
+from nodeprobe import metric
 from rawclient import FT
 
 FLOOD_ADDRS = [f"127.0.0.{i}" for i in range(2, 52)]
@@ -84,13 +85,6 @@ def _authenticate(node, source: str, user: str, timeout: float = 5.0):
         return s, None, None
     return s, frames[0][0], frames[0][1]
 
-
-def _metric(node, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric {name}")
 
 
 class Flood(threading.Thread):
@@ -166,8 +160,8 @@ def test_valid_client_connects_within_1s_under_the_worst_flood(start_node):
             took.append(time.monotonic() - t0 if ftype == FT.AUTH_OK else float("inf"))
             s.close()
             time.sleep(0.02)
-        held = _metric(node, "fanout_connections")
-        unauth = _metric(node, "fanout_connections_unauthenticated")
+        held = metric(node, "fanout_connections")
+        unauth = metric(node, "fanout_connections_unauthenticated")
     finally:
         flood.stop.set()
         flood.join(10)
@@ -303,9 +297,9 @@ def test_every_way_a_session_ends_gives_its_slot_back(start_node):
     for s in (b, f):
         s.close()
     time.sleep(0.3)
-    assert _metric(node, "fanout_connections") == 0
-    assert _metric(node, "fanout_connections_unauthenticated") == 0
-    assert _metric(node, "fanout_client_addresses") == 0
+    assert metric(node, "fanout_connections") == 0
+    assert metric(node, "fanout_connections_unauthenticated") == 0
+    assert metric(node, "fanout_client_addresses") == 0
 
 
 @pytest.mark.parametrize("node_loop", ["uvloop"])

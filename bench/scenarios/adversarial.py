@@ -28,21 +28,20 @@ from __future__ import annotations
 
 import errno
 import random
-import json
 import resource
 import selectors
 import socket
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from fanout._testbase import NodeProcess
 from fanout.protocol.auth import mint
 
 from bench.scenarios.harness import API_KEY, PY, ROOT, SECRET
-from bench.scenarios.probes import (REASONS, Background, FrameReader, Sampler, admin_summary,
+from bench.scenarios.probes import (REASONS, Background, FrameReader, Sampler, admin_publish,
+                                    admin_summary,
                                     canary, closing_reason, connect_probe, connect_summary,
                                     corrected,
                                     fb, frame, fv, hello, histogram_ms, percentiles_ms, ping)
@@ -66,12 +65,7 @@ class AdvNode(NodeProcess):
                          log_path=log_path)
 
     def publish(self, messages: list[dict]) -> dict:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.admin_port}/v1/publish",
-            data=json.dumps({"messages": messages}).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        return admin_publish(self.admin_port, API_KEY, messages, timeout=30)
 
 
 def _raise_nofile() -> int:

@@ -11,6 +11,7 @@ what one of them does never delays another's measurement; the observer
 from __future__ import annotations
 
 import http.client
+import json
 import multiprocessing as mp
 import math
 import os
@@ -18,11 +19,13 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol.wire import encode_varint
 
 HDR = struct.Struct(">BBBBI")
 T_AUTH_OK, T_ERROR, T_KICK, T_PONG = 0x41, 0x42, 0x44, 0x45
@@ -31,13 +34,8 @@ REASONS = {v.number: v.name for v in pb.Reason.DESCRIPTOR.values}
 
 
 def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    """``n`` as a varint, wrapped to 64 bits (fuzzing may pass anything)."""
+    return encode_varint(n & ((1 << 64) - 1))
 
 
 def fv(num: int, n: int) -> bytes:
@@ -298,6 +296,16 @@ def http_get(port: int, path: str, timeout: float = 2.0, host: str = "127.0.0.1"
         return type(exc).__name__, b"", time.perf_counter() - t
     except http.client.HTTPException as exc:
         return type(exc).__name__, b"", time.perf_counter() - t
+
+
+def admin_publish(port: int, api_key: str, messages: list[dict], timeout: float = 10.0) -> dict:
+    """POST /v1/publish with a JSON batch; the decoded reply. Raises OSError
+    (urllib's errors are OSErrors) when the node does not take it."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/publish", data=json.dumps({"messages": messages}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def metric_value(text: str, name: str) -> float | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import json
 import random
 import selectors
 import socket
@@ -40,7 +39,7 @@ from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.auth import mint
 
 from bench.scenarios.harness import API_KEY, PY, ROOT, SECRET
-from bench.scenarios.probes import (HDR, Background, Sampler, fb, frame, fv, hello, ping,
+from bench.scenarios.probes import (HDR, Background, Sampler, admin_publish, fb, frame, fv, hello, ping,
                                     sockstat)
 
 ROOMS = [f"soak:{i}" for i in range(10)]
@@ -207,7 +206,6 @@ def _last_reason(s: socket.socket, timeout: float) -> str:
 
 
 def _publisher(admin_port: int, stop: threading.Event, counts: dict) -> None:
-    url = f"http://127.0.0.1:{admin_port}/v1/publish"
     i = 0
     while not stop.is_set():
         msgs = [{"room": ROOMS[k % 10], "kind": "chat" if k % 4 else "gift",
@@ -216,11 +214,8 @@ def _publisher(admin_port: int, stop: threading.Event, counts: dict) -> None:
         # so that a reader that stops falls behind by its backlog bound.
         msgs += [{"room": HOT, "kind": "gift", "payload": os.urandom(200).hex()}
                  for k in range(200)]
-        req = urllib.request.Request(url, data=json.dumps({"messages": msgs}).encode(), headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                resp.read()
+            admin_publish(admin_port, API_KEY, msgs)
             counts["published"] = counts.get("published", 0) + len(msgs)
         except OSError:
             counts["errors"] = counts.get("errors", 0) + 1

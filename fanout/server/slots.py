@@ -88,12 +88,7 @@ class Slots:
         entry = self._unauth.pop(owner, None)
         if entry is not None:
             self._drop_unauth(entry[0])
-        held = self._held
-        left = held.get(key, 0) - 1
-        if left > 0:
-            held[key] = left
-        else:
-            held.pop(key, None)
+        _decrement(self._held, key)
 
     def pop_oldest(self) -> Hashable | None:
         """Take the oldest unauthenticated connection off the budget."""
@@ -123,9 +118,13 @@ class Slots:
         return out
 
     def _drop_unauth(self, key: str) -> None:
-        unauth_held = self._unauth_held
-        left = unauth_held.get(key, 0) - 1
-        if left > 0:
-            unauth_held[key] = left
-        else:
-            unauth_held.pop(key, None)
+        _decrement(self._unauth_held, key)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    # Counts of zero are removed: the dicts hold only addresses with connections.
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
