@@ -285,15 +285,17 @@ def conn_flood(stop, host, port, sources, max_socks, partial_body):
             "local_errors": local_errors}
 
 
-def closing_flood(stop, host, port):
-    """Sends a bad frame, then writes junk at full speed; reconnects when cut."""
+def closing_flood(stop, host, port, source):
+    """Sends a bad frame, then writes junk at full speed; reconnects when cut.
+    From its own ``source`` address: the healthy client's address is not
+    the attacker's (whose reconnects its per-address rate cap refuses)."""
     junk = b"\x00" * (1 << 18)
     bad = frame(0x05, b"", version=9)
     written = cycles = 0
     close_after: list[float] = []
     while not stop.is_set():
         try:
-            s = socket.create_connection((host, port), timeout=5)
+            s = socket.create_connection((host, port), timeout=5, source_address=(source, 0))
         except OSError:
             time.sleep(0.01)
             continue
@@ -508,7 +510,8 @@ def adversarial(quick: bool) -> dict:
         connect_interval=0.05, probe_delay=0.5 if q else 3.0)
     attacks["closing_flood"] = _measured(
         "closing_flood", out_dir,
-        lambda n: [Background(closing_flood, host, n.port) for _ in range(2 if q else 3)],
+        lambda n: [Background(closing_flood, host, n.port, f"127.0.0.{200 + i}")
+                   for i in range(2 if q else 3)],
         baseline_s=base_s, attack_s=attack_s if q else 12.0)
     attacks["admin_slowloris"] = _measured(
         "admin_slowloris", out_dir,

@@ -49,7 +49,7 @@ from .slots import Slots, address_key
 
 log = logging.getLogger("fanout.listener")
 
-ACCEPTS_PER_WAKE = 512      # bound one accept burst so the loop stays responsive
+ACCEPTS_PER_WAKE = 128      # bound one accept burst so the loop stays responsive
 EMFILE_PAUSE = 0.1          # seconds the listener rests when out of descriptors
 PROXY_HEADER_TIMEOUT = 2.0  # a proxy sends its header at once; seconds it gets
 PROXY_REPOLL = 0.01         # seconds between peeks at a partial PROXY header
@@ -225,21 +225,26 @@ class Listener:
             self._metrics.connections_accepted.inc()
             if sock.fileno() >= self._fd_ceiling:
                 self._refuse(sock, peer[0], self._fds)
-                continue
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._sndbuf:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
-            except OSError:
-                sock.close()          # reset before we got to it
-                continue
-            if self._trusted and self._is_trusted(peer[0]):
-                self._await_header(sock, peer)
+            elif self._trusted and self._is_trusted(peer[0]):
+                if self._configure(sock):
+                    self._await_header(sock, peer)
             else:
                 self._admit(sock, peer)
 
-    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+    def _configure(self, sock: socket.socket) -> bool:
+        # Only for sockets the node keeps: under a connect flood most are
+        # refused, and these syscalls would only slow the refusals down.
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        except OSError:
+            sock.close()          # reset before we got to it
+            return False
+        return True
+
+    def _admit(self, sock: socket.socket, peer: tuple, configured: bool = False) -> None:
         ip = peer[0]
         key = address_key(ip)
         slots = self._slots
@@ -257,6 +262,8 @@ class Listener:
                                                          cfg.conn_burst_per_ip, now)
         if not bucket.take(now):
             self._refuse(sock, ip, self._rate)
+            return
+        if not configured and not self._configure(sock):
             return
         if slots.unauthenticated_full:
             self._evict_oldest()
@@ -358,7 +365,7 @@ class Listener:
         except OSError:
             _reset(sock)
             return
-        self._admit(sock, header.source or peer)
+        self._admit(sock, header.source or peer, configured=True)
 
     def _repoll(self, fd: int) -> None:
         if fd in self._awaiting:
