@@ -31,6 +31,7 @@ class Connection:
     read_error: FrameError | None       # what stopped parsing (read() never raises it)
     max_backlog_bytes: int
     backlog_bytes: int
+    unsent_at_close: int          # backlog bytes dropped when the socket was closed
     frames_sent: int
     bytes_sent: int
     bytes_received: int

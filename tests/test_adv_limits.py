@@ -210,3 +210,23 @@ def test_a_ping_flood_does_not_degrade_the_node_for_everyone(start_node):
     assert set(levels) == {0.0}
     with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/readyz") as resp:
         assert resp.status == 200
+
+
+def test_the_largest_acceptable_hello_fits_the_pre_auth_limit():
+    """Item 4: the frame limit before authentication is small, but never
+    refuses a Hello the node would accept: the largest token the verifier
+    takes (a 128-byte sub, 100 room names of 128 bytes) with a full set of
+    resume points and the longest device class fits max_hello_bytes."""
+    from fanout.protocol import auth
+    from fanout.server.config import NodeConfig
+    cfg = NodeConfig()
+    rooms = [f"{i:03d}" + "r" * (auth.MAX_ROOM_NAME_BYTES - 3)
+             for i in range(auth.MAX_TOKEN_ROOMS)]
+    big = auth.mint(cfg.secret, "u" * auth.MAX_SUB_BYTES, rooms=rooms)
+    assert auth.verify(big, cfg.secret).rooms == frozenset(rooms)
+    hello = pb.Hello(token=big, device_id="d" * 64, device_class="c" * 32, client="c" * 64,
+                     resume=[pb.ResumePoint(room=r, last_seq=2 ** 64 - 1, epoch="e" * 12)
+                             for r in rooms[:cfg.max_rooms_per_conn]])
+    size = len(hello.SerializeToString())
+    print(f"largest acceptable Hello: {size} bytes, limit {cfg.max_hello_bytes}")
+    assert size <= cfg.max_hello_bytes

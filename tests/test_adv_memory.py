@@ -24,10 +24,11 @@ import pytest
 from conftest import token
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol import wire
+from fanout.server.config import NodeConfig
 
 FT = wire.FrameType
 N = 500
-HELLO_LIMIT = 8192
+HELLO_LIMIT = NodeConfig().max_hello_bytes
 MAX_FRAME = 65536
 # Objects and bookkeeping per connection besides the carry: Session (slots),
 # TcpConnection, the loop's reader handle, the session registry entry, the

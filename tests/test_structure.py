@@ -136,3 +136,28 @@ def test_timed_input_adds_the_callback_time_even_when_it_raises():
     control.add_lag(0.05)                       # the lag is all input: no work lag
     control.tick(0)
     assert control.work_lag == pytest.approx(0.01, abs=0.011) and control.level == 0
+
+
+def test_timed_input_counts_neither_input_before_the_probe_nor_own_flushes():
+    """Review of item 8: input handled before the next lag probe was due did
+    not delay it, and a flush run inside a read callback (a chat filling a
+    batch) is the node's own work: neither is discounted from the lag."""
+    import time
+
+    from fanout.server.overload import TimedInput
+
+    control = OverloadControl(lag_degraded_ms=20, lag_overloaded_ms=100,
+                              backlog_degraded_bytes=1000, on_change=lambda level: None)
+    control.probe_due = time.monotonic() + 60          # the probe is not due yet
+    TimedInput(lambda: time.sleep(0.02), control)()
+    assert control.input_time == 0.0
+    control.probe_due = 0.0
+    flushed = [0.0]
+
+    def chat_that_flushes():
+        time.sleep(0.01)                                # input handling
+        flushed[0] += 0.03                              # the hub's flush clock moves
+        time.sleep(0.03)                                # ... by the flush it ran
+    control.work_clock = lambda: flushed[0]
+    TimedInput(chat_that_flushes, control)()
+    assert 0.005 <= control.input_time < 0.03

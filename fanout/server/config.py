@@ -85,7 +85,7 @@ class NodeConfig:
     auth_timeout_ms: int = _field(3_000, "close a connection without a valid Hello after this", minimum=100)
     close_grace_ms: int = _field(2_000, "time a closing connection gets to take its last frame", minimum=0)
     max_frame: int = _field(65_536, "largest client frame body, before and after lz4", minimum=64)
-    max_hello_bytes: int = _field(8192, "largest frame before authentication (a Hello is small)", minimum=64)
+    max_hello_bytes: int = _field(24_576, "largest frame before authentication: a Hello with the largest token the node accepts and its resume points fits", minimum=64)
     request_rate: float = _field(20.0, "client frames per second per connection, every type (past the burst: closed, TOO_MANY_REQUESTS)", minimum=0.1)
     request_burst: float = _field(100.0, "burst of client frames per connection", minimum=1)
     max_rooms_per_conn: int = _field(16, "rooms one connection may join", minimum=1)

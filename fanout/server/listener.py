@@ -400,8 +400,14 @@ class Listener:
         now = self._loop.time()
         try:
             for owner in self._slots.pop_expired(now):
-                self._close_unauthenticated(owner, pb.AUTH_TIMEOUT,
-                                            f"no valid Hello within {self._auth_timeout:g} s")
+                # Each one alone: they are already off the budget, so one
+                # failure must not leave the rest open with no deadline.
+                try:
+                    self._close_unauthenticated(owner, pb.AUTH_TIMEOUT,
+                                                f"no valid Hello within {self._auth_timeout:g} s")
+                except Exception:
+                    self._throttled.log(logging.ERROR, "deadline", "closing %r at its handshake "
+                                        "deadline failed", owner, exc_info=True)
             awaiting = self._awaiting
             while awaiting:
                 fd = next(iter(awaiting))

@@ -100,9 +100,10 @@ class Node:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._stopped: asyncio.Future | None = None
         self._drain_task: asyncio.Task | None = None
-        #: After a drain: connections closed at its deadline with data they
-        #: had not taken (0: a clean drain).
+        #: After a drain: connections closed during it or at its deadline
+        #: with data they had not taken (0: a clean drain).
         self.undelivered = 0
+        self._at_deadline = False
         self._auth_failures = 0
         self._last_room_sweep = 0.0
         metrics.add_gauges(self._gauges)
@@ -119,8 +120,10 @@ class Node:
                              compress_level=cfg.compress_level, ring_size=cfg.ring_size,
                              ring_bytes=cfg.ring_bytes)
         self.hub.flush_observer = self.metrics.observe_flush
+        self.overload.work_clock = lambda: self.hub.flush_seconds
         self.hub.error_handler = lambda where, exc: self.throttled.log(
-            logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc)
+            logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc,
+            exc_info=exc)
         self.rooms = RoomTable(self.hub, self.bus, self.logic)
         self.listener = Listener(cfg, loop, on_connection=self._accepted,
                                  connection_count=self.sessions.__len__, metrics=self.metrics,
@@ -202,26 +205,38 @@ class Node:
         self.metrics.draining.set(1)
         log.warning("draining: %d connections, %d rooms", len(self.sessions), len(self.rooms))
         loop = self.loop
-        self.listener.close()
-        self.hub.flush()
-        jitter = cfg.drain_jitter_ms
-        for session in list(self.sessions.values()):
-            session.kick(pb.SERVER_SHUTDOWN, "node is draining; reconnect elsewhere",
-                         reconnect_after_ms=random.randint(0, jitter), drop_queued=False)
-        # One deadline for everything: a kicked session has no close grace of
-        # its own here, so a slow reader gets until the deadline to take what
-        # it was sent.
-        deadline = loop.time() + (cfg.drain_grace_ms / 1000 if grace is None else grace)
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        self.undelivered = self._close_undelivered()
-        for timer in self._timers.values():
-            timer.cancel()
-        if self._probe is not None:
-            self._probe.stop()
-        await self.rooms.close()
-        if not self._stopped.done():
-            self._stopped.set_result(None)
+        try:
+            self.listener.close()
+            self.hub.flush()
+            jitter = cfg.drain_jitter_ms
+            for session in list(self.sessions.values()):
+                session.kick(pb.SERVER_SHUTDOWN, "node is draining; reconnect elsewhere",
+                             reconnect_after_ms=random.randint(0, jitter), drop_queued=False)
+            # One deadline for everything: a kicked session has no close grace
+            # of its own here, so a slow reader gets until the deadline to take
+            # what it was sent.
+            deadline = loop.time() + (cfg.drain_grace_ms / 1000 if grace is None else grace)
+            while self.sessions and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        except Exception:
+            log.exception("drain failed; closing every connection now")
+            self.undelivered += len(self.sessions)
+        finally:
+            # Whatever happened above, the node stops: a drain that raised
+            # must not leave the process serving nothing forever.
+            self.undelivered += self._close_undelivered()
+            if self.undelivered:
+                log.error("drain not clean: %d connections did not take everything they were "
+                          "sent", self.undelivered)
+            for timer in self._timers.values():
+                timer.cancel()
+            if self._probe is not None:
+                self._probe.stop()
+            try:
+                await self.rooms.close()
+            finally:
+                if not self._stopped.done():
+                    self._stopped.set_result(None)
         log.info("drained and stopped")
 
     def _close_undelivered(self) -> int:
@@ -232,6 +247,7 @@ class Node:
             return 0
         log.warning("drain deadline: closing %d connections still open", len(self.sessions))
         undelivered = 0
+        self._at_deadline = True          # counted here, not again as each one closes
         for session in list(self.sessions.values()):
             conn = session.conn
             queued, in_kernel = conn.backlog_bytes, _kernel_unsent(conn.fd)
@@ -241,9 +257,6 @@ class Node:
                             "data: backlog %d bytes, %d more in the kernel", session.id,
                             session.user, session.peer_host, session.peer_port, queued, in_kernel)
             conn.close()
-        if undelivered:
-            log.error("drain not clean: %d connections did not take everything they were sent",
-                      undelivered)
         return undelivered
 
     # ---------------------------------------------------------------- sessions
@@ -264,6 +277,14 @@ class Node:
     def session_closed(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.listener.release(session)
+            unsent = session.conn.unsent_at_close
+            if self.draining and unsent and not self._at_deadline:
+                # Cut during the drain (a slow consumer, a flood while
+                # closing, the peer gone) with accepted messages unsent.
+                self.undelivered += 1
+                log.warning("drain: session %s (user %r, peer %s:%s) closed with %d bytes "
+                            "undelivered", session.id, session.user, session.peer_host,
+                            session.peer_port, unsent)
 
     def kick(self, session_id: str, reason: int, message: str) -> bool:
         session = self.sessions.get(session_id)
@@ -309,7 +330,13 @@ class Node:
         for session in list(self.sessions.values()):
             if session.closing:
                 continue
-            backlog += session.conn.backlog_bytes
+            conn = session.conn
+            if conn.backlog_bytes and conn.bytes_sent != session.sent_mark:
+                # Only backlogs that are draining count as the node's load: a
+                # client that stops reading holds its own backlog up to its
+                # bound, and many such clients must not degrade everyone.
+                backlog += conn.backlog_bytes
+            session.sent_mark = conn.bytes_sent
             if session.user is None:
                 continue                  # the handshake deadline is the listener's
             if now - session.conn.last_recv > idle:

@@ -57,6 +57,12 @@ class OverloadControl:
         self.lag_overloaded = lag_overloaded_ms / 1000
         self.backlog_degraded = backlog_degraded_bytes
         self.level = 0
+        #: time.monotonic() at which the next lag probe is due.
+        self.probe_due = 0.0
+        #: The node's own work done inside client callbacks, as a clock of
+        #: seconds (the hub's flush time: a chat that fills a batch flushes
+        #: it from the read callback); None when there is none.
+        self.work_clock: Callable[[], float] | None = None
         #: Mean event-loop lag over the last second, seconds.
         self.loop_lag = 0.0
         self._on_change = on_change
@@ -71,7 +77,8 @@ class OverloadControl:
         self.input_time = 0.0
 
     def add_input(self, seconds: float) -> None:
-        """Loop time spent in one client read callback."""
+        """Loop time spent in one client read callback that delayed the
+        next probe (see :class:`TimedInput`)."""
         self.input_time += seconds
 
     def add_lag(self, lag: float) -> None:
@@ -81,6 +88,9 @@ class OverloadControl:
         self._work_lag_sum += max(0.0, lag - self.input_time)
         self.input_time = 0.0
         self._lag_samples += 1
+        # The probe runs again this long from now (LagProbe); input handled
+        # before then does not make it late, so it is not discounted.
+        self.probe_due = time.monotonic() + LAG_PROBE_INTERVAL
 
     def tick(self, backlog: int) -> int:
         """Once a second: decide from the samples since the last tick.
@@ -137,11 +147,21 @@ class TimedInput:
         self._control = control
 
     def __call__(self) -> None:
-        started = time.perf_counter()
+        control = self._control
+        clock = control.work_clock
+        own = clock() if clock is not None else 0.0
+        started = time.monotonic()
         try:
             self._callback()
         finally:
-            self._control.input_time += time.perf_counter() - started
+            ended = time.monotonic()
+            if clock is not None:
+                own = clock() - own
+            # Only what delayed the next probe (time after it was due), and
+            # not the node's own work done inside the callback (flushes).
+            late = ended - max(started, control.probe_due) - own
+            if late > 0.0:
+                control.add_input(late)
 
 
 class LagProbe:

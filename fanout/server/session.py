@@ -105,7 +105,8 @@ class Session:
     # Per-connection memory counts at 19k connections per process: keep
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
-                 "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at")
+                 "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at",
+                 "sent_mark")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -121,6 +122,7 @@ class Session:
         self.rooms: set[str] | frozenset[str] = _NO_ROOMS
         self.connected_at = host.loop.time()
         self._hard_close = None
+        self.sent_mark = 0                       # conn.bytes_sent at the node's last sweep
         self._logged_in = False                  # holds a login the logic must be given back
         # The request budget, a token bucket of request_rate frames per
         # second holding request_burst, kept as one float (GCRA): the loop
@@ -365,6 +367,8 @@ class Session:
         else:
             cursor = 0                         # history was reset: from the start
         self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
+        if self.conn.closing:                  # the Ack found it too slow to keep
+            return
         if cursor < room.flushed_seq:
             cfg = self.host.config
             gap_from, gap_to, frames = room.replay(cursor, cfg.max_batch_bytes, cfg.compress_min,
@@ -492,13 +496,17 @@ class Session:
             self.conn.close()
 
     def connection_lost(self) -> None:
-        self._detach()
-        if self._hard_close is not None:
-            self._hard_close.cancel()
-            self._hard_close = None
-        # A handler still waiting on the logic is left to finish: it sees the
-        # connection closed and undoes what it got (a login, a room).
-        self.host.session_closed(self)
+        try:
+            self._detach()
+        finally:
+            # Whatever detaching did, the node forgets the session and its
+            # address slots; a leak here would hold them for the process's life.
+            if self._hard_close is not None:
+                self._hard_close.cancel()
+                self._hard_close = None
+            # A handler still waiting on the logic is left to finish: it sees
+            # the connection closed and undoes what it got (a login, a room).
+            self.host.session_closed(self)
         log.debug("%s: closed", self)
 
 

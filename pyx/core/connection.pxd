@@ -75,6 +75,7 @@ cdef class Connection:
     cdef Py_ssize_t _bl_len
     cdef Py_ssize_t _bl_offset        # absolute offset into the oldest frame
     cdef readonly Py_ssize_t backlog_bytes
+    cdef readonly Py_ssize_t unsent_at_close   # backlog bytes dropped by close()/abort()
     cdef readonly Py_ssize_t max_backlog_bytes
     cdef Py_ssize_t _max_backlog_frames
     cdef bint _writer_armed

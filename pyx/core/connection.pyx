@@ -414,6 +414,7 @@ cdef class Connection:
             self._reading = False
             self._loop.remove_reader(self.fd)
         self._disarm_writer()
+        self.unsent_at_close = self.backlog_bytes     # what the owner may need to report lost
         self._release_backlog()
         self._free_carry()
         c_close(self.fd)

@@ -36,6 +36,7 @@ cdef class Hub:
     cdef list _soon                   # quiet rooms due at end of iteration
     cdef bint _soon_scheduled
     cdef readonly unsigned long long flushes
+    cdef readonly double flush_seconds  # CLOCK_MONOTONIC time spent in flushes (overload.py)
     cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
     cdef public object error_handler  # f(room_or_connection, exc) or None
 
