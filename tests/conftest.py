@@ -18,7 +18,9 @@ SECRET = "test-secret-for-the-fanout-suite-0123456789"
 # The suite plays many users from 127.0.0.1; the admission tests
 # (tests/test_adv_slots.py) give their nodes the limits they test.
 SUITE_ADMISSION = {"FANOUT_MAX_CONNS_PER_IP": "1000000", "FANOUT_MAX_UNAUTHENTICATED": "1000000",
-                   "FANOUT_MAX_UNAUTHENTICATED_PER_IP": "1000000"}
+                   "FANOUT_MAX_UNAUTHENTICATED_PER_IP": "1000000",
+                   # The suite connects its many users from 127.0.0.1: never shed it.
+                   "FANOUT_SHED_AFTER_REFUSALS": "0"}
 API_KEY = "test-api-key-for-the-fanout-suite"
 
 

@@ -16,8 +16,11 @@ FT = wire.FrameType
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0, rcvbuf: int | None = None):
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0, rcvbuf: int | None = None,
+                 source: str | None = None):
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        if source is not None:
+            self.sock.bind((source, 0))              # another client address on loopback
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)

@@ -96,6 +96,8 @@ class NodeConfig:
     conn_burst_per_ip: float = _field(2000.0, "burst of new connections per client address", minimum=1)
     # admission (the client port; see the listener)
     max_conns_per_ip: int = _field(256, "connections one client address (IPv6: one /64) may hold at once", minimum=1)
+    shed_after_refusals: int = _field(50, "refusals of one IPv4 address within a second after which the kernel drops its new connections for shed_seconds (0: never)", minimum=0)
+    shed_seconds: float = _field(2.0, "how long an address that floods the client port is shed", minimum=0.1)
     max_unauthenticated: int = _field(1024, "connections without a valid Hello, in total (over it the oldest is closed)", minimum=1)
     max_unauthenticated_per_ip: int = _field(16, "connections without a valid Hello per client address", minimum=1)
     fd_reserve: int = _field(256, "file descriptors client sockets never take (admin API, probes, logs)", minimum=16)

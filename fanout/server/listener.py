@@ -46,6 +46,7 @@ from . import proxyproto
 from .config import ConfigError, NodeConfig
 from .logutil import ThrottledLog
 from .slots import Slots, address_key
+from .synshed import SynShed
 
 log = logging.getLogger("fanout.listener")
 
@@ -165,6 +166,8 @@ class Listener:
         self._sock: socket.socket | None = socket.create_server(
             (config.host, config.port), family=family, backlog=4096)
         self._sock.setblocking(False)
+        self._shed = SynShed(self._sock, loop, threshold=config.shed_after_refusals,
+                             seconds=config.shed_seconds, on_shed=self._on_shed)
         self._resume_timer: asyncio.TimerHandle | None = None
         loop.add_reader(self._sock.fileno(), self._accept)
         metrics.add_gauges(self._gauges)
@@ -184,6 +187,7 @@ class Listener:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+        self._shed.close()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._sock = None
@@ -253,6 +257,8 @@ class Listener:
             return
         if slots.over_address_limit(key):
             self._refuse(sock, ip, self._address)
+            if not configured:            # ip sent the packets (no proxy in between)
+                self._shed.refused(ip)
             return
         bucket = self._ip_buckets.get(key)
         now = self._loop.time()
@@ -262,6 +268,8 @@ class Listener:
                                                          cfg.conn_burst_per_ip, now)
         if not bucket.take(now):
             self._refuse(sock, ip, self._rate)
+            if not configured:
+                self._shed.refused(ip)
             return
         if not configured and not self._configure(sock):
             return
@@ -439,11 +447,18 @@ class Listener:
         if self._sock is not None:
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
+    def _on_shed(self, ip: str, refusals: int) -> None:
+        self._throttled.warning("shed", "connection flood from %s (%d refusals in a second): its "
+                                "new connections are dropped by the kernel for %g s", ip,
+                                refusals, self._shed.seconds)
+
     def _gauges(self):
         yield ("fanout_connections_unauthenticated", "Client connections without a valid Hello "
                "yet", len(self._slots))
         yield ("fanout_client_addresses", "Client addresses (IPv6: /64s) holding connections",
                self._slots.addresses)
+        yield ("fanout_shed_addresses", "Addresses whose new connections the kernel drops "
+               "(a connection flood from them)", len(self._shed.shed))
 
 
 def _reset(sock: socket.socket) -> None:
