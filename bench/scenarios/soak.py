@@ -43,6 +43,7 @@ from bench.scenarios.probes import (HDR, Background, Sampler, admin_publish, fb,
                                     sockstat)
 
 ROOMS = [f"soak:{i}" for i in range(10)]
+VIEWERS_PER_ADDRESS = 8        # source addresses 127.0.3.x (viewers), 127.0.4.x (drain watchers)
 HOT = "soak:hot"
 RSS_DRIFT = 0.05             # fitted RSS change over the window, as a share of its mean
 FD_DRIFT = 50                # fitted change of open fds over the window
@@ -62,6 +63,10 @@ def viewers(stop, host, port, secret, n, seed, slow_share, stall_s):
     def start(vid: int) -> None:
         slow = rnd.random() < slow_share
         s = socket.socket()
+        # A few viewers per client address, as a real audience is spread:
+        # the node's per-address caps (16 without a Hello) would refuse one
+        # address's 300 viewers, and the soak would measure refusals.
+        s.bind((f"127.0.3.{1 + vid // VIEWERS_PER_ADDRESS}", 0))
         if slow:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
@@ -177,7 +182,8 @@ def drain_watchers(host, port, secret, n) -> list:
     """``n`` viewers that read until the node closes; what each got last."""
     socks = []
     for i in range(n):
-        s = socket.create_connection((host, port), timeout=5)
+        s = socket.create_connection((host, port), timeout=5,
+                                     source_address=(f"127.0.4.{1 + i // VIEWERS_PER_ADDRESS}", 0))
         s.sendall(hello(mint(secret, f"d{i}"), "drain") + frame(0x02, fv(1, 1) + fb(2, ROOMS[i % 10].encode())))
         socks.append(s)
     return socks
