@@ -162,7 +162,6 @@ class Listener:
                                  "PROXY_HEADER")
         self._sndbuf = config.sndbuf_bytes
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self._family = family
         self._sock: socket.socket | None = socket.create_server(
             (config.host, config.port), family=family, backlog=4096)
         self._sock.setblocking(False)
@@ -309,7 +308,7 @@ class Listener:
         conn = owner.conn
         if not conn.closing:
             owner.fail(reason, message)
-        _abort(conn, self._family)
+        conn.abort()                  # the Error is queued; the RST follows it
 
     def _is_trusted(self, ip: str) -> bool:
         trusted = self._trust_cache.get(ip)
@@ -468,20 +467,3 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _abort(conn: _core.Connection, family: int) -> None:
-    """Close a core connection with an RST. (The core's own abort does the
-    same; this works on the descriptor without it.)"""
-    if conn.closed:
-        return
-    # A socket object on the descriptor only to set an option; detached
-    # before the core closes it.
-    sock = socket.socket(family, socket.SOCK_STREAM, 0, conn.fd)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
-    conn.close()

@@ -264,12 +264,13 @@ class Node:
     def _accepted(self, conn: _core.Connection, peer) -> Session:
         session_id = f"{self._tag}-{next(self._ids)}"
         session = self.sessions[session_id] = Session(self, conn, peer[:2], session_id)
-        # Client input is timed so that it does not count as the node's own
-        # load (overload.py): the callback the session installed, wrapped.
-        if not conn.closing:
-            conn.start_reading(TimedInput(session.on_readable, self.overload))
         log.debug("accepted %s from %s", session_id, peer[:2])
         return session
+
+    def input_callback(self, on_readable):
+        # Client input is timed so that it does not count as the node's own
+        # load (overload.py).
+        return TimedInput(on_readable, self.overload)
 
     def session_authenticated(self, session: Session) -> None:
         self.listener.authenticated(session)

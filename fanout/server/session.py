@@ -78,6 +78,10 @@ class SessionHost(Protocol):
     def auth_failed(self, reason: int) -> None:
         """Count a refused Hello."""
 
+    def input_callback(self, on_readable: Callable[[], None]) -> Callable[[], None]:
+        """The read callback to install for ``on_readable`` (the node times
+        client input for overload control)."""
+
     def session_authenticated(self, session: "Session") -> None:
         """The session's Hello succeeded: it leaves the unauthenticated budget."""
 
@@ -133,7 +137,7 @@ class Session:
         # A Hello is small: the full frame limit comes with authentication.
         conn.max_frame = min(cfg.max_hello_bytes, cfg.max_frame)
         conn.owner = self
-        conn.start_reading(self.on_readable)
+        conn.start_reading(host.input_callback(self.on_readable))
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r} peer={self.peer_host}:{self.peer_port}>"

@@ -28,6 +28,8 @@ import socket
 import struct
 from typing import Callable
 
+from .slots import address_key
+
 log = logging.getLogger("fanout.listener")
 
 #: Addresses the filter holds at most: classic BPF jumps are 8-bit.
@@ -144,11 +146,10 @@ class SynShed:
 
 
 def _ipv4(ip: str) -> int | None:
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    if ":" in ip:
+    key = address_key(ip)            # an IPv4-mapped address is its IPv4 client
+    if ":" in key:
         return None
     try:
-        return int(ipaddress.IPv4Address(ip))
+        return int(ipaddress.IPv4Address(key))
     except ValueError:
         return None
