@@ -43,7 +43,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) $(SOURCES)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,cluster]'
 	touch $(STAMP)
 
 # What pip installs in its isolated build env: pyproject.toml's
@@ -86,4 +86,4 @@ soak: $(STAMP)
 	flock /tmp/fanout-bench.lock $(PY) -m bench.scenarios soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/fanout_pb2.py* .pytest_cache
+	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/*_pb2.py* .pytest_cache

@@ -27,22 +27,24 @@ def _flag(name):
 
 
 def generate_protobuf():
-    """fanout/protocol/fanout.proto -> fanout_pb2.py (+ .pyi), with protoc from
-    grpcio-tools, a build requirement; regenerated when the .proto is newer."""
-    src = PROTO_DIR / "fanout.proto"
-    out = PROTO_DIR / "fanout_pb2.py"
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
-        return
-    from grpc_tools import protoc
-    import grpc_tools
+    """fanout/protocol/*.proto -> *_pb2.py (+ .pyi), with protoc from
+    grpcio-tools, a build requirement; each regenerated when its .proto is
+    newer. fanout.proto is the client wire protocol, cluster.proto the
+    messages between nodes and routers."""
+    for src in sorted(PROTO_DIR.glob("*.proto")):
+        out = PROTO_DIR / (src.stem + "_pb2.py")
+        if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        from grpc_tools import protoc
+        import grpc_tools
 
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    rc = protoc.main([
-        "protoc", f"-I{PROTO_DIR}", f"-I{include}",
-        f"--python_out={PROTO_DIR}", f"--pyi_out={PROTO_DIR}", str(src),
-    ])
-    if rc != 0:
-        raise SystemExit(f"protoc failed on {src} (exit {rc})")
+        include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+        rc = protoc.main([
+            "protoc", f"-I{PROTO_DIR}", f"-I{include}",
+            f"--python_out={PROTO_DIR}", f"--pyi_out={PROTO_DIR}", str(src),
+        ])
+        if rc != 0:
+            raise SystemExit(f"protoc failed on {src} (exit {rc})")
 
 
 class BuildPy(build_py):

@@ -1,6 +1,10 @@
 """The ``fanout`` command: run a node, mint tokens, try a node by hand.
 
     fanout node [--config FILE] [--port N] [--max-delay-ms MS] ...
+    fanout node --nats nats://HOST:4222 [--workers N] ...   (a cluster node)
+    fanout router --nats nats://HOST:4222                   (the cluster's logic)
+    fanout cluster [--nodes 3]                              (a local cluster to try)
+    fanout events --nats nats://HOST:4222                   (tail the event log)
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
     fanout listen ROOM [--host H --port N]
     fanout say ROOM TEXT [--kind chat]
@@ -33,6 +37,28 @@ def _node_parser(sub) -> None:
                        if f.name != "secret" else f.metadata["doc"])
 
 
+#: The settings a router takes (the logic's limits and the cluster's).
+ROUTER_FIELDS = ("nats", "loop", "log_level", "history_per_room", "cluster_replicas",
+                 "rpc_timeout_ms", "max_publish_bytes", "room_budget", "chat_sample_every",
+                 "room_idle_ttl_s", "max_chat_bytes", "chat_rate", "chat_burst",
+                 "max_token_lifetime_s")
+
+
+def _router_parser(sub) -> None:
+    p = sub.add_parser("router", help="run a router: the cluster's logic layer",
+                       description="Run a router on the cluster bus. Settings as for "
+                                   "`fanout node` (defaults, --config, FANOUT_*, flags).")
+    p.add_argument("--config", metavar="FILE", help="TOML file (keys as below, snake_case)")
+    p.add_argument("--router-id", default="", help="this router's name (default: pid-based)")
+    known = {f.name: f for f in dataclasses.fields(config_mod.NodeConfig)}
+    for name in ROUTER_FIELDS:
+        f = known[name]
+        kind = type(f.default)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                       metavar=kind.__name__.upper(),
+                       help=f"{f.metadata['doc']} (default {f.default!r})")
+
+
 def _client_args(p) -> None:
     p.add_argument("--host", default=os.environ.get("FANOUT_CONNECT_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("FANOUT_PORT", "7000")))
@@ -45,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
+    _router_parser(sub)
+
+    p = sub.add_parser("cluster", help="start a local cluster to try: nats-server, "
+                                       "router(s) and nodes on consecutive ports")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--routers", type=int, default=1)
+    p.add_argument("--base-port", type=int, default=7100,
+                   help="node i serves clients on BASE+2i and its admin API on BASE+2i+1")
+    p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
+    p.add_argument("--loop", default="uvloop")
+
+    p = sub.add_parser("events", help="tail the cluster's event log (JSON lines)")
+    p.add_argument("--nats", default=os.environ.get("FANOUT_NATS", "nats://127.0.0.1:4222"))
+    p.add_argument("--from-start", action="store_true", help="from the oldest event kept")
+    p.add_argument("--count", type=int, default=0, help="exit after N events (0: never)")
 
     p = sub.add_parser("token", help="mint a development token")
     p.add_argument("--user", required=True)
@@ -233,6 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         except config_mod.ConfigError as exc:
             print(f"fanout node: {exc}", file=sys.stderr)
             return 2
+        if cfg.workers > 1:
+            from .server.workers import run as run_workers
+            return run_workers(cfg, sys.argv[2:] if argv is None else argv[1:])
+        if cfg.nats:
+            try:
+                from .cluster.natsproc import binary  # noqa: F401  (the extra is there)
+                import nats  # noqa: F401
+            except ImportError:
+                print("fanout node: --nats needs the cluster extra: pip install "
+                      "'fanout[cluster]'", file=sys.stderr)
+                return 2
         try:
             return run(cfg)        # 3 after a drain that left data undelivered
         except config_mod.ConfigError as exc:     # found at start: the key file
@@ -242,6 +294,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout node: cannot serve on {cfg.host}:{cfg.port} "
                   f"(admin {cfg.admin_host}:{cfg.admin_port}): {exc}", file=sys.stderr)
             return 1
+    if args.command == "router":
+        from .router.run import run as run_router
+
+        overrides = {name: getattr(args, name) for name in ROUTER_FIELDS}
+        try:
+            cfg = config_mod.load(args.config, overrides=overrides)
+        except config_mod.ConfigError as exc:
+            print(f"fanout router: {exc}", file=sys.stderr)
+            return 2
+        if not cfg.nats:
+            print("fanout router: --nats is required (the cluster bus)", file=sys.stderr)
+            return 2
+        return run_router(cfg, router_id=args.router_id)
+    if args.command == "cluster":
+        from .cluster.local import run as run_cluster
+        return run_cluster(nodes=args.nodes, base_port=args.base_port, routers=args.routers,
+                           nats_port=args.nats_port, loop=args.loop)
+    if args.command == "events":
+        from .cluster.events import run as run_events
+        return run_events(args.nats, since_start=args.from_start, count=args.count)
     if args.command == "token":
         rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
         extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}

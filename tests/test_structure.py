@@ -16,10 +16,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fanout"
 #: What each layer may import from the others (besides itself).
 ALLOWED = {
     "protocol": set(),
-    "bus": {"protocol"},
-    "logic": {"protocol", "bus", "_core"},
+    "cluster": {"protocol"},
+    "bus": {"protocol", "cluster"},
+    "logic": {"protocol", "bus", "cluster", "_core"},
+    "router": {"protocol", "cluster", "logic"},
     "client": {"protocol"},
-    "server": {"protocol", "bus", "logic", "_core"},
+    "server": {"protocol", "bus", "logic", "cluster", "_core"},
     "load": {"protocol", "_loadgen", "_core"},
 }
 

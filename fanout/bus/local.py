@@ -10,6 +10,10 @@ class LocalBus:
     """In-process :class:`~fanout.bus.base.Bus`. Several nodes in one process
     (tests) may share one, each subscribing its own handler."""
 
+    on_control = None
+    on_presence_query = None
+    connected = True
+
     def __init__(self) -> None:
         self._rooms: dict[str, list[Handler]] = {}
 
@@ -39,3 +43,24 @@ class LocalBus:
                       sampled: bool = False) -> None:
         for handler in self._rooms.get(room, ()):
             handler(room, epoch, seq, record, sampled)
+
+    # One process is the whole deployment: no other node to reach, no
+    # history beyond the node's rings, no event log.
+
+    async def history(self, room: str, after_seq: int = 0):
+        return None
+
+    async def broadcast(self, control) -> None:
+        pass
+
+    async def share_presence(self, counts: dict[str, int]) -> None:
+        pass
+
+    def online(self, room: str) -> int | None:
+        return None
+
+    async def gather_presence(self, room: str, after: str, limit: int) -> list:
+        return []
+
+    def event(self, kind: str, fields: dict) -> None:
+        pass

@@ -44,6 +44,10 @@ class Revocations:
         if before > self._before.get(user, float("-inf")):
             self._before[user] = before
 
+    def before(self, user: str) -> float | None:
+        """The user's revocation time, or None."""
+        return self._before.get(user)
+
     def revoked(self, user: str, issued_at: int | None) -> bool:
         before = self._before.get(user)
         if before is None:

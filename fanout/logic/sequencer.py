@@ -88,6 +88,25 @@ class Sequencer:
         state.holders += 1
         return RoomHead(state.epoch, state.seq)
 
+    def ensure(self, room: str) -> RoomHead:
+        """The room's head, its state made if new (a new epoch), without
+        holding it."""
+        state = self._room(room)
+        return RoomHead(state.epoch, state.seq)
+
+    def restore(self, room: str, epoch: str, seq: int) -> RoomHead:
+        """Take up ``room`` where stored history left it (a router taking a
+        room over): its epoch and last seq continue, not start afresh."""
+        check_room_name(room)
+        state = self.rooms[room] = _RoomState(self.room_budget, self._clock())
+        state.epoch, state.seq = epoch, seq
+        return RoomHead(epoch, seq)
+
+    def forget(self, room: str) -> None:
+        """Drop ``room``'s state now (its owner changed, or its stored
+        history must be read again)."""
+        self.rooms.pop(room, None)
+
     def release(self, room: str) -> None:
         state = self.rooms.get(room)
         if state is None or state.holders == 0:
@@ -136,13 +155,10 @@ class Sequencer:
         self._chat_share = (1.0, 0.5, 0.25)[level]
         self._sample_every = (self.chat_sample_every, 2 * self.chat_sample_every, 0)[level]
 
-    def assign(self, room: str, kind: int, payload: bytes, *, sender: str,
-               priority: int = 0) -> tuple[str, int, bytes, bool]:
-        """Admit one message, give it the room's next seq and encode it.
+    def check(self, kind: int, payload: bytes, priority: int = 0) -> None:
+        """The checks of :meth:`assign` that need no room state.
 
-        Returns ``(epoch, seq, record, sampled)``: ``record`` is the
-        ``Batch.messages`` encoding every node writes as is; ``sampled``
-        says chat of the room was dropped since the previous message.
+        :raises Rejected: ``BAD_REQUEST``, ``MESSAGE_TOO_LARGE``.
         """
         if kind not in KIND_NAMES:
             raise Rejected(pb.BAD_REQUEST, f"unknown message kind {kind!r}")
@@ -153,6 +169,16 @@ class Sequencer:
                            f"payload of {len(payload)} bytes over {self.max_publish_bytes}")
         if not 0 <= priority <= 0xFFFFFFFF:
             raise Rejected(pb.BAD_REQUEST, "priority must fit in uint32")
+
+    def assign(self, room: str, kind: int, payload: bytes, *, sender: str,
+               priority: int = 0) -> tuple[str, int, bytes, bool]:
+        """Admit one message, give it the room's next seq and encode it.
+
+        Returns ``(epoch, seq, record, sampled)``: ``record`` is the
+        ``Batch.messages`` encoding every node writes as is; ``sampled``
+        says chat of the room was dropped since the previous message.
+        """
+        self.check(kind, payload, priority)
         state = self._room(room)
         now = state.last_used
         if not self._admit(state, kind, now):

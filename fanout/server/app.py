@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
+import socket
 
 from ..bus.base import Bus
 from ..bus.local import LocalBus
@@ -46,6 +48,23 @@ def local_logic(config: NodeConfig, bus: Bus, metrics: NodeMetrics | None = None
         revocations=Revocations(config.max_token_lifetime_s))
 
 
+def node_id(config: NodeConfig) -> str:
+    return config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def cluster_parts(config: NodeConfig) -> tuple[Bus, Logic]:
+    """A cluster node's bus and logic: NATS, and the routers behind it."""
+    from ..bus.nats import NatsBus
+    from ..cluster.connect import ClusterSettings
+    from ..logic.remote import RouterLogic
+    timeout = config.rpc_timeout_ms / 1000
+    bus = NatsBus(config.nats, node_id=node_id(config), request_timeout=timeout,
+                  settings=ClusterSettings(history_per_room=config.history_per_room,
+                                           replicas=config.cluster_replicas),
+                  presence_ttl=max(5.0, 3 * config.presence_interval_ms / 1000))
+    return bus, RouterLogic(bus, timeout=timeout)
+
+
 class App:
     """A node and everything around it, wired from ``config``.
 
@@ -57,6 +76,8 @@ class App:
                  logic: Logic | None = None) -> None:
         self.config = config
         self.metrics = NodeMetrics()
+        if bus is None and logic is None and config.nats:
+            bus, logic = cluster_parts(config)
         self.bus = bus if bus is not None else LocalBus()
         self.logic = logic if logic is not None else local_logic(config, self.bus, self.metrics)
         self.node = Node(config, metrics=self.metrics, bus=self.bus, logic=self.logic)

@@ -78,6 +78,20 @@ class NodeConfig:
                                          "after their iat (or now); also how long a revocation "
                                          "is kept", minimum=1)
     loop: str = _field("uvloop", "event loop: uvloop or asyncio")
+    # the cluster (docs/cluster.md)
+    nats: str = _field("", "NATS URL(s) of the cluster bus, comma-separated ('': the "
+                       "embedded single process, no other service)")
+    node_id: str = _field("", "this node's name in the cluster ('': host-pid)")
+    workers: int = _field(1, "node processes on this host sharing the client port "
+                          "(SO_REUSEPORT), joined over the bus", minimum=1)
+    reuse_port: int = _field(0, "1: bind the client port with SO_REUSEPORT, shared with "
+                             "other processes (set by --workers)", minimum=0)
+    rpc_timeout_ms: int = _field(2000, "how long a call to a router (publish, chat, join, "
+                                 "login) waits before UNAVAILABLE", minimum=10)
+    history_per_room: int = _field(1024, "messages per room the cluster keeps in JetStream "
+                                   "(resume from any node reaches this far)", minimum=1)
+    cluster_replicas: int = _field(1, "replicas of the cluster's streams and buckets "
+                                   "(3 on a three-server NATS cluster)", minimum=1)
     log_level: str = _field("INFO", "DEBUG, INFO, WARNING or ERROR")
     # connections
     ping_interval_ms: int = _field(20_000, "how often clients should ping", minimum=100)

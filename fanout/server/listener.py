@@ -163,7 +163,8 @@ class Listener:
         self._sndbuf = config.sndbuf_bytes
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self._sock: socket.socket | None = socket.create_server(
-            (config.host, config.port), family=family, backlog=4096)
+            (config.host, config.port), family=family, backlog=4096,
+            reuse_port=bool(config.reuse_port))
         self._sock.setblocking(False)
         self._shed = SynShed(self._sock, loop, threshold=config.shed_after_refusals,
                              seconds=config.shed_seconds, on_shed=self._on_shed)

@@ -15,6 +15,7 @@ which hands it its metrics, bus and logic. It owns:
 from __future__ import annotations
 
 import asyncio
+import base64
 import fcntl
 import itertools
 import logging
@@ -28,8 +29,10 @@ from .. import _core
 from ..bus.base import Bus
 from ..logic.base import Logic, Rejected, check_room_name
 from ..logic.revocations import covers
+from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
 from ..protocol.wire import KIND_CODES, KIND_NAMES
+from . import eager
 from .config import NodeConfig
 from .listener import Listener
 from .logutil import ThrottledLog
@@ -55,6 +58,20 @@ def _kernel_unsent(fd: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+def _message_json(item) -> dict:
+    """A stored record as the admin API shows it."""
+    batch = pb.Batch()
+    batch.MergeFromString(item[3])       # a record is one Batch.messages entry
+    msg = batch.messages[0]
+    out = {"seq": msg.seq, "epoch": item[1], "kind": KIND_NAMES.get(msg.kind, str(msg.kind)),
+           "sender": msg.sender, "server_ts_ms": msg.server_ts_ms, "priority": msg.priority}
+    try:
+        out["payload"] = msg.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        out["payload_b64"] = base64.b64encode(msg.payload).decode("ascii")
+    return out
 
 
 def parse_kind(kind: int | str) -> int:
@@ -107,6 +124,9 @@ class Node:
         self._auth_failures = 0
         self._last_room_sweep = 0.0
         metrics.add_gauges(self._gauges)
+        # The other nodes reach this one through the bus (no-ops alone).
+        bus.on_control = self._control
+        bus.on_presence_query = self._presence_page
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -133,7 +153,7 @@ class Node:
         self._every(SWEEP_INTERVAL, self._sweep)
         self._probe = LagProbe(loop, self._lag_sample)
         if cfg.presence_interval_ms:
-            self._every(cfg.presence_interval_ms / 1000, self.rooms.send_presence)
+            self._every(cfg.presence_interval_ms / 1000, self._presence)
         host, port = self.address
         log.info("listening on %s:%d (loop %s)", host, port, type(loop).__module__)
 
@@ -169,8 +189,23 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        """Whether to send this node new clients: not draining, not overloaded."""
-        return not self.draining and self.overload.level < 2
+        """Whether to send this node new clients: not draining, not
+        overloaded, and (in a cluster) its bus and routers reachable."""
+        return (not self.draining and self.overload.level < 2 and self.bus.connected
+                and getattr(self.logic, "reachable", True))
+
+    def not_ready_because(self) -> list[str]:
+        """Why :attr:`ready` is False (empty when it is True)."""
+        why = []
+        if self.draining:
+            why.append("draining")
+        if self.overload.level >= 2:
+            why.append("overloaded")
+        if not self.bus.connected:
+            why.append("bus unreachable")
+        elif not getattr(self.logic, "reachable", True):
+            why.append("router unreachable")
+        return why
 
     async def serve_forever(self) -> None:
         await self._stopped
@@ -274,10 +309,18 @@ class Node:
 
     def session_authenticated(self, session: Session) -> None:
         self.listener.authenticated(session)
+        self.bus.event("connect", {"user": session.user, "session": session.id,
+                                   "device_class": session.device_class,
+                                   "peer": session.peer_host})
 
     def session_closed(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.listener.release(session)
+            if session.user is not None:
+                if session.end_reason:
+                    self.bus.event("kick", {"user": session.user, "session": session.id,
+                                            "reason": pb.Reason.Name(session.end_reason)})
+                self.bus.event("disconnect", {"user": session.user, "session": session.id})
             unsent = session.conn.unsent_at_close
             if self.draining and unsent and not self._at_deadline:
                 # Cut during the drain (a slow consumer, a flood while
@@ -288,30 +331,106 @@ class Node:
                             session.peer_port, unsent)
 
     def kick(self, session_id: str, reason: int, message: str) -> bool:
+        """Kick a session, on this node or (in a cluster) wherever it is.
+        Returns whether it was on this node."""
         session = self.sessions.get(session_id)
         if session is None:
+            self._broadcast(cpb.Control(op=cpb.Control.KICK_SESSION, session=session_id,
+                                        reason=reason, message=message))
             return False
         session.kick(reason, message)
         return True
 
     def disconnect_user(self, user: str, message: str = "") -> int:
-        """Close every connection of ``user`` on this node with
-        Kick(ADMIN_DISCONNECT). Returns how many were closed."""
+        """Close every connection of ``user`` with Kick(ADMIN_DISCONNECT),
+        on this node and (in a cluster) on every other. Returns how many
+        were closed here."""
+        message = message or "disconnected by the server"
+        self._broadcast(cpb.Control(op=cpb.Control.DISCONNECT_USER, user=user, message=message))
+        return self._disconnect_here(user, message)
+
+    def _disconnect_here(self, user: str, message: str) -> int:
         victims = [s for s in self.sessions.values() if s.user == user and not s.closing]
         for session in victims:
-            session.kick(pb.ADMIN_DISCONNECT, message or "disconnected by the server")
+            session.kick(pb.ADMIN_DISCONNECT, message)
         return len(victims)
 
     async def revoke(self, user: str, before: float) -> int:
         """Refuse ``user``'s tokens issued before ``before`` (unix seconds),
-        from now on (the logic's rule) and on this node's live connections,
-        which get Kick(TOKEN_REVOKED). Returns how many were kicked."""
+        from now on (the logic's rule) and on the live connections of every
+        node, which get Kick(TOKEN_REVOKED). Returns how many were kicked here."""
         await self.logic.revoke(user, before)
+        await self.bus.broadcast(cpb.Control(op=cpb.Control.REVOKE_USER, user=user,
+                                             before=before))
+        return self._revoke_here(user, before)
+
+    def _revoke_here(self, user: str, before: float) -> int:
         victims = [s for s in self.sessions.values()
                    if s.user == user and not s.closing and covers(before, s.claims.issued_at)]
         for session in victims:
             session.kick(pb.TOKEN_REVOKED, "this user's token was revoked")
         return len(victims)
+
+    def _broadcast(self, control: cpb.Control) -> None:
+        eager.spawn(self.bus.broadcast(control), f"control {control.op}", log)
+
+    def _control(self, control: cpb.Control) -> None:
+        """A command from another node."""
+        if control.op == cpb.Control.KICK_SESSION:
+            session = self.sessions.get(control.session)
+            if session is not None:
+                session.kick(control.reason, control.message)
+        elif control.op == cpb.Control.DISCONNECT_USER:
+            self._disconnect_here(control.user, control.message)
+        elif control.op == cpb.Control.REVOKE_USER:
+            self._revoke_here(control.user, control.before)
+
+    def _presence_page(self, query: cpb.PresenceQuery) -> cpb.PresencePage:
+        """This node's members of a room: the count, and up to ``limit``
+        users sorting after ``after``."""
+        room = self.rooms.get(query.room) if self.rooms is not None else None
+        page = cpb.PresencePage()
+        if room is None:
+            return page
+        users = sorted({s.user for s in self.sessions.values()
+                        if s.user is not None and query.room in s.rooms and s.user > query.after})
+        page.online = len(room)
+        page.users.extend(users[:query.limit])
+        return page
+
+    async def presence(self, room: str, after: str = "", limit: int = 100) -> dict:
+        """Who is in ``room`` across the cluster: the online count and a page
+        of up to ``limit`` users (sorted) after the cursor ``after``."""
+        check_room_name(room)
+        pages = [self._presence_page(cpb.PresenceQuery(room=room, after=after, limit=limit))]
+        pages += await self.bus.gather_presence(room, after, limit)
+        users = sorted({u for page in pages for u in page.users})[:limit]
+        result = {"room": room, "online": sum(page.online for page in pages),
+                  "nodes": len([p for p in pages if p.online]), "users": users}
+        if len(users) == limit:
+            result["next"] = users[-1]
+        return result
+
+    async def history(self, room: str, since: int | None = None, limit: int = 100) -> dict:
+        """The room's messages: the last ``limit``, or those after seq
+        ``since`` (at most ``limit``), from the cluster's history, else from
+        this node's ring."""
+        check_room_name(room)
+        stored = await self.bus.history(room, since or 0)
+        if stored is None:
+            held = self.rooms.get(room)
+            stored = ([(0, held.epoch, seq, record, False)
+                       for seq, record in held.records(since or 0)] if held is not None else [])
+        items = list(stored)
+        items = items[:limit] if since is not None else items[-limit:]
+        return {"room": room, "messages": [_message_json(item) for item in items]}
+
+    def _presence(self) -> None:
+        """Each presence interval: share this node's counts with the
+        cluster, and push every room's count to its members."""
+        counts = {name: len(room) for name, room in self.hub.rooms.items() if len(room)}
+        eager.spawn(self.bus.share_presence(counts), "presence", log)
+        self.rooms.send_presence(self.bus.online)
 
     def auth_failed(self, reason: int) -> None:
         self.metrics.auth_failures.labels(pb.Reason.Name(reason)).inc()

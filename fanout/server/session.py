@@ -110,7 +110,7 @@ class Session:
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
                  "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at",
-                 "sent_mark")
+                 "sent_mark", "end_reason")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -128,6 +128,7 @@ class Session:
         self._hard_close = None
         self.sent_mark = 0                       # conn.bytes_sent at the node's last sweep
         self._logged_in = False                  # holds a login the logic must be given back
+        self.end_reason = 0                      # the Kick reason that closed it (event log)
         # The request budget, a token bucket of request_rate frames per
         # second holding request_burst, kept as one float (GCRA): the loop
         # time at which the bucket would have been empty. Tokens now are
@@ -242,8 +243,9 @@ class Session:
         try:
             replaced = await host.logic.login(claims.user, device_class, self.id,
                                               issued_at=claims.issued_at)
-        except Rejected as exc:                  # TOKEN_REVOKED
-            host.auth_failed(exc.reason)
+        except Rejected as exc:                  # TOKEN_REVOKED, UNAVAILABLE (cluster)
+            if exc.reason != pb.UNAVAILABLE:
+                host.auth_failed(exc.reason)
             self.fail(exc.reason, exc.message)
             return
         if replaced is not None:
@@ -287,7 +289,12 @@ class Session:
             self.error(msg.req_id, pb.AUTH_INVALID,
                        "the refresh token is for another user ('sub')")
             return
-        if await self.host.logic.revoked(claims.user, claims.issued_at):
+        try:
+            revoked = await self.host.logic.revoked(claims.user, claims.issued_at)
+        except Rejected as exc:                  # UNAVAILABLE: keep the current token
+            self.error(msg.req_id, exc.reason, exc.message)
+            return
+        if revoked:
             self.error(msg.req_id, pb.TOKEN_REVOKED, "the refresh token was revoked")
             return
         if self.conn.closing:
@@ -455,6 +462,7 @@ class Session:
         if self.conn.closing:
             return
         self.host.metrics.kicks.labels(pb.Reason.Name(reason)).inc()
+        self.end_reason = reason
         log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
         self._close_with(_frame(FrameType.KICK, pb.Kick(
             reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued)
@@ -485,6 +493,7 @@ class Session:
             if self.conn.closing:
                 return
             self.host.metrics.slow_consumers.inc()
+            self.end_reason = pb.SLOW_CONSUMER
             self.host.metrics.kicks.labels(pb.Reason.Name(pb.SLOW_CONSUMER)).inc()
             self.host.throttled.warning(
                 "slow", "%s: cut as slow consumer (backlog %d bytes in %d frames)", self,

@@ -201,6 +201,20 @@ cdef class Room:
         """Oldest seq that can still be replayed, 0 if none."""
         return self._ring_first if self._ring_count else 0
 
+    def records(self, unsigned long long after_seq=0):
+        """The ring's records after ``after_seq``, oldest first, as
+        ``(seq, record)`` (the admin API's history on a single node)."""
+        cdef list out = []
+        cdef unsigned long long seq, last
+        if not self._ring_count:
+            return out
+        last = self._ring_first + <unsigned long long>self._ring_count - 1
+        seq = after_seq + 1 if after_seq + 1 > self._ring_first else self._ring_first
+        while seq <= last:
+            out.append((seq, <object>self._ring[seq % <unsigned long long>self._ring_cap]))
+            seq += 1
+        return out
+
     def replay(self, unsigned long long after_seq, Py_ssize_t max_frame_bytes,
                Py_ssize_t compress_min=0, int level=0):
         """Frames for a client that has seen everything up to ``after_seq``.

@@ -1,0 +1,68 @@
+"""``fanout events``: tail the cluster's event log (the FANOUT_EVENTS stream).
+
+Each line is one JSON object. Connect, disconnect and kick events are the
+JSON the nodes wrote (``event``, ``node``, ``ts``, ``user``, ``session``...);
+a room message is shown as ``{"event": "message", "room", "epoch", "seq",
+"kind", "sender", "payload" | "payload_b64", "server_ts_ms"}``, decoded
+from the protobuf record the router stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+
+from nats.js import api
+
+from ..protocol import fanout_pb2 as pb
+from ..protocol.wire import KIND_NAMES
+from . import subjects as S
+from .connect import connect
+
+
+def describe(msg) -> dict:
+    """One event-log message as a JSON-able dict."""
+    if msg.subject.startswith("fanout.hist."):
+        headers = msg.headers or {}
+        batch = pb.Batch.FromString(msg.data)
+        m = batch.messages[0]
+        out = {"event": "message", "room": m.room, "epoch": headers.get(S.H_EPOCH, ""),
+               "seq": m.seq, "kind": KIND_NAMES.get(m.kind, str(m.kind)), "sender": m.sender,
+               "server_ts_ms": m.server_ts_ms}
+        try:
+            out["payload"] = m.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            out["payload_b64"] = base64.b64encode(m.payload).decode("ascii")
+        return out
+    try:
+        return json.loads(msg.data)
+    except ValueError:
+        return {"event": "unreadable", "subject": msg.subject}
+
+
+async def tail(servers: str, *, since_start: bool = False, count: int = 0,
+               out=sys.stdout) -> int:
+    nc = await connect(servers, "fanout-events")
+    js = nc.jetstream()
+    policy = api.DeliverPolicy.ALL if since_start else api.DeliverPolicy.NEW
+    sub = await js.subscribe(">", stream=S.EVENT_STREAM, ordered_consumer=True,
+                             deliver_policy=policy)
+    seen = 0
+    try:
+        async for msg in sub.messages:
+            print(json.dumps(describe(msg), ensure_ascii=False), file=out, flush=True)
+            seen += 1
+            if count and seen >= count:
+                break
+    finally:
+        await nc.close()
+    return 0
+
+
+def run(servers: str, *, since_start: bool, count: int) -> int:
+    try:
+        return asyncio.run(tail(servers, since_start=since_start, count=count))
+    except KeyboardInterrupt:
+        return 130
