@@ -258,6 +258,7 @@ class Client:
         connect_timeout: float = 5.0,
         client_name: str = "fanout-py",
         token_refresher: TokenRefresher | None = None,
+        endpoints: list[tuple[str, int]] | None = None,
     ) -> None:
         if not 0 < backoff_min <= backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
@@ -265,6 +266,11 @@ class Client:
             raise ValueError("connect_timeout must be positive")
         self.host = host
         self.port = port
+        # Every node the client may use: after a lost connection or a kick
+        # it reconnects to the next one and resumes there (any node of a
+        # cluster serves any room from the shared history).
+        self.endpoints = [(host, port)] + [tuple(e) for e in endpoints or ()
+                                           if tuple(e) != (host, port)]
         self.token = token
         self.device_id = device_id
         self.device_class = device_class
@@ -562,6 +568,7 @@ class Client:
                             self._finish(exc)
                             return
                         log.info("reconnect to %s:%s failed (%s)", self.host, self.port, exc)
+                        self._next_endpoint()
                         need_token = need_token or self._token_spent(exc)
                         error = exc
                 self.stats["reconnects"] += 1
@@ -684,7 +691,9 @@ class Client:
 
     def _disconnected(self, error: Exception) -> None:
         """Forget the connection; fail the requests it carried (whether the
-        node acted on them is unknown)."""
+        node acted on them is unknown). The next attempt goes to the next
+        endpoint."""
+        self._next_endpoint()
         self._conn = None
         self._auth = None
         if not self._ended:
@@ -696,6 +705,11 @@ class Client:
                     ConnectionLostError(reason, f"connection lost before the reply ({error})")
                 )
         self._pending.clear()
+
+    def _next_endpoint(self) -> None:
+        if len(self.endpoints) > 1:
+            index = (self.endpoints.index((self.host, self.port)) + 1) % len(self.endpoints)
+            self.host, self.port = self.endpoints[index]
 
     def _finish(self, error: Exception | None, *, discard_queued: bool = False) -> None:
         """End iteration with ``error`` (``None``: cleanly), after the events

@@ -144,7 +144,7 @@ class Node:
         self.hub.error_handler = lambda where, exc: self.throttled.log(
             logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc,
             exc_info=exc)
-        self.rooms = RoomTable(self.hub, self.bus, self.logic)
+        self.rooms = RoomTable(self.hub, self.bus, self.logic, ring_size=cfg.ring_size)
         self.listener = Listener(cfg, loop, on_connection=self._accepted,
                                  connection_count=self.sessions.__len__, metrics=self.metrics,
                                  throttled=self.throttled)

@@ -34,8 +34,9 @@ class RoomTable:
     :param logic: whose room state a held room keeps alive.
     """
 
-    def __init__(self, hub: _core.Hub, bus: Bus, logic: Logic) -> None:
+    def __init__(self, hub: _core.Hub, bus: Bus, logic: Logic, *, ring_size: int = 1024) -> None:
         self.hub = hub
+        self._ring_size = ring_size
         self._bus = bus
         self._logic = logic
         self._publish = hub.publish
@@ -92,7 +93,7 @@ class RoomTable:
             except BaseException:
                 await self._bus.unsubscribe(name, self._deliver)
                 raise
-            room = self.hub.room(name, head.epoch, head.seq)
+            room = await self._with_history(name, head)
         except BaseException as exc:
             for future in waiters:
                 if not future.done():
@@ -106,6 +107,33 @@ class RoomTable:
         for future in waiters:
             if not future.done():
                 future.set_result(room)
+        return room
+
+    async def _with_history(self, name: str, head) -> _core.Room:
+        """The hub's room, its ring loaded with the room's recent history
+        when the bus keeps one (a cluster): a client that resumes here after
+        another node went away is served from this node's ring."""
+        keep = self._ring_size
+        stored = None
+        if head.seq and keep:
+            try:
+                stored = await self._bus.history(name, max(0, head.seq - keep))
+            except Exception as exc:
+                log.warning("room %r: history unreachable (%r); resumes before seq %d get "
+                            "a gap", name, exc, head.seq)
+        stored = [s for s in stored or () if s[1] == head.epoch and s[2] <= head.seq]
+        if not stored or stored[-1][2] != head.seq:
+            return self.hub.room(name, head.epoch, head.seq)
+        # Contiguous up to the head, newest last: keep the unbroken tail.
+        start = len(stored) - 1
+        while start and stored[start - 1][2] == stored[start][2] - 1:
+            start -= 1
+        stored = stored[start:]
+        room = self.hub.room(name, head.epoch, stored[0][2] - 1)
+        for _, epoch, seq, record, sampled in stored:
+            self._publish(name, epoch, seq, record, sampled)
+        # No member yet: the flush writes nothing, and makes them replayable.
+        self.hub.flush(name)
         return room
 
     def leave(self, name: str, conn: _core.Connection) -> None:
