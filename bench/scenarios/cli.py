@@ -10,6 +10,8 @@ from pathlib import Path
 
 import bench.scenarios
 from bench.scenarios.adversarial import adversarial
+from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, router_throughput,
+                                     workers_reference)
 from bench.scenarios.connections import connect_storm, idle_connections
 from bench.scenarios.harness import ROOT, machine
 from bench.scenarios.profiles import profile, profile_quiet, profile_storm
@@ -34,9 +36,14 @@ SCENARIOS = {
     "profile-quiet": profile_quiet,
     "adversarial": adversarial,
     "soak": soak,
+    "cluster-quiet": cluster_quiet,
+    "router-throughput": router_throughput,
+    "workers-reference": workers_reference,
+    "reconnect-storm": reconnect_storm,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
-SEPARATE = {"adversarial", "soak"}
+SEPARATE = {"adversarial", "soak", "cluster-quiet", "router-throughput", "workers-reference",
+            "reconnect-storm"}
 
 
 def main(argv: list[str] | None = None) -> int:
