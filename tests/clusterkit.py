@@ -243,6 +243,7 @@ class Traffic:
     def __init__(self, room: str) -> None:
         self.room = room
         self.acked: dict[int, bytes] = {}
+        self.acked_at: dict[int, float] = {}       # seq -> time.monotonic() of its ack
         self.failed: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: list = []
@@ -255,6 +256,7 @@ class Traffic:
         # Two acknowledgements of one seq would be a duplicate seq.
         assert seq not in self.acked, f"seq {seq} acknowledged twice"
         self.acked[seq] = payload
+        self.acked_at[seq] = time.monotonic()
 
     def gifts(self, node, label: str, rate: float) -> None:
         self._tasks.append(asyncio.ensure_future(self._gifts(node, label, 1 / rate)))

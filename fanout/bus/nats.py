@@ -248,6 +248,8 @@ class NatsBus:
     def _release_held(self, feed: _Feed) -> None:
         feed.filling = None
         held, feed.held = feed.held, []
+        if self._feeds.get(feed.room) is not feed:
+            return                        # unsubscribed meanwhile: no new fill for it
         for item in held:
             self._offer(feed, item)
 
