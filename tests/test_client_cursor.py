@@ -192,6 +192,21 @@ async def test_hello_carries_resume_points_and_resume_acks_match_by_room():
     assert summary(events(client)) == [("m", "a", 10), ("m", "b", 1)]
 
 
+async def test_resume_on_a_node_behind_keeps_the_cursor():
+    """In a cluster the node resumed on may not have received yet what the
+    client got from the node it left: its Ack names an older seq of the same
+    epoch, and the seqs up to the cursor that follow are duplicates."""
+    client = authenticated()
+    join(client, seq=0, epoch="e1")
+    deliver(client, FrameType.BATCH, batch(*[msg(s) for s in range(1, 11)]))
+    events(client)
+    deliver(client, FrameType.ACK, pb.Ack(req_id=0, room=ROOM, seq=7, epoch="e1"))
+    assert client.cursor(ROOM) == ("e1", 10)
+    deliver(client, FrameType.BATCH, batch(*[msg(s) for s in range(8, 13)]))
+    assert summary(events(client)) == [("m", ROOM, 11), ("m", ROOM, 12)]
+    assert client.stats["duplicates"] == 3
+
+
 async def test_ack_gap_and_replay_in_one_read():
     """The Ack that sets the cursor, the Gap and the replay may arrive in a
     single read; each frame must see the state the previous one left."""

@@ -208,30 +208,48 @@ class NatsBus:
         """Deliver seqs feed.seq+1..until from the history, then what was
         held meanwhile."""
         try:
-            try:
-                missing = await history.read(self.nc, feed.room,
-                                             from_stream_seq=feed.stream_seq + 1,
-                                             after_seq=feed.seq, until_seq=until,
-                                             timeout=self.request_timeout)
-            except Exception as exc:
-                log.warning("room %r: could not read seqs %d-%d from the history: %r",
-                            feed.room, feed.seq + 1, until, exc)
-                missing = []
+            missing = await self._read_hole(feed, until)
             for item in missing:
                 if item.epoch == feed.epoch and item.seq == feed.seq + 1:
                     self._deliver(feed, item)
             if feed.seq < until:
+                # The stream stores a room's messages in order and a later
+                # one is stored: these never will be (an append refused
+                # while later ones went through) or were trimmed. Skipping
+                # them, rather than asking again for ever with the room's
+                # messages held, lets the hub see the jump and the members
+                # get their Gap.
                 self.holes_lost += 1
                 log.warning("room %r: seqs %d-%d are not in the history; members see a gap",
                             feed.room, feed.seq + 1, until)
+                feed.seq = until
             else:
                 self.holes_filled += 1
         finally:
             self._release_held(feed)
 
+    async def _read_hole(self, feed: _Feed, until: int) -> list[history.Stored]:
+        """Seqs feed.seq+1..until as the history has them. A failed read
+        (NATS reconnecting, the stream's leader moving) is not a loss: it
+        is tried again, less and less often, with the room's messages held."""
+        pause = 0.05
+        while True:
+            try:
+                return await history.read(self.nc, feed.room,
+                                          from_stream_seq=feed.stream_seq + 1,
+                                          after_seq=feed.seq, until_seq=until,
+                                          timeout=self.request_timeout)
+            except Exception as exc:
+                log.warning("room %r: could not read seqs %d-%d from the history (%r); "
+                            "trying again in %g s", feed.room, feed.seq + 1, until, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 2.0)
+
     def _release_held(self, feed: _Feed) -> None:
         feed.filling = None
         held, feed.held = feed.held, []
+        if self._feeds.get(feed.room) is not feed:
+            return                        # unsubscribed meanwhile: no new fill for it
         for item in held:
             self._offer(feed, item)
 

@@ -847,8 +847,11 @@ class Client:
         if ack.req_id == 0:
             # Reply to a Hello resume point: matched by room.
             cur = self._cursors.get(ack.room)
-            if cur is not None:
+            if cur is not None and (ack.epoch != cur[0] or ack.seq > cur[1]):
                 cur[0], cur[1] = ack.epoch, ack.seq
+            # Same epoch, lower seq: this node is behind the one the client
+            # left (a cluster). It sends the seqs the client already has as
+            # they reach it: dropped as duplicates, not yielded again.
             return
         pending = self._pending.get(ack.req_id)
         if pending is None:

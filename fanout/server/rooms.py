@@ -112,7 +112,14 @@ class RoomTable:
     async def _with_history(self, name: str, head) -> _core.Room:
         """The hub's room, its ring loaded with the room's recent history
         when the bus keeps one (a cluster): a client that resumes here after
-        another node went away is served from this node's ring."""
+        another node went away is served from this node's ring.
+
+        The head counts seqs the router has assigned, some of them perhaps
+        not stored yet (its appends are pipelined), or never (refused: the
+        router then gives those seqs again). The room starts where the
+        stored history ends, not at the head: whatever comes after is
+        stored after this read, so the subscription (made before the head
+        was asked for) delivers it, and the hub takes it."""
         keep = self._ring_size
         stored = None
         if head.seq and keep:
@@ -122,9 +129,9 @@ class RoomTable:
                 log.warning("room %r: history unreachable (%r); resumes before seq %d get "
                             "a gap", name, exc, head.seq)
         stored = [s for s in stored or () if s[1] == head.epoch and s[2] <= head.seq]
-        if not stored or stored[-1][2] != head.seq:
+        if not stored:
             return self.hub.room(name, head.epoch, head.seq)
-        # Contiguous up to the head, newest last: keep the unbroken tail.
+        # Contiguous up to its newest, newest last: keep the unbroken tail.
         start = len(stored) - 1
         while start and stored[start - 1][2] == stored[start][2] - 1:
             start -= 1
