@@ -225,11 +225,10 @@ class AdminHost(Protocol):
     ready: bool
     draining: bool
     degradation_level: int
+    clustered: bool
 
     async def publish(self, room: str, kind: int | str, payload: bytes, *, sender: str,
                       priority: int = 0) -> int: ...
-
-    clustered: bool
 
     async def disconnect_user(self, user: str, message: str = "") -> int: ...
 
