@@ -14,11 +14,14 @@ import sys
 import time
 import urllib.request
 
+import nats
 import pytest
+from nats.js.api import DeliverPolicy
 
 from fanout.client import Client
 from fanout.client.sdk import AuthError, KickedError
 from fanout.cluster import subjects as S
+from fanout.cluster.events import describe
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.auth import mint
 
@@ -363,7 +366,6 @@ async def test_refusals_are_unavailable_while_the_router_or_bus_is_away(cluster)
 # ---------------------------------------------------------------- event log
 
 async def test_connects_kicks_disconnects_and_messages_reach_the_event_log(cluster):
-    import nats
     cluster.start_nats()
     cluster.start_router()
     a, b = cluster.start_node(), cluster.start_node()
@@ -383,13 +385,12 @@ async def test_connects_kicks_disconnects_and_messages_reach_the_event_log(clust
         return (e["event"], e["seq"] if e["event"] == "message" else e["node"])
 
     async def read_stream() -> list[dict]:
-        from fanout.cluster.events import describe
         nc = await nats.connect(cluster.nats.url)
         try:
             js = nc.jetstream()
             info = await js.stream_info(S.EVENT_STREAM)
             sub = await js.subscribe(">", stream=S.EVENT_STREAM, ordered_consumer=True,
-                                     deliver_policy=nats.js.api.DeliverPolicy.ALL)
+                                     deliver_policy=DeliverPolicy.ALL)
             out = []
             for _ in range(info.state.messages):
                 out.append(describe(await sub.next_msg(timeout=5)))
