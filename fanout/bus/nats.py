@@ -85,6 +85,10 @@ class NatsBus:
         #: Bytes of room messages received (per room while held; the test of
         #: interest-based delivery reads this).
         self.bytes_in: dict[str, int] = {}
+        #: Room messages and their bytes received, ever (the node's metrics).
+        self.messages_received = 0
+        self.bytes_received = 0
+        self._events: list[tuple[str, bytes]] = []   # sent at the end of this loop tick
 
     # ------------------------------------------------------------ lifecycle
 
@@ -183,6 +187,8 @@ class NatsBus:
         if item is None:
             return
         self.bytes_in[feed.room] = self.bytes_in.get(feed.room, 0) + len(item.record)
+        self.messages_received += 1
+        self.bytes_received += len(item.record)
         self._offer(feed, item)
 
     def _offer(self, feed: _Feed, item: history.Stored) -> None:
@@ -377,10 +383,19 @@ class NatsBus:
         if not self.connected:
             return
         fields = dict(fields, event=kind, node=self.node_id, ts=round(time.time(), 3))
-        self._spawn(self._send_event(S.EVENTS.format(kind), json.dumps(fields).encode()))
+        # Buffered and sent once per loop tick: a connect storm makes one
+        # task per tick, not one per event.
+        if not self._events:
+            asyncio.get_running_loop().call_soon(self._flush_events)
+        self._events.append((S.EVENTS.format(kind), json.dumps(fields).encode()))
 
-    async def _send_event(self, subject: str, body: bytes) -> None:
+    def _flush_events(self) -> None:
+        events, self._events = self._events, []
+        self._spawn(self._send_events(events))
+
+    async def _send_events(self, events: list[tuple[str, bytes]]) -> None:
         try:
-            await self.nc.publish(subject, body)
+            for subject, body in events:
+                await self.nc.publish(subject, body)
         except Exception:
             pass

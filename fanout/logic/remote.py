@@ -36,6 +36,8 @@ class RouterLogic:
         self._level = 0
         #: When the last call failed for want of a router (monotonic), for readiness.
         self.unavailable_since: float | None = None
+        #: Calls refused UNAVAILABLE so far (the node's metrics).
+        self.unavailable_calls = 0
 
     async def start(self) -> None:
         pass
@@ -66,6 +68,7 @@ class RouterLogic:
         return answer
 
     def _unavailable(self) -> None:
+        self.unavailable_calls += 1
         if self.unavailable_since is None:
             self.unavailable_since = time.monotonic()
 

@@ -1,5 +1,6 @@
 """The node's admin HTTP API: publish and disconnect for other services, room
-stats, drain, health and readiness probes, and Prometheus metrics.
+stats, history and presence, drain, health and readiness probes, and
+Prometheus metrics. In a cluster every node's API acts cluster-wide.
 
 It runs on the node's own event loop, on its own port (``admin_host`` and
 ``admin_port``), so its handlers call the node (an :class:`AdminHost`)
@@ -37,6 +38,9 @@ MAX_BODY = 4 << 20          # request body bytes (a full batch of typical messag
 SHUTDOWN_TIMEOUT = 2.0      # seconds in-flight requests get when the server closes
 KEEPALIVE_TIMEOUT = 15.0    # seconds an idle keep-alive connection (or a next request's headers) gets
 DEFAULT_SENDER = "api"
+MAX_PAGE = 1000             # messages or users in one history or presence answer
+DEFAULT_PAGE = 100
+MAX_SEQ = (1 << 64) - 1
 JSON_TYPE = "application/json"
 PROTOBUF_TYPE = "application/x-protobuf"
 PROTOBUF_TYPES = frozenset({PROTOBUF_TYPE, "application/protobuf"})
@@ -47,6 +51,7 @@ REASON_STATUS = {
     pb.MESSAGE_TOO_LARGE: 413,
     pb.ROOM_OVERLOADED: 429,
     pb.DRAINING: 503,
+    pb.UNAVAILABLE: 503,
     pb.INTERNAL_ERROR: 500,
 }
 
@@ -65,6 +70,8 @@ HTTP_CODES = {
 _PUBLISH_FIELDS = frozenset({"room", "kind", "priority", "sender", "payload", "payload_b64"})
 _DISCONNECT_FIELDS = frozenset({"user", "reason"})
 _REVOKE_FIELDS = frozenset({"before"})
+_HISTORY_PARAMS = frozenset({"limit", "since"})
+_PRESENCE_PARAMS = frozenset({"limit", "after"})
 _MISSING = object()
 
 
@@ -171,6 +178,38 @@ def _payload(item: dict) -> bytes:
         raise ApiError.bad_request("'payload_b64' is not valid base64") from None
 
 
+def _query(request: web.Request, allowed: frozenset) -> dict[str, str]:
+    """The query string as a dict; unknown or repeated parameters are errors
+    (a misspelt ``limt`` must not silently mean the default)."""
+    query = request.query
+    unknown = query.keys() - allowed
+    if unknown:
+        raise ApiError.bad_request(f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
+                                   f"allowed: {', '.join(sorted(allowed))}")
+    params = {}
+    for name in query.keys():
+        values = query.getall(name)
+        if len(values) > 1:
+            raise ApiError.bad_request(f"query parameter '{name}' given more than once")
+        params[name] = values[0]
+    return params
+
+
+def _int_param(params: dict[str, str], name: str, default: int | None, low: int,
+               high: int) -> int | None:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    # Digits only: int() would also take "+5", " 5", "5_000" and "٥".
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
+        raise ApiError.bad_request(f"'{name}' must be a whole number from {low} to {high}, "
+                                   f"got {raw[:40]!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ApiError.bad_request(f"'{name}' must be from {low} to {high}, got {value}")
+    return value
+
+
 def _check_batch_size(count: int) -> None:
     if count == 0:
         raise ApiError.bad_request("no messages to publish")
@@ -186,15 +225,20 @@ class AdminHost(Protocol):
     ready: bool
     draining: bool
     degradation_level: int
+    clustered: bool
 
     async def publish(self, room: str, kind: int | str, payload: bytes, *, sender: str,
                       priority: int = 0) -> int: ...
 
-    def disconnect_user(self, user: str, message: str = "") -> int: ...
+    async def disconnect_user(self, user: str, message: str = "") -> int: ...
 
     async def revoke(self, user: str, before: float) -> int: ...
 
     async def room_info(self, room: str) -> dict: ...
+
+    async def history(self, room: str, since: int | None = None, limit: int = 100) -> dict: ...
+
+    async def presence(self, room: str, after: str = "", limit: int = 100) -> dict: ...
 
     def start_drain(self) -> None: ...
 
@@ -225,6 +269,8 @@ class AdminServer:
             web.post("/v1/disconnect", self.disconnect),
             web.post("/v1/users/{user}/revoke", self.revoke),
             web.get("/v1/rooms/{room}", self.room),
+            web.get("/v1/rooms/{room}/history", self.history),
+            web.get("/v1/rooms/{room}/presence", self.presence),
             web.post("/v1/drain", self.drain),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -322,13 +368,19 @@ class AdminServer:
             raise ApiError.from_rejected(exc) from None
 
     async def disconnect(self, request: web.Request) -> web.Response:
-        """``POST /v1/disconnect``: close every connection of a user on this node."""
+        """``POST /v1/disconnect``: close every connection of a user, on this
+        node and (in a cluster) on every other."""
         body = _object(await _read_json(request), "the body", _DISCONNECT_FIELDS)
         user = _field(body, "user", str)
         if not user:
             raise ApiError.bad_request("'user' must not be empty")
         message = _field(body, "reason", str, "disconnected by the operator")
-        return web.json_response({"disconnected": self.node.disconnect_user(user, message)})
+        closed = await self.node.disconnect_user(user, message)
+        if self.node.clustered:
+            # The other nodes close theirs as the command reaches them; this
+            # node cannot count those, so it does not pretend to.
+            return web.json_response({"disconnected_here": closed, "cluster": True})
+        return web.json_response({"disconnected": closed})
 
     async def revoke(self, request: web.Request) -> web.Response:
         """``POST /v1/users/{user}/revoke``: refuse the user's tokens issued
@@ -354,11 +406,34 @@ class AdminServer:
             raise ApiError.bad_request(f"'before' must be between 0 and now + "
                                        f"max_token_lifetime_s ({horizon:.0f})")
         kicked = await self.node.revoke(user, before)
+        if self.node.clustered:
+            return web.json_response({"user": user, "before": before, "kicked_here": kicked,
+                                      "cluster": True})
         return web.json_response({"user": user, "before": before, "kicked": kicked})
 
     async def room(self, request: web.Request) -> web.Response:
         """``GET /v1/rooms/{room}``: the room's state on this node."""
         return web.json_response(await self.node.room_info(request.match_info["room"]))
+
+    async def history(self, request: web.Request) -> web.Response:
+        """``GET /v1/rooms/{room}/history?limit=N[&since=S]``: the last N
+        messages, or the first N after seq S."""
+        params = _query(request, _HISTORY_PARAMS)
+        limit = _int_param(params, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        since = _int_param(params, "since", None, 0, MAX_SEQ)
+        return web.json_response(await self.node.history(request.match_info["room"],
+                                                         since=since, limit=limit))
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """``GET /v1/rooms/{room}/presence?limit=N[&after=U]``: the online
+        count across nodes and a sorted page of users after the cursor U."""
+        params = _query(request, _PRESENCE_PARAMS)
+        limit = _int_param(params, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        after = params.get("after", "")
+        if len(after.encode("utf-8", "surrogateescape")) > MAX_SUB_BYTES:
+            raise ApiError.bad_request(f"'after' longer than {MAX_SUB_BYTES} bytes")
+        return web.json_response(await self.node.presence(request.match_info["room"],
+                                                          after=after, limit=limit))
 
     async def drain(self, request: web.Request) -> web.Response:
         """``POST /v1/drain``: start a graceful drain; the process exits when done."""

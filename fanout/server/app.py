@@ -27,7 +27,7 @@ from ..logic.sequencer import Sequencer
 from . import keyfile
 from .admin import AdminServer
 from .config import MIN_SECRET_BYTES, NodeConfig
-from .metrics import NodeMetrics
+from .metrics import NodeMetrics, cluster_figures
 from .node import Node
 
 log = logging.getLogger("fanout.app")
@@ -78,6 +78,7 @@ class App:
         self.metrics = NodeMetrics()
         if bus is None and logic is None and config.nats:
             bus, logic = cluster_parts(config)
+            cluster_figures(self.metrics, bus, logic)
         self.bus = bus if bus is not None else LocalBus()
         self.logic = logic if logic is not None else local_logic(config, self.bus, self.metrics)
         self.node = Node(config, metrics=self.metrics, bus=self.bus, logic=self.logic)

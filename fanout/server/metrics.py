@@ -4,16 +4,22 @@ Counters the node bumps itself live here as prometheus-client objects in a
 per-node registry (so several nodes in one process, as in tests, don't
 collide). Figures that already exist elsewhere (connections, rooms, write
 backlog, loop lag) are read at scrape time from the providers registered
-with :meth:`NodeMetrics.add_gauges`, rather than pushed from the hot path.
+with :meth:`NodeMetrics.add_gauges` (and counted elsewhere, with
+:meth:`NodeMetrics.add_counters`), rather than pushed from the hot path.
 Nothing here runs per recipient, and nothing here knows the node.
+:func:`cluster_figures` reads a cluster node's bus and router client.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from ..bus.nats import NatsBus
+    from ..logic.remote import RouterLogic
 
 #: ``provider() -> [(name, help, value), ...]``, called at scrape time.
 GaugeProvider = Callable[[], Iterable[tuple[str, str, float]]]
@@ -72,11 +78,18 @@ class NodeMetrics:
             "fanout_degradation_level", "0 normal, 1 degraded, 2 overloaded", registry=r)
         self.draining = Gauge("fanout_draining", "1 while the node drains", registry=r)
         self._providers: list[GaugeProvider] = []
-        r.register(_ProvidedGauges(self._providers))
+        self._counters: list[GaugeProvider] = []
+        r.register(_Provided(self._providers, GaugeMetricFamily))
+        r.register(_Provided(self._counters, CounterMetricFamily))
 
     def add_gauges(self, provider: GaugeProvider) -> None:
         """Export the gauges ``provider`` returns, read at every scrape."""
         self._providers.append(provider)
+
+    def add_counters(self, provider: GaugeProvider) -> None:
+        """Export counters kept elsewhere (``provider`` returns their totals
+        under names without ``_total``, which the exposition adds)."""
+        self._counters.append(provider)
 
     def observe_flush(self, messages: int, members: int, raw: int, wire: int,
                       delay: float) -> None:
@@ -90,11 +103,37 @@ class NodeMetrics:
             self.frames_written.inc(members)
 
 
-class _ProvidedGauges:
-    """A prometheus collector over the registered gauge providers."""
+def cluster_figures(metrics: NodeMetrics, bus: "NatsBus", logic: "RouterLogic") -> None:
+    """Export a cluster node's bus and router-client figures (counted by
+    them once per message or call, read here at scrape time)."""
 
-    def __init__(self, providers: list[GaugeProvider]) -> None:
+    def gauges():
+        yield "fanout_bus_connected", "1 while the cluster bus (NATS) is connected", \
+            float(bus.connected)
+        yield "fanout_router_reachable", "1 while the routers answered the last call", \
+            float(logic.reachable)
+
+    def counters():
+        yield ("fanout_bus_messages_received", "Room messages received from the bus "
+               "(only rooms with members here: interest-based delivery)", bus.messages_received)
+        yield ("fanout_bus_bytes_received", "Bytes of room messages received from the bus",
+               bus.bytes_received)
+        yield ("fanout_bus_holes_filled", "Missed room messages recovered from the history "
+               "stream (one per hole)", bus.holes_filled)
+        yield ("fanout_bus_holes_lost", "Holes the history stream could no longer fill "
+               "(members got a Gap)", bus.holes_lost)
+        yield ("fanout_router_unavailable", "Logic calls refused UNAVAILABLE (no router "
+               "answered, or the bus was down)", logic.unavailable_calls)
+    metrics.add_gauges(gauges)
+    metrics.add_counters(counters)
+
+
+class _Provided:
+    """A prometheus collector over registered providers of one metric type."""
+
+    def __init__(self, providers: list[GaugeProvider], family) -> None:
         self._providers = providers
+        self._family = family
 
     def describe(self):
         return []
@@ -102,4 +141,4 @@ class _ProvidedGauges:
     def collect(self):
         for provider in self._providers:
             for name, doc, value in provider():
-                yield GaugeMetricFamily(name, doc, value=value)
+                yield self._family(name, doc, value=value)

@@ -123,6 +123,7 @@ class Node:
         self._at_deadline = False
         self._auth_failures = 0
         self._last_room_sweep = 0.0
+        self._shared_presence: set[str] = set()     # rooms with members at the last share
         metrics.add_gauges(self._gauges)
         # The other nodes reach this one through the bus (no-ops alone).
         bus.on_control = self._control
@@ -341,13 +342,39 @@ class Node:
         session.kick(reason, message)
         return True
 
-    def disconnect_user(self, user: str, message: str = "") -> int:
+    @property
+    def clustered(self) -> bool:
+        """Whether other nodes share this node's rooms and users (``--nats``)."""
+        return bool(self.config.nats)
+
+    async def disconnect_user(self, user: str, message: str = "") -> int:
         """Close every connection of ``user`` with Kick(ADMIN_DISCONNECT),
         on this node and (in a cluster) on every other. Returns how many
-        were closed here."""
+        were closed here; the other nodes close theirs as the command
+        reaches them.
+
+        :raises Rejected: ``UNAVAILABLE``: the other nodes could not be told
+            (the bus is unreachable); this node's connections are closed.
+        """
         message = message or "disconnected by the server"
-        self._broadcast(cpb.Control(op=cpb.Control.DISCONNECT_USER, user=user, message=message))
-        return self._disconnect_here(user, message)
+        here = self._disconnect_here(user, message)
+        if self.clustered:
+            await self._tell_cluster(cpb.Control(op=cpb.Control.DISCONNECT_USER, user=user,
+                                                 message=message),
+                                     f"closed {here} connection(s) of the user on this node")
+        return here
+
+    async def _tell_cluster(self, control: cpb.Control, done_here: str) -> None:
+        # A command the caller waits for: refused explicitly rather than
+        # left in the client's buffer while the bus is away.
+        if not self.bus.connected:
+            raise Rejected(pb.UNAVAILABLE, f"{done_here}, but the cluster bus is unreachable "
+                                           "and the other nodes were not told; retry")
+        try:
+            await self.bus.broadcast(control)
+        except Exception as exc:
+            raise Rejected(pb.UNAVAILABLE, f"{done_here}, but telling the other nodes failed "
+                                           f"({type(exc).__name__}); retry") from None
 
     def _disconnect_here(self, user: str, message: str) -> int:
         victims = [s for s in self.sessions.values() if s.user == user and not s.closing]
@@ -360,9 +387,12 @@ class Node:
         from now on (the logic's rule) and on the live connections of every
         node, which get Kick(TOKEN_REVOKED). Returns how many were kicked here."""
         await self.logic.revoke(user, before)
-        await self.bus.broadcast(cpb.Control(op=cpb.Control.REVOKE_USER, user=user,
-                                             before=before))
-        return self._revoke_here(user, before)
+        here = self._revoke_here(user, before)
+        if self.clustered:
+            await self._tell_cluster(cpb.Control(op=cpb.Control.REVOKE_USER, user=user,
+                                                 before=before),
+                                     f"revoked, and kicked {here} connection(s) on this node")
+        return here
 
     def _revoke_here(self, user: str, before: float) -> int:
         victims = [s for s in self.sessions.values()
@@ -387,49 +417,81 @@ class Node:
 
     def _presence_page(self, query: cpb.PresenceQuery) -> cpb.PresencePage:
         """This node's members of a room: the count, and up to ``limit``
-        users sorting after ``after``."""
+        users sorting after ``after`` (an admin question, not per message)."""
         room = self.rooms.get(query.room) if self.rooms is not None else None
         page = cpb.PresencePage()
-        if room is None:
+        if room is None or not len(room):
             return page
-        users = sorted({s.user for s in self.sessions.values()
-                        if s.user is not None and query.room in s.rooms and s.user > query.after})
+        users = {s.user for s in self.sessions.values()
+                 if s.user is not None and s.user > query.after and query.room in s.rooms}
         page.online = len(room)
-        page.users.extend(users[:query.limit])
+        page.users.extend(sorted(users)[:query.limit])
         return page
 
     async def presence(self, room: str, after: str = "", limit: int = 100) -> dict:
-        """Who is in ``room`` across the cluster: the online count and a page
-        of up to ``limit`` users (sorted) after the cursor ``after``."""
+        """Who is in ``room`` across the cluster: the online count (member
+        connections on every node that answered) and a page of up to
+        ``limit`` users, sorted, after the cursor ``after``. ``next`` is the
+        cursor of the following page, present while there may be one."""
         check_room_name(room)
         pages = [self._presence_page(cpb.PresenceQuery(room=room, after=after, limit=limit))]
+        if self.clustered and not self.bus.connected:
+            raise Rejected(pb.UNAVAILABLE, "the cluster bus is unreachable: only this node's "
+                                           "members are known; retry")
         pages += await self.bus.gather_presence(room, after, limit)
+        # Each node sent its first ``limit`` users after the cursor, so the
+        # first ``limit`` of the union are the cluster's.
         users = sorted({u for page in pages for u in page.users})[:limit]
         result = {"room": room, "online": sum(page.online for page in pages),
-                  "nodes": len([p for p in pages if p.online]), "users": users}
-        if len(users) == limit:
+                  "nodes": sum(1 for page in pages if page.online), "users": users}
+        if users and len(users) == limit:
             result["next"] = users[-1]
         return result
 
     async def history(self, room: str, since: int | None = None, limit: int = 100) -> dict:
-        """The room's messages: the last ``limit``, or those after seq
-        ``since`` (at most ``limit``), from the cluster's history, else from
-        this node's ring."""
+        """The room's messages: the last ``limit``, or the first ``limit``
+        after seq ``since``, from the cluster's history (JetStream), else
+        from this node's ring. ``next`` (with ``since``) is the ``since`` of
+        the following page, present while there are more.
+
+        :raises Rejected: ``BAD_REQUEST`` (room name), ``UNAVAILABLE`` (the
+            history stream is unreachable).
+        """
         check_room_name(room)
-        stored = await self.bus.history(room, since or 0)
-        if stored is None:
+        try:
+            stored = await self.bus.history(room, since or 0)
+        except Exception as exc:
+            raise Rejected(pb.UNAVAILABLE, f"the room's history is unreachable "
+                                           f"({type(exc).__name__}); retry") from None
+        if stored is None:                 # no cluster history: this node's ring
             held = self.rooms.get(room)
             stored = ([(0, held.epoch, seq, record, False)
                        for seq, record in held.records(since or 0)] if held is not None else [])
         items = list(stored)
-        items = items[:limit] if since is not None else items[-limit:]
-        return {"room": room, "messages": [_message_json(item) for item in items]}
+        epoch = items[-1][1] if items else ""
+        # Seqs number one epoch: a record left from an earlier one is not
+        # part of the room's current history.
+        items = [item for item in items if item[1] == epoch]
+        result: dict = {"room": room, "epoch": epoch}
+        if since is None:
+            items = items[-limit:]
+        elif len(items) > limit:
+            items = items[:limit]
+            result["next"] = items[-1][2]
+        result["messages"] = [_message_json(item) for item in items]
+        return result
 
     def _presence(self) -> None:
         """Each presence interval: share this node's counts with the
-        cluster, and push every room's count to its members."""
+        cluster, and push every room's count to its members. A room that
+        emptied here is shared once more with 0, so the other nodes drop
+        this node's members now rather than when the count goes stale."""
         counts = {name: len(room) for name, room in self.hub.rooms.items() if len(room)}
-        eager.spawn(self.bus.share_presence(counts), "presence", log)
+        shared = dict(counts)
+        for name in self._shared_presence - counts.keys():
+            shared[name] = 0
+        self._shared_presence = set(counts)
+        eager.spawn(self.bus.share_presence(shared), "presence", log)
         self.rooms.send_presence(self.bus.online)
 
     def auth_failed(self, reason: int) -> None:
