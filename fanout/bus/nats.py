@@ -32,7 +32,7 @@ from typing import Callable
 
 from ..cluster import history
 from ..cluster import subjects as S
-from ..cluster.connect import ClusterSettings, connect, provision
+from ..cluster.connect import ClusterSettings, close_quietly, connect, provision
 from ..cluster.journal import Journal, JournalError
 from ..protocol import cluster_pb2 as cpb
 from .base import Handler
@@ -112,11 +112,7 @@ class NatsBus:
             task.cancel()
         if self.journal is not None:
             await self.journal.close()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+        await close_quietly(self.nc)
         self._feeds.clear()
 
     def _spawn(self, coro) -> asyncio.Task:

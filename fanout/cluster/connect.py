@@ -110,3 +110,21 @@ async def provision(js, settings: ClusterSettings) -> None:
                                       storage=api.StorageType.FILE)
         except BadRequestError:
             pass                                  # exists
+
+
+async def close_quietly(nc) -> None:
+    """Close a connection on the way out, whatever its state: drained when
+    connected (what was published goes out), else closed; a connection
+    that is reconnecting cannot drain and its transport may be gone."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        if nc.is_connected:
+            await nc.drain()
+            return
+    except Exception:
+        pass
+    try:
+        await nc.close()
+    except Exception:
+        log.debug("closing the NATS connection failed", exc_info=True)
