@@ -9,10 +9,15 @@ BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run test test-debug build debug clean perf-check bench bench-micro fuzz soak
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
+
+# A local cluster to try (docs/cluster.md): nats-server, a router and three
+# nodes; it prints their addresses, Ctrl-C stops them all.
+cluster: $(STAMP)
+	$(VENV)/bin/fanout cluster
 
 test: $(STAMP) test-debug
 	$(PY) -m pytest

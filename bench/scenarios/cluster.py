@@ -258,8 +258,13 @@ def workers_reference(quick: bool) -> dict:
         pids = {**workers, "router": rig.routers[0].pid, "nats-server": rig.nats.proc.pid}
         v0 = rig.varz()
         cpu0 = _cpu_of(pids)
+        t0 = time.monotonic()
         load, cmd, _ = run_load("127.0.0.1", port, load_args_reference(viewers, duration),
                                 duration + 400, admin_port=admin)
+        # cpu_s and nats_bytes cover this span (connect, warm-up, window,
+        # drain), not only the load's measuring window: a CPU share is
+        # cpu_s / span_s (scripts/capacity_model.py).
+        span = time.monotonic() - t0
         cpu1 = _cpu_of(pids)
         v1 = rig.varz()
     finally:
@@ -273,6 +278,7 @@ def workers_reference(quick: bool) -> dict:
         "deliveries_per_s": load.get("deliveries_per_s"), "gaps": load.get("gaps"),
         "latency_ms": latency_summary(load),
         "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in pids},
+        "span_s": round(span, 2),
         "nats_bytes": {"in": nats_in, "out": nats_out},
         "nats_bytes_per_delivery": round((nats_in + nats_out) / deliveries, 4)
         if deliveries else None,
