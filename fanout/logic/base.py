@@ -64,6 +64,10 @@ def check_room_name(room: str) -> None:
 class Logic(Protocol):
     """The business rules between clients and the broadcast core."""
 
+    #: Whether the logic answers now (a network logic: its routers did at
+    #: the last call); readiness reports it.
+    reachable: bool
+
     async def start(self) -> None:
         """Begin serving (connect, start timers)."""
 

@@ -38,6 +38,8 @@ class LocalLogic:
         default limits; revocations kept a day).
     """
 
+    reachable = True           # in process: always
+
     def __init__(self, bus: Bus, *, sequencer: Sequencer | None = None,
                  admission: ChatAdmission | None = None,
                  logins: LoginRegistry | None = None,

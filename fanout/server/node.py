@@ -193,7 +193,7 @@ class Node:
         """Whether to send this node new clients: not draining, not
         overloaded, and (in a cluster) its bus and routers reachable."""
         return (not self.draining and self.overload.level < 2 and self.bus.connected
-                and getattr(self.logic, "reachable", True))
+                and self.logic.reachable)
 
     def not_ready_because(self) -> list[str]:
         """Why :attr:`ready` is False (empty when it is True)."""
@@ -204,7 +204,7 @@ class Node:
             why.append("overloaded")
         if not self.bus.connected:
             why.append("bus unreachable")
-        elif not getattr(self.logic, "reachable", True):
+        elif not self.logic.reachable:
             why.append("router unreachable")
         return why
 
