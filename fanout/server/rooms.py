@@ -20,7 +20,7 @@ import logging
 
 from .. import _core
 from ..bus.base import Bus
-from ..logic.base import Logic
+from ..logic.base import Logic, Rejected
 from ..protocol import fanout_pb2 as pb
 from ..protocol.wire import FrameType
 from . import eager
@@ -87,7 +87,15 @@ class RoomTable:
         self._opening[name] = waiters = []
         self._early[name] = early = []
         try:
-            await self._bus.subscribe(name, self._deliver)
+            try:
+                await self._bus.subscribe(name, self._deliver)
+            except Exception as exc:
+                # The bus is unreachable (a cluster's NATS): the client is
+                # told to retry, not cut.
+                log.debug("room %r: subscribing failed", name, exc_info=True)
+                raise Rejected(pb.UNAVAILABLE, "the cluster bus is unreachable "
+                               f"({type(exc).__name__}); "
+                               "retry later") from None
             try:
                 head = await self._logic.join(name)
             except BaseException:
