@@ -289,8 +289,8 @@ async def test_nats_stopped_for_ten_seconds(cluster):
         assert len(load.refused) > refused_before, "no explicit refusal during the outage"
         assert all(c.connected for c in [*load.receivers, *load.chatters])
         assert all(c.stats["reconnects"] == 0 for c in [*load.receivers, *load.chatters])
-        server.start()
         restarted = time.monotonic()
+        server.start()                           # same port, same store
         for node in nodes:
             await asyncio.to_thread(wait_for, lambda n=node: _ready(n)[0] == 200, 15)
         ready_after = time.monotonic() - restarted
