@@ -14,7 +14,8 @@ from typing import Awaitable, Callable
 
 import nats
 from nats.js import api
-from nats.js.errors import BadRequestError
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 from . import subjects as S
 
@@ -42,15 +43,34 @@ class ClusterSettings:
     duplicate_window_s: float = 120.0
 
 
+def _drop_unsent(nc: nats.NATS) -> None:
+    """Forget what the client queued but had not yet handed to the lost
+    connection. nats-py would send it on the next connection, after what
+    the lost one dropped in flight: a router's append of seq n+1 stored
+    while n was lost is a hole. (No public API does this; the attributes
+    are nats-py's outbound buffer.)"""
+    nc._pending.clear()
+    nc._pending_data_size = 0
+
+
 async def connect(servers: str | list[str], name: str, *,
                   on_state: Callable[[bool], Awaitable[None] | None] | None = None,
-                  connect_timeout: float = 2.0) -> nats.NATS:
+                  connect_timeout: float = 2.0, buffer_offline: bool = True) -> nats.NATS:
     """A NATS connection that reconnects forever. ``on_state(connected)`` is
-    told when the connection is lost and when it is back."""
+    told when the connection is lost and when it is back.
+
+    :param buffer_offline: False for a router: nothing is kept to be sent
+        later. Publishes and requests while disconnected fail at once, and
+        whatever was queued when the connection broke is dropped, so what
+        NATS got of the old connection is a prefix of what was sent and no
+        message reaches JetStream after its sender gave up on it.
+    """
     if isinstance(servers, str):
         servers = [s.strip() for s in servers.split(",") if s.strip()]
 
     async def disconnected():
+        if not buffer_offline:
+            _drop_unsent(nc)
         log.warning("%s: lost the NATS connection; reconnecting", name)
         if on_state is not None:
             result = on_state(False)
@@ -72,6 +92,8 @@ async def connect(servers: str | list[str], name: str, *,
         servers=servers, name=name, connect_timeout=connect_timeout,
         allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
         ping_interval=5, max_outstanding_pings=2,
+        # nats-py buffers while reconnecting unless the buffer size is 0.
+        **({} if buffer_offline else {"pending_size": 0}),
         disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
     return nc
 
@@ -84,8 +106,31 @@ async def _ensure_stream(js, config: api.StreamConfig) -> None:
         await js.update_stream(config)
 
 
+#: Seconds provisioning keeps retrying while JetStream is not ready yet.
+PROVISION_PATIENCE = 20.0
+
+
+async def _patiently(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``step`` until JetStream answers: creating a replicated stream on
+    a cluster that just started takes longer than one request's timeout, or
+    finds no JetStream leader yet. Every step is idempotent."""
+    deadline = asyncio.get_running_loop().time() + PROVISION_PATIENCE
+    while True:
+        try:
+            return await step()
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.info("provisioning %s: JetStream not ready (%r); retrying", what, exc)
+            await asyncio.sleep(0.25)
+
+
 async def provision(js, settings: ClusterSettings) -> None:
     """Create or update the history stream, the event log and the buckets."""
+    await _patiently(lambda: _provision(js, settings), "the streams and buckets")
+
+
+async def _provision(js, settings: ClusterSettings) -> None:
     await _ensure_stream(js, api.StreamConfig(
         name=S.HISTORY_STREAM, subjects=[S.HISTORY_ALL],
         description="fanout room history; republished to fanout.room.> once stored",

@@ -12,6 +12,16 @@ within the stream's duplicate window a (room, epoch, seq) is stored at most
 once: if two routers ever assign one seq (a lease handed over while its old
 holder still ran), the second append is answered ``duplicate`` and is not
 stored, nor republished to any node.
+
+An append may also carry the stream sequence the room's last message must
+have (``Nats-Expected-Last-Subject-Sequence``): JetStream refuses it if
+anything else is there. A router sends the first message of a room after
+reading the room's head this way, so a stale head (a lagging replica, an
+append of the old owner landing late) is refused instead of overwritten.
+
+When the connection breaks, every append in flight fails at once
+(:meth:`Journal.connection_lost`): their outcome is unknown, and the owner
+must read the room's head again before its next message.
 """
 
 from __future__ import annotations
@@ -38,10 +48,17 @@ class JournalError(Exception):
 Done = Callable[[object], Awaitable[None] | None]
 
 
-def headers(room: str, epoch: str, seq: int, sampled: bool) -> dict:
+#: JetStream's check of the subject's last stream sequence.
+H_EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+
+
+def headers(room: str, epoch: str, seq: int, sampled: bool,
+            expect_last: int | None = None) -> dict:
     h = {S.H_EPOCH: epoch, S.H_SEQ: str(seq), S.H_MSG_ID: f"{S.token(room)}:{epoch}:{seq}"}
     if sampled:
         h[S.H_SAMPLED] = "1"
+    if expect_last is not None:
+        h[H_EXPECT_LAST] = str(expect_last)
     return h
 
 
@@ -72,9 +89,12 @@ class Journal:
         await self._fail_all("the journal closed")
 
     async def append(self, room: str, epoch: str, seq: int, record: bytes, sampled: bool,
-                     done: Done) -> None:
+                     done: Done, *, expect_last: int | None = None) -> None:
         """Send one message to the history stream; ``done`` gets the outcome.
-        Raises :class:`JournalError` at once when not connected (nothing sent)."""
+        Raises :class:`JournalError` at once when not connected (nothing sent).
+
+        :param expect_last: the stream sequence of the room's last stored
+            message; JetStream refuses the append if it is not that."""
         if not self.nc.is_connected:
             raise JournalError("not connected to NATS")
         token = str(next(self._ids))
@@ -82,7 +102,7 @@ class Journal:
         try:
             await self.nc.publish(S.history_subject(room), record,
                                   reply=f"{self._prefix}.{token}",
-                                  headers=headers(room, epoch, seq, sampled))
+                                  headers=headers(room, epoch, seq, sampled, expect_last))
         except Exception as exc:
             self._waiting.pop(token, None)
             raise JournalError(f"publish failed: {exc!r}") from exc
@@ -141,6 +161,12 @@ class Journal:
             entry = self._waiting.pop(token, None)
             if entry is not None:
                 await self._run(entry[1], JournalError(why))
+
+    async def connection_lost(self) -> None:
+        """The connection broke: fail every append in flight now rather than
+        at its timeout (stored or not, nobody can tell yet)."""
+        await self._fail_all("the NATS connection was lost "
+                             "(the message may or may not be stored)")
 
     async def _fail_all(self, why: str) -> None:
         await self._fail(list(self._waiting), why)

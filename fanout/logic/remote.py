@@ -7,6 +7,11 @@ none has taken it over yet, a timeout), the call fails with
 ``Rejected(UNAVAILABLE)``: the client is told to retry, nothing is lost
 silently. A publish that timed out may still have been stored; the client
 cannot tell, which docs/cluster.md says.
+
+After a failure the node is not ready (``/readyz``) until a router answers
+again: a call that succeeds, or the probe this class sends meanwhile every
+:data:`PROBE_INTERVAL` seconds to the partition that failed, so readiness
+comes back with the routers even when no client calls.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from ..cluster import subjects as S
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
 from .base import Rejected, RoomHead, check_room_name
+
+#: Seconds between probes of the routers while they are unreachable.
+PROBE_INTERVAL = 0.5
 
 
 class RouterLogic:
@@ -38,12 +46,14 @@ class RouterLogic:
         self.unavailable_since: float | None = None
         #: Calls refused UNAVAILABLE so far (the node's metrics).
         self.unavailable_calls = 0
+        self._probe: asyncio.Task | None = None
 
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
-        pass
+        if self._probe is not None:
+            self._probe.cancel()
 
     @property
     def reachable(self) -> bool:
@@ -53,12 +63,12 @@ class RouterLogic:
     async def _call(self, subject: str, call: cpb.Call) -> cpb.Answer:
         nc = self.bus.nc
         if nc is None or not nc.is_connected:
-            self._unavailable()
+            self._unavailable(subject)
             raise Rejected(pb.UNAVAILABLE, "the cluster bus is unreachable; retry later")
         try:
             msg = await nc.request(subject, call.SerializeToString(), timeout=self.timeout)
         except Exception as exc:               # no responders, timeout, connection lost
-            self._unavailable()
+            self._unavailable(subject)
             why = type(exc).__name__
             raise Rejected(pb.UNAVAILABLE, f"no router answered ({why}); retry later") from None
         self.unavailable_since = None
@@ -67,10 +77,29 @@ class RouterLogic:
             raise Rejected(answer.reason, answer.message)
         return answer
 
-    def _unavailable(self) -> None:
+    def _unavailable(self, subject: str) -> None:
         self.unavailable_calls += 1
         if self.unavailable_since is None:
             self.unavailable_since = time.monotonic()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_until_back(subject))
+
+    async def _probe_until_back(self, subject: str) -> None:
+        """Ask the router of the failed call's partition (or any router) for
+        something harmless until it answers."""
+        prefix = subject.rpartition(".")[0]
+        probe = (f"{prefix}.revoked" if subject.startswith(S.RPC_ANY.format(""))
+                 else f"{prefix}.stats")
+        while self.unavailable_since is not None:
+            await asyncio.sleep(PROBE_INTERVAL)
+            nc = self.bus.nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                await nc.request(probe, cpb.Call().SerializeToString(), timeout=self.timeout)
+            except Exception:
+                continue
+            self.unavailable_since = None
 
     def _room_call(self, room: str, op: str, call: cpb.Call):
         return self._call(S.RPC.format(S.partition(room, self.partitions), op), call)

@@ -10,6 +10,14 @@ Routers announce themselves on a heartbeat subject; each takes at most its
 fair share (partitions / live routers) and gives back what is over it, so a
 router that joins gets partitions without a restart. A partition nobody took
 for two rounds is taken by anyone, whatever the shares.
+
+A router that loses its NATS connection stops serving every partition at
+once (:meth:`Leases.suspend`): while it is away its leases may expire and
+another router may take them, and it must not answer for them when it is
+back until it has renewed them. When the connection returns
+(:meth:`Leases.resume`) a round runs at once; a key that still names this
+router (its lease did not expire, or a renewal of it landed late) is taken
+back at its current revision.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class Leases:
         self._free_rounds: dict[int, int] = {}
         self._task: asyncio.Task | None = None
         self._sub = None
+        self._lock = asyncio.Lock()             # one round at a time
+        self._suspended_at: float | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(HEARTBEAT, cb=self._heartbeat)
@@ -73,9 +83,40 @@ class Leases:
             except Exception:
                 log.warning("lease round failed", exc_info=True)
 
+    async def suspend(self) -> None:
+        """The connection is lost: serve nothing until the leases are renewed."""
+        if self._suspended_at is None:
+            self._suspended_at = time.monotonic()
+        for p in list(self.owned):
+            await self._lose(p)
+
+    async def resume(self) -> None:
+        """The connection is back: renew or take partitions now."""
+        if self._suspended_at is not None:
+            # Heartbeats went unheard while this router was away, not
+            # unsent: the routers it knew count as live for another ttl, or
+            # it would take every partition (a share of all) and give most
+            # back a round later, each without a server meanwhile.
+            away = time.monotonic() - self._suspended_at
+            self._suspended_at = None
+            for router in self._routers:
+                self._routers[router] += away
+        self._routers[self.router_id] = time.monotonic()
+        try:
+            await self._beat()
+            await self.round()
+        except Exception:
+            log.warning("lease round after reconnecting failed", exc_info=True)
+
     async def round(self) -> None:
         """Renew what is owned, give back what is over the share, take what
         is free."""
+        if not self.nc.is_connected:
+            return                               # suspended; resume() runs one
+        async with self._lock:
+            await self._round()
+
+    async def _round(self) -> None:
         for p, revision in list(self.owned.items()):
             try:
                 self.owned[p] = await self.kv.update(f"p{p}", self.router_id.encode(),
@@ -99,7 +140,24 @@ class Leases:
                 entry = await self.kv.get(f"p{p}")
                 holder = entry.value
             except KeyValueError:
-                holder = None
+                entry = holder = None
+            if holder == self.router_id.encode():
+                # This router's own lease, from before a disconnect: take it
+                # back at its current revision, or give it back now.
+                if len(self.owned) >= share:
+                    try:
+                        await self.kv.delete(f"p{p}", last=entry.revision)
+                    except Exception:
+                        pass
+                    continue
+                try:
+                    self.owned[p] = await self.kv.update(f"p{p}", holder, last=entry.revision)
+                except KeyValueError:
+                    continue
+                self._free_rounds.pop(p, None)
+                log.info("router %s owns partition %d again", self.router_id, p)
+                await self.on_gain(p)
+                continue
             if holder:
                 self._free_rounds.pop(p, None)
                 continue

@@ -11,7 +11,10 @@ answered with a ``cluster.v1.Answer``):
   to the journal; the answer goes back when JetStream has stored it. A
   message refused by JetStream or unanswered in time is answered
   ``UNAVAILABLE`` and the room's state is read again from the stream before
-  its next message, so no seq is given twice and none is skipped;
+  its next message, so no seq is given twice and none is skipped. The first
+  append after reading a room's head goes alone, and JetStream stores it
+  only if the room's last message is still the one read; the room's next
+  messages wait for its outcome, then follow each other without waiting;
 * ``login``, ``logout``: the one-login-per-device-class rule, kept in a KV
   bucket so a takeover keeps it;
 * ``revoke``, ``revoked`` (any router, a queue group): revocations, kept in a
@@ -19,6 +22,12 @@ answered with a ``cluster.v1.Answer``):
 
 Calls of one partition are handled in arrival order; the partitions a router
 owns run side by side.
+
+Losing the NATS connection (docs/cluster.md, failure semantics): the router
+keeps nothing to send later, fails every append in flight (outcome unknown),
+stops serving its partitions and forgets every room's state. When NATS is
+back it renews its leases (or another router has them), reads each room's
+head again on first use, and restarts its watch of the revocations.
 """
 
 from __future__ import annotations
@@ -77,6 +86,12 @@ class Router:
         self._logins: dict[str, str] = {}
         self._levels: dict[str, tuple[int, float]] = {}
         self._tasks: list[asyncio.Task] = []
+        self._watch: asyncio.Task | None = None
+        #: Rooms whose head was just read: their next append goes alone,
+        #: expecting the stream sequence read (None: the room had no history).
+        self._unproven: dict[str, int | None] = {}
+        #: Rooms whose first append after a head read is in flight: its outcome.
+        self._probes: dict[str, asyncio.Future] = {}
         #: Calls answered, by op (for metrics and the benchmark).
         self.calls: dict[str, int] = {}
         self.stored = 0
@@ -85,15 +100,15 @@ class Router:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.nc = await connect(self.servers, self.router_id)
+        self.nc = await connect(self.servers, self.router_id, on_state=self._connection,
+                                buffer_offline=False)
         js = self.nc.jetstream(timeout=self.ack_timeout)
         await provision(js, self.settings)
         self.journal = Journal(self.nc, ack_timeout=self.ack_timeout)
         await self.journal.start()
         self._login_kv = await js.key_value(S.LOGIN_BUCKET)
-        revocations = await js.key_value(S.REVOCATION_BUCKET)
-        self._revocation_kv = revocations
-        self._tasks.append(asyncio.ensure_future(self._watch_revocations(revocations)))
+        self._revocation_kv = await js.key_value(S.REVOCATION_BUCKET)
+        self._watch = asyncio.ensure_future(self._watch_revocations(self._revocation_kv))
         await self.nc.subscribe(S.RPC_ANY.format("*"), queue=S.ROUTER_QUEUE, cb=self._call)
         await self.nc.subscribe(S.DEGRADATION, cb=self._degradation)
         self.leases = Leases(self.nc, await js.key_value(S.LEASE_BUCKET), self.router_id,
@@ -104,8 +119,9 @@ class Router:
         log.info("router %s serving partitions %s", self.router_id, sorted(self.leases.owned))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._watch]:
+            if task is not None:
+                task.cancel()
         if self.leases is not None:
             await self.leases.close()
         if self.journal is not None:
@@ -115,6 +131,23 @@ class Router:
                 await self.nc.drain()
             except Exception:
                 await self.nc.close()
+
+    async def _connection(self, connected: bool) -> None:
+        if self.leases is None:
+            return                       # still starting: start() fails or goes on
+        if not connected:
+            await self.journal.connection_lost()
+            await self.leases.suspend()
+            for room in list(self.sequencer.rooms):
+                self.sequencer.forget(room)
+            return
+        # The consumer behind the watch may be gone with the server: a new
+        # watch reads every revocation again (the bucket keeps the latest).
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = asyncio.ensure_future(self._watch_revocations(self._revocation_kv))
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.ensure_future(self.leases.resume()))
 
     async def _gain(self, p: int) -> None:
         self._subs[p] = await self.nc.subscribe(S.RPC.format(p, "*"), cb=self._call,
@@ -181,8 +214,10 @@ class Router:
             return state
         if last is not None:
             self.sequencer.restore(room, last.epoch, last.seq)
+            self._unproven[room] = last.stream_seq or None
         else:
             self.sequencer.ensure(room)              # no history: a new epoch
+            self._unproven[room] = None
         return self.sequencer.rooms[room]
 
     async def _head(self, call, reply):
@@ -216,14 +251,28 @@ class Router:
         self.sequencer.check(kind, call.payload, call.priority)
         room = call.room
         check_room_name(room)
+        while (probe := self._probes.get(room)) is not None:
+            await probe              # the room's first append after its head was read
         await self._room(room)
         if not self.nc.is_connected:
             raise Rejected(pb.UNAVAILABLE, "the router lost its NATS connection")
         epoch, seq, record, sampled = self.sequencer.assign(
             room, kind, call.payload, sender=call.sender,
             priority=call.priority)
+        # After a head read (a takeover, a failure, a reconnect) the head may
+        # be stale, or appends of before may still land: this one goes alone
+        # and is stored only on the head read, so a later message cannot be
+        # stored while this seq is not (a hole).
+        first = room in self._unproven
+        expect_last = self._unproven.pop(room, None)
+        if first:
+            probe = self._probes[room] = asyncio.get_running_loop().create_future()
 
         async def done(result):
+            if first:
+                if self._probes.get(room) is probe:
+                    del self._probes[room]
+                probe.set_result(None)
             if isinstance(result, Ack) and not result.duplicate:
                 self.stored += 1
                 answer = cpb.Answer(epoch=epoch, seq=seq)
@@ -238,9 +287,13 @@ class Router:
             if reply:
                 await self._answer(reply, answer)
         try:
-            await self.journal.append(room, epoch, seq, record, sampled, done)
+            await self.journal.append(room, epoch, seq, record, sampled, done,
+                                      expect_last=expect_last)
         except JournalError as exc:
             self.sequencer.forget(room)
+            if first:
+                self._probes.pop(room, None)
+                probe.set_result(None)
             raise Rejected(pb.UNAVAILABLE, str(exc)) from None
         return None                      # answered by ``done``
 
@@ -297,6 +350,7 @@ class Router:
 
     async def _watch_revocations(self, kv) -> None:
         while True:
+            watcher = None
             try:
                 watcher = await kv.watchall()
                 async for entry in watcher:
@@ -311,6 +365,12 @@ class Router:
             except Exception:
                 log.warning("revocation watch failed; restarting it", exc_info=True)
                 await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
 
     async def _degradation(self, msg) -> None:
         try:

@@ -230,6 +230,8 @@ class AdminHost(Protocol):
     async def publish(self, room: str, kind: int | str, payload: bytes, *, sender: str,
                       priority: int = 0) -> int: ...
 
+    def not_ready_because(self) -> list[str]: ...
+
     async def disconnect_user(self, user: str, message: str = "") -> int: ...
 
     async def revoke(self, user: str, before: float) -> int: ...
@@ -451,7 +453,8 @@ class AdminServer:
         node = self.node
         ready = node.ready
         return web.json_response({"ready": ready, "draining": node.draining,
-                                  "degradation_level": node.degradation_level},
+                                  "degradation_level": node.degradation_level,
+                                  "not_ready_because": node.not_ready_because()},
                                  status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
