@@ -18,7 +18,7 @@ import pytest
 
 from fanout._testbase.process import Proc
 from fanout.client import Client
-from fanout.cluster.natsproc import free_port
+from fanout.cluster.natsproc import free_port, free_port_run
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.auth import mint
 
@@ -31,27 +31,6 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in fh.read().split()]
     except OSError:
         return []
-
-
-def _free_run(count: int) -> int:
-    """A port below the ephemeral range with ``count`` free ports from it
-    (ports the NATS server picks at random cannot take them)."""
-    import random
-    import socket
-    while True:
-        base = random.randrange(20000, 30000)
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
 
 
 def _alive(pid: int) -> bool:
@@ -84,7 +63,7 @@ async def _one_message(port_a: int, port_b: int) -> pb.RoomMessage:
 
 @pytest.mark.parametrize("node_loop", ["uvloop"])
 async def test_fanout_cluster_starts_prints_and_stops_everything(tmp_path, node_loop):
-    base = _free_run(4)
+    base = free_port_run(4)
     proc = Proc([sys.executable, "-m", "fanout", "cluster", "--nodes", "2", "--nats-port", "0",
                  "--base-port", str(base), "--loop", node_loop], "cluster",
                 env={**os.environ, "FANOUT_SECRET": SECRET, **SUITE_ADMISSION},
@@ -109,7 +88,7 @@ async def test_fanout_cluster_starts_prints_and_stops_everything(tmp_path, node_
 @pytest.mark.parametrize("node_loop", ["uvloop"])
 async def test_workers_share_one_port_and_each_has_its_admin_api(tmp_path, node_loop):
     port = free_port()
-    admin = _free_run(2)
+    admin = free_port_run(2)
     proc = Proc([sys.executable, "-m", "fanout", "node", "--workers", "2", "--port", str(port),
                  "--admin-port", str(admin), "--api-key", API_KEY, "--loop", node_loop,
                  "--node-id", "host"], "workers",

@@ -41,6 +41,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int, low: int = 20000, high: int = 30000) -> int:
+    """The first of ``count`` consecutive free ports, below the kernel's
+    ephemeral range (so that ports picked at random, as nats-server's and
+    free_port's are, cannot take them meanwhile)."""
+    import random
+    while True:
+        base = random.randrange(low, high - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 class NatsServer:
     """One nats-server process with JetStream.
 
