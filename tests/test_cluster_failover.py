@@ -22,6 +22,7 @@ import time
 
 import aiohttp
 import nats
+from nats.js.errors import KeyValueError
 import pytest
 
 from fanout.client import Client
@@ -193,12 +194,21 @@ class Load:
         return figures
 
 
-async def _owner(url: str, room: str) -> str:
-    """The router holding the room's partition lease."""
+async def _owner(url: str, room: str, wait: float = 10.0) -> str:
+    """The router holding the room's partition lease (waiting while the
+    partition is between routers: the second router's arrival moves half
+    of them)."""
     nc = await nats.connect(url)
+    deadline = time.monotonic() + wait
     try:
         kv = await nc.jetstream().key_value(S.LEASE_BUCKET)
-        return (await kv.get(f"p{S.partition(room)}")).value.decode()
+        while True:
+            try:
+                return (await kv.get(f"p{S.partition(room)}")).value.decode()
+            except KeyValueError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
     finally:
         await nc.close()
 

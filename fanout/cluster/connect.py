@@ -41,6 +41,9 @@ class ClusterSettings:
     #: Seconds within which JetStream drops a second copy of one (room,
     #: epoch, seq): a router that lost its lease cannot overwrite a seq.
     duplicate_window_s: float = 120.0
+    #: Seconds a revocation is kept: the longest token lifetime, after which
+    #: every token it covers has expired (``max_token_lifetime_s``).
+    revocation_ttl_s: float = 86_400.0
 
 
 def _drop_unsent(nc: nats.NATS) -> None:
@@ -148,7 +151,7 @@ async def _provision(js, settings: ClusterSettings) -> None:
         sources=[api.StreamSource(name=S.HISTORY_STREAM)]))
     for bucket, ttl in ((S.LEASE_BUCKET, settings.lease_ttl_s),
                         (S.LOGIN_BUCKET, None),
-                        (S.REVOCATION_BUCKET, None)):
+                        (S.REVOCATION_BUCKET, settings.revocation_ttl_s)):
         try:
             await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
                                       replicas=settings.replicas,

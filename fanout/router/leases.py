@@ -53,6 +53,7 @@ class Leases:
         self._sub = None
         self._lock = asyncio.Lock()             # one round at a time
         self._suspended_at: float | None = None
+        self._wanting = False                   # below the fair share at the last round
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(HEARTBEAT, cb=self._heartbeat)
@@ -74,7 +75,10 @@ class Leases:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            # Below its share (a router joined, or one gave partitions
+            # back), a router looks again soon: a partition given back has
+            # no server until someone takes it.
+            await asyncio.sleep(self.ttl / 3 if not self._wanting else min(self.ttl / 3, 0.2))
             try:
                 await self._beat()
                 await self.round()
@@ -172,6 +176,7 @@ class Leases:
             self._free_rounds.pop(p, None)
             log.info("router %s owns partition %d", self.router_id, p)
             await self.on_gain(p)
+        self._wanting = len(self.owned) < share
 
     async def _lose(self, p: int) -> None:
         if self.owned.pop(p, None) is not None:

@@ -389,7 +389,8 @@ def router_from_config(config, *, router_id: str = "", partitions: int = S.PARTI
     return Router(
         config.nats, router_id=router_id, partitions=partitions,
         settings=ClusterSettings(history_per_room=config.history_per_room,
-                                 replicas=config.cluster_replicas),
+                                 replicas=config.cluster_replicas,
+                                 revocation_ttl_s=config.max_token_lifetime_s),
         sequencer=Sequencer(max_publish_bytes=config.max_publish_bytes,
                             room_budget=config.room_budget,
                             chat_sample_every=config.chat_sample_every,

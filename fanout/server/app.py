@@ -60,7 +60,8 @@ def cluster_parts(config: NodeConfig) -> tuple[Bus, Logic]:
     timeout = config.rpc_timeout_ms / 1000
     bus = NatsBus(config.nats, node_id=node_id(config), request_timeout=timeout,
                   settings=ClusterSettings(history_per_room=config.history_per_room,
-                                           replicas=config.cluster_replicas),
+                                           replicas=config.cluster_replicas,
+                                           revocation_ttl_s=config.max_token_lifetime_s),
                   presence_ttl=max(5.0, 3 * config.presence_interval_ms / 1000))
     return bus, RouterLogic(bus, timeout=timeout)
 

@@ -62,6 +62,7 @@ cdef enum:
     R_TOKEN_REVOKED = 39
     R_INTERNAL_ERROR = 40
     R_ADDRESS_LIMIT = 41
+    R_UNAVAILABLE = 42
 
 # message kinds (fanout.proto Kind)
 cdef enum:
@@ -71,4 +72,4 @@ cdef enum:
 
 # one past the largest reason code: size of per-reason counter arrays
 cdef enum:
-    REASON_LIMIT = 42
+    REASON_LIMIT = 43
