@@ -74,6 +74,8 @@ async def connect(servers: str | list[str], name: str, *,
     async def disconnected():
         if not buffer_offline:
             _drop_unsent(nc)
+        if nc.is_closed or nc.is_draining:
+            return                        # closing on purpose, not a loss
         log.warning("%s: lost the NATS connection; reconnecting", name)
         if on_state is not None:
             result = on_state(False)

@@ -40,7 +40,7 @@ import time
 
 from ..cluster import history
 from ..cluster import subjects as S
-from ..cluster.connect import ClusterSettings, connect, provision
+from ..cluster.connect import ClusterSettings, close_quietly, connect, provision
 from ..cluster.journal import Ack, Journal, JournalError
 from ..logic.admission import ChatAdmission
 from ..logic.base import Rejected, check_room_name
@@ -126,11 +126,7 @@ class Router:
             await self.leases.close()
         if self.journal is not None:
             await self.journal.close()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+        await close_quietly(self.nc)
 
     async def _connection(self, connected: bool) -> None:
         if self.leases is None:
