@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 import nats
 from nats.js import api
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
-from nats.js.errors import BadRequestError, ServiceUnavailableError
+from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
 
 from . import subjects as S
 
@@ -103,10 +103,16 @@ async def connect(servers: str | list[str], name: str, *,
     return nc
 
 
+#: JetStream's "stream name already in use with a different configuration".
+STREAM_NAME_IN_USE = 10058
+
+
 async def _ensure_stream(js, config: api.StreamConfig) -> None:
     try:
         await js.add_stream(config)
-    except BadRequestError:
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
         # Exists with another configuration (settings changed): update it.
         await js.update_stream(config)
 
@@ -123,7 +129,10 @@ async def _patiently(step: Callable[[], Awaitable[None]], what: str) -> None:
     while True:
         try:
             return await step()
-        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError) as exc:
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, APIError) as exc:
+            # A cluster that just formed answers some requests with errors
+            # (no meta leader yet, a stream half made): every step is
+            # idempotent, so try again until the patience runs out.
             if asyncio.get_running_loop().time() > deadline:
                 raise
             log.info("provisioning %s: JetStream not ready (%r); retrying", what, exc)
@@ -158,8 +167,10 @@ async def _provision(js, settings: ClusterSettings) -> None:
             await js.create_key_value(bucket=bucket, ttl=ttl, history=1,
                                       replicas=settings.replicas,
                                       storage=api.StorageType.FILE)
-        except BadRequestError:
-            pass                                  # exists
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            # Exists (maybe made with other settings: kept as it is).
 
 
 async def close_quietly(nc) -> None:
