@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .config import NodeConfig
@@ -28,6 +29,26 @@ def admin_port(config: NodeConfig, index: int) -> int:
     if config.admin_port <= 0:
         return config.admin_port
     return config.admin_port + index
+
+
+def _wait_ready(router: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until the router serves (its first line), so that the workers' first
+    joins find it; then its output is passed on."""
+    deadline = time.monotonic() + timeout
+    for line in router.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.startswith("fanout router"):
+            break
+        if time.monotonic() > deadline:
+            break
+    threading.Thread(target=_forward, args=(router.stdout,), daemon=True).start()
+
+
+def _forward(stream) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def run(config: NodeConfig, argv: list[str]) -> int:
@@ -61,8 +82,9 @@ def run(config: NodeConfig, argv: list[str]) -> int:
             url = nats.url
             router = subprocess.Popen([sys.executable, "-m", "fanout", "router", "--nats", url,
                                        "--loop", config.loop, "--log-level", config.log_level],
-                                      start_new_session=True)
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
             procs.append(router)
+            _wait_ready(router)
             print(f"fanout workers: started nats-server {url} and a router "
                   f"(data in {workdir})", flush=True)
         for i in range(config.workers):
