@@ -296,7 +296,7 @@ async def test_history_and_presence_of_a_single_node(start_node):
 async def test_a_node_without_members_of_a_room_receives_none_of_it(cluster):
     cluster.start_nats()
     cluster.start_router()
-    a, b = cluster.start_node(), cluster.start_node()
+    a, b = cluster.start_node(), cluster.start_node("--room-release-s", "1")
     room = "stage"
     subject = S.room_subject(room)
     viewer_a = await connect(a, "viewer-a", rooms=(room,))
@@ -333,6 +333,27 @@ async def test_a_node_without_members_of_a_room_receives_none_of_it(cluster):
         assert metric(b, "fanout_bus_messages_received_total") == 1
         assert metric(b, "fanout_bus_connected") == 1 and metric(b, "fanout_router_reachable") == 1
         assert metric(b, "fanout_bus_holes_lost_total") == 0
+        await viewer_b.close()
+        # ... and loses it once its last member there has been gone for
+        # room_release_s (1 s here), though the room stays busy.
+        wait_for(lambda: subject not in subs("fanout-node node-1"), 10)
+        received = metric(b, "fanout_bus_messages_received_total")
+        for _ in range(50):
+            status, _body = admin(a, "POST", "/v1/publish",
+                                  {"room": room, "kind": "gift", "payload": payload})
+            assert status == 200
+        wait_for(lambda: metric(a, "fanout_bus_messages_received_total") == 251)
+        assert metric(b, "fanout_bus_messages_received_total") == received
+        # A member back on B resumes from B's ring, loaded again from JetStream.
+        epoch = viewer_a.cursor(room)[0]
+        viewer_b = await connect(b, "viewer-b2")
+        await viewer_b.join(room, last_seq=200, epoch=epoch)
+        seqs = []
+        while len(seqs) < 51:
+            event = await viewer_b.next_event(timeout=5)
+            assert isinstance(event, pb.RoomMessage), event
+            seqs.append(event.seq)
+        assert seqs == list(range(201, 252))
         await viewer_b.close()
     finally:
         await viewer_a.close()

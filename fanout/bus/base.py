@@ -57,6 +57,12 @@ class Bus(Protocol):
     def connected(self) -> bool:
         """Whether the bus can carry messages now (readiness)."""
 
+    @property
+    def keeps_history(self) -> bool:
+        """Whether :meth:`history` serves the rooms' messages: a node then
+        stops holding a room soon after its last member leaves, since the
+        room's recent history is loaded again when one comes back."""
+
     async def history(self, room: str, after_seq: int = 0) -> Sequence | None:
         """The room's stored messages after ``after_seq`` (``Stored``
         tuples: stream_seq, epoch, seq, record, sampled), oldest first; None

@@ -13,6 +13,7 @@ class LocalBus:
     on_control = None
     on_presence_query = None
     connected = True
+    keeps_history = False
 
     def __init__(self) -> None:
         self._rooms: dict[str, list[Handler]] = {}

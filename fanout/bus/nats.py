@@ -92,6 +92,9 @@ class NatsBus:
 
     # ------------------------------------------------------------ lifecycle
 
+    #: JetStream holds every room's history (fanout.cluster.history).
+    keeps_history = True
+
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected

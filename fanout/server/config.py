@@ -86,6 +86,9 @@ class NodeConfig:
                           "(SO_REUSEPORT), joined over the bus", minimum=1)
     reuse_port: int = _field(0, "1: bind the client port with SO_REUSEPORT, shared with "
                              "other processes (set by --workers)", minimum=0)
+    room_release_s: float = _field(10.0, "in a cluster, stop receiving a room's traffic this "
+                                   "long after its last member here left (its history stays "
+                                   "in JetStream for members who come back)", minimum=0)
     rpc_timeout_ms: int = _field(2000, "how long a call to a router (publish, chat, join, "
                                  "login) waits before UNAVAILABLE", minimum=10)
     history_per_room: int = _field(1024, "messages per room the cluster keeps in JetStream "

@@ -530,6 +530,7 @@ class Node:
                                    self._auth_failures)
         self._auth_failures = 0
         self.overload.tick(backlog)
+        self.rooms.release_empty(cfg.room_release_s)
         if now - self._last_room_sweep > ROOM_SWEEP_INTERVAL:
             self._last_room_sweep = now
             self.rooms.sweep(cfg.room_idle_ttl_s)

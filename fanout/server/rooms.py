@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .. import _core
 from ..bus.base import Bus
@@ -43,6 +44,7 @@ class RoomTable:
         self._opening: dict[str, list[asyncio.Future]] = {}
         self._early: dict[str, list[tuple]] = {}   # delivered while the room opens
         self._closing: dict[str, asyncio.Task] = {}
+        self._empty: dict[str, float] = {}        # room -> when its last member left
 
     def __len__(self) -> int:
         return len(self.hub.rooms)
@@ -158,8 +160,27 @@ class RoomTable:
         if room is None:
             return
         room.discard(conn)
-        if not len(room) and self.hub.retire(name):
-            self._released(name)
+        if not len(room):
+            if self.hub.retire(name):
+                self._released(name)
+            elif self._bus.keeps_history:
+                self._empty.setdefault(name, time.monotonic())
+
+    def release_empty(self, grace: float) -> None:
+        """Stop holding rooms that have had no member for ``grace`` seconds
+        (a cluster node: a room's traffic comes only while it has members
+        here; its history stays in JetStream for a member who comes back)."""
+        if not self._empty:
+            return
+        cutoff = time.monotonic() - grace
+        for name, since in list(self._empty.items()):
+            room = self.hub.rooms.get(name)
+            if room is None or len(room):
+                del self._empty[name]           # gone, or a member came back
+            elif since <= cutoff:
+                del self._empty[name]
+                if self.hub.drop(name):
+                    self._released(name)
 
     def sweep(self, idle_ttl: float) -> None:
         """Retire rooms with no members that have been idle for ``idle_ttl`` s."""

@@ -228,6 +228,18 @@ cdef class Hub:
         del self.rooms[room_name]
         return True
 
+    def drop(self, str room_name):
+        """Forget a room with no members now, whatever its history (a
+        cluster node: the history stays in JetStream and is loaded again
+        when a member comes back). A flush still scheduled for it runs on
+        the detached room and writes nothing. Returns whether it was
+        removed; the caller ends the room's bus subscription."""
+        cdef Room room = self.rooms.get(room_name)
+        if room is None or room._members:
+            return False
+        del self.rooms[room_name]
+        return True
+
     def sweep(self, double idle_ttl):
         """Forget rooms with no members, nothing pending and no message for
         ``idle_ttl`` seconds. Returns the names removed; the caller ends
