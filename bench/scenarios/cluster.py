@@ -127,26 +127,23 @@ def cluster_quiet(quick: bool) -> dict:
     rounds = 1 if quick else 2
     settings = dict(room_budget=100000, **OPEN_ADMISSION)
     runs: dict[str, list] = {"single": [], "cluster": []}
+    def measure(node: Node) -> dict:
+        load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
+                                duration + 200, admin_port=node.admin_port,
+                                node_pid=node.proc.pid)
+        return {"latency_ms": latency_summary(load), "gaps": load.get("gaps"),
+                "load_command": cmd, "node_command": node.command}
     for _ in range(rounds):
         node = Node(**settings)
         try:
-            load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
-                                    duration + 200, admin_port=node.admin_port,
-                                    node_pid=node.proc.pid)
+            runs["single"].append(measure(node))
         finally:
             node.stop()
-        runs["single"].append({"latency_ms": latency_summary(load), "gaps": load.get("gaps"),
-                               "load_command": cmd, "node_command": node.command})
         rig = Rig(node_settings=settings, router_flags=_router_flags(settings))
         try:
-            node = rig.nodes[0]
-            load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
-                                    duration + 200, admin_port=node.admin_port,
-                                    node_pid=node.proc.pid)
+            runs["cluster"].append(measure(rig.nodes[0]))
         finally:
             rig.stop()
-        runs["cluster"].append({"latency_ms": latency_summary(load), "gaps": load.get("gaps"),
-                                "load_command": cmd, "node_command": node.command})
 
     def med(kind, p):
         values = [r["latency_ms"].get(p) for r in runs[kind] if r["latency_ms"].get(p) is not None]

@@ -109,14 +109,18 @@ class NatsServer:
         return "\n".join(lines) + "\n"
 
     def start(self, wait: float = 15.0) -> "NatsServer":
+        self.launch()
+        self.wait_ready(wait)
+        return self
+
+    def launch(self) -> None:
+        """Start the process (its config file beside its store); not ready yet."""
         conf = os.path.join(self.store_dir, f"{self.name}.conf")
         with open(conf, "w") as fh:
             fh.write(self._config())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen([binary(), "-c", conf], stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(wait)
-        return self
 
     def wait_ready(self, wait: float = 15.0) -> None:
         """Until the server (and its JetStream) answers its health check."""
@@ -169,12 +173,7 @@ def start_cluster(size: int = 3, *, base_dir: str | None = None,
             routes=[p for j, p in enumerate(cports) if j != i],
             log_file=os.path.join(log_dir, f"nats-{i}.log") if log_dir else None))
     for s in servers:            # start all before waiting: JetStream needs a quorum
-        conf = os.path.join(s.store_dir, f"{s.name}.conf")
-        with open(conf, "w") as fh:
-            fh.write(s._config())
-        out = open(s.log_file, "ab") if s.log_file else subprocess.DEVNULL
-        s.proc = subprocess.Popen([binary(), "-c", conf], stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        s.launch()
     for s in servers:
         s.wait_ready(30.0)
     return servers
