@@ -151,3 +151,13 @@ def test_adversarial_quick(tmp_path):
     assert sum(p["opened"] for p in flood) >= 100
     assert sum(p["bytes_written"] for p in r["attacks"]["closing_flood"]["attacker"]) > 0
     assert r["summary"].startswith("adversarial:")
+
+
+def test_cluster_scenarios_run(tmp_path):
+    """The cluster's benchmarks run end to end (their figures are not
+    checked: a smoke run measures nothing): the router driver gets its calls
+    stored, and every storm client resumes on the surviving node."""
+    router = _run_scenario("router-throughput", tmp_path, 180)
+    assert router["driver"]["stored"] > 0 and router["driver"]["refused"] == 0
+    storm = _run_scenario("reconnect-storm", tmp_path, 300)
+    assert storm["resumed"] == storm["clients"] == 500
