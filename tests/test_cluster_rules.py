@@ -445,3 +445,22 @@ async def test_connects_kicks_disconnects_and_messages_reach_the_event_log(clust
     assert out.returncode == 0, out.stderr
     printed = [json.loads(line) for line in out.stdout.splitlines()]
     assert printed == events
+
+
+async def test_a_publish_batch_keeps_each_rooms_order(cluster):
+    """The admin API pipelines a batch's calls to the routers; each room's
+    messages still get their seqs in the batch's order."""
+    cluster.start_nats()
+    cluster.start_router()
+    node = cluster.start_node()
+    rooms = ["batch-a", "batch-b", "batch-c"]
+    items = [{"room": rooms[i % 3], "kind": "gift", "payload": f"m{i}"} for i in range(60)]
+    status, body = admin(node, "POST", "/v1/publish", {"messages": items})
+    assert status == 200, body
+    seqs = {room: [] for room in rooms}
+    for item, result in zip(items, body["results"]):
+        seqs[item["room"]].append(result["seq"])
+    assert all(s == list(range(1, 21)) for s in seqs.values()), seqs
+    status, body = admin(node, "GET", "/v1/rooms/batch-b/history?limit=20")
+    assert status == 200
+    assert [m["payload"] for m in body["messages"]] == [f"m{i}" for i in range(1, 60, 3)]
