@@ -82,9 +82,6 @@ class NatsBus:
         #: Holes filled from history / holes history could not fill.
         self.holes_filled = 0
         self.holes_lost = 0
-        #: Bytes of room messages received (per room while held; the test of
-        #: interest-based delivery reads this).
-        self.bytes_in: dict[str, int] = {}
         #: Room messages and their bytes received, ever (the node's metrics).
         self.messages_received = 0
         self.bytes_received = 0
@@ -169,7 +166,6 @@ class NatsBus:
         feed.handlers.remove(handler)
         if not feed.handlers:
             del self._feeds[room]
-            self.bytes_in.pop(room, None)
             if feed.filling is not None:
                 feed.filling.cancel()
             await self._unsub(feed.sub)
@@ -185,7 +181,6 @@ class NatsBus:
         item = history.stored(msg)
         if item is None:
             return
-        self.bytes_in[feed.room] = self.bytes_in.get(feed.room, 0) + len(item.record)
         self.messages_received += 1
         self.bytes_received += len(item.record)
         self._offer(feed, item)
