@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from fanout.client import Client
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.auth import mint

@@ -16,21 +16,13 @@ import urllib.request
 
 import pytest
 
-from fanout._testbase.process import Proc
+from fanout._testbase.process import Proc, children
 from fanout.client import Client
 from fanout.cluster.natsproc import free_port, free_port_run
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.auth import mint
 
 from conftest import API_KEY, SECRET, SUITE_ADMISSION
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
 
 
 def _alive(pid: int) -> bool:
@@ -77,7 +69,7 @@ async def test_fanout_cluster_starts_prints_and_stops_everything(tmp_path, node_
         assert ports == [base, base + 2]
         got = await _one_message(ports[0], ports[1])
         assert got.payload == b"across" and got.seq == 1
-        family = _children(proc.pid)
+        family = children(proc.pid)
         assert len(family) == 4                   # nats-server, router, two nodes
     finally:
         proc.send_signal(signal.SIGINT)           # Ctrl-C

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -33,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.scenarios.harness import API_KEY, BUILD, FANOUT, PY, SECRET, Node, Proc
-from bench.scenarios.load import (REF_PREFIX, REF_ROOM, latency_summary, load_args_quiet,
-                                  load_args_reference, run_load, slim)
+from bench.scenarios.load import (latency_summary, load_args_quiet, load_args_reference,
+                                  run_load, slim)
 from bench.scenarios.reference_room import REFERENCE_SETTINGS
-from fanout._testbase.process import CLK_TCK, LISTEN_RE
-from fanout.cluster.natsproc import NatsServer, free_port_run
+from fanout._testbase.process import LISTEN_RE, children, cpu_seconds
+from fanout.cluster.natsproc import NatsServer, free_port, free_port_run
 
 TARGETS = {
     "cluster-quiet": "p99 added by the NATS hop and the router <= 1 ms",
@@ -50,21 +49,6 @@ TARGETS = {
 OPEN_ADMISSION = dict(max_conns_per_ip=100000, max_unauthenticated=20000,
                       max_unauthenticated_per_ip=20000, conn_rate_per_ip=100000,
                       conn_burst_per_ip=100000, shed_after_refusals=0)
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError):
-        return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def cmdline(pid: int) -> str:
@@ -241,7 +225,7 @@ def workers_reference(quick: bool) -> dict:
 
     # Two workers on one port, joined by NATS (a router beside them).
     rig = Rig(nodes=0, router_flags=_router_flags(settings))
-    port = _free_port()
+    port = free_port()
     admin = free_port_run(2)
     flags = ["--secret", SECRET, "--api-key", API_KEY, "--log-level", "WARNING",
              "--port", str(port), "--admin-port", str(admin), "--workers", "2",
@@ -292,11 +276,6 @@ def workers_reference(quick: bool) -> dict:
                       f"{two['deliveries_per_s']} deliveries/s p99 {two['latency_ms'].get('p99')} "
                       f"ms cpu {two['cpu_s']}; gaps {single['gaps']}/{two['gaps']}")
     return out
-
-
-def _free_port() -> int:
-    from fanout.cluster.natsproc import free_port
-    return free_port()
 
 
 def _wait_lines(proc: Proc, pattern: str, count: int, timeout: float) -> None:

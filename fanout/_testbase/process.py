@@ -19,6 +19,24 @@ ADMIN_RE = r"fanout admin API listening on (\S+):(\d+)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc);
+    NaN once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError):
+        return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    """The pids of process ``pid``'s children (from /proc)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class Proc:
     """A child process whose stdout lines a thread collects (``wait_line``)
     and whose stderr goes to a log file: ``log_path``, kept after the process
@@ -98,11 +116,7 @@ class Proc:
 
     def cpu(self) -> float:
         """User + system CPU seconds so far (from /proc)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK
-        except (OSError, IndexError):
-            return float("nan")
+        return cpu_seconds(self.pid)
 
     def rss_kib(self) -> int:
         """Resident set (VmRSS), KiB: the process's user-space memory."""

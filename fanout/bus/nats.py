@@ -71,7 +71,6 @@ class NatsBus:
         self.request_timeout = request_timeout
         self.presence_ttl = presence_ttl
         self.nc = None
-        self.js = None
         self.journal: Journal | None = None
         self._feeds: dict[str, _Feed] = {}
         self._presence: dict[str, dict[str, tuple[int, float]]] = {}   # room -> node -> (n, until)
@@ -99,8 +98,7 @@ class NatsBus:
     async def start(self) -> None:
         self.nc = await connect(self.servers, f"fanout-node {self.node_id}",
                                 on_state=self._state)
-        self.js = self.nc.jetstream(timeout=self.request_timeout)
-        await provision(self.js, self.settings)
+        await provision(self.nc.jetstream(timeout=self.request_timeout), self.settings)
         self.journal = Journal(self.nc, ack_timeout=self.request_timeout)
         await self.journal.start()
         await self.nc.subscribe(S.CONTROL, cb=self._control)

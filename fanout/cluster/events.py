@@ -10,14 +10,12 @@ from the protobuf record the router stored.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import sys
 
 from nats.js import api
 
-from ..protocol import fanout_pb2 as pb
-from ..protocol.wire import KIND_NAMES
+from ..protocol.wire import record_json
 from . import subjects as S
 from .connect import connect
 
@@ -25,17 +23,9 @@ from .connect import connect
 def describe(msg) -> dict:
     """One event-log message as a JSON-able dict."""
     if msg.subject.startswith("fanout.hist."):
-        headers = msg.headers or {}
-        batch = pb.Batch.FromString(msg.data)
-        m = batch.messages[0]
-        out = {"event": "message", "room": m.room, "epoch": headers.get(S.H_EPOCH, ""),
-               "seq": m.seq, "kind": KIND_NAMES.get(m.kind, str(m.kind)), "sender": m.sender,
-               "server_ts_ms": m.server_ts_ms}
-        try:
-            out["payload"] = m.payload.decode("utf-8")
-        except UnicodeDecodeError:
-            out["payload_b64"] = base64.b64encode(m.payload).decode("ascii")
-        return out
+        m, out = record_json(msg.data)
+        return {"event": "message", "room": m.room,
+                "epoch": (msg.headers or {}).get(S.H_EPOCH, ""), **out}
     try:
         return json.loads(msg.data)
     except ValueError:

@@ -72,10 +72,6 @@ class Journal:
         self._sub = None
         self._timer: asyncio.TimerHandle | None = None
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._waiting)
-
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_ack)

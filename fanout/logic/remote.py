@@ -41,7 +41,6 @@ class RouterLogic:
         self.node_id = node_id or bus.node_id
         self.partitions = partitions
         self.timeout = timeout
-        self._level = 0
         #: When the last call failed for want of a router (monotonic), for readiness.
         self.unavailable_since: float | None = None
         #: Calls refused UNAVAILABLE so far (the node's metrics).
@@ -171,7 +170,6 @@ class RouterLogic:
     def set_degradation(self, level: int) -> None:
         """Tell the routers this node's overload level (they tighten chat by
         the highest level any node reports)."""
-        self._level = level
         nc = self.bus.nc
         if nc is not None and nc.is_connected:
             asyncio.ensure_future(nc.publish(S.DEGRADATION, cpb.Call(

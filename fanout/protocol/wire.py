@@ -16,6 +16,7 @@ The body is the protobuf message of the frame type
 
 from __future__ import annotations
 
+import base64
 import enum
 import struct
 
@@ -306,3 +307,18 @@ def decode_message(ftype: int, body: bytes) -> Message:
         return cls.FromString(body)
     except DecodeError as exc:
         raise WireError(pb.BAD_PROTOBUF, f"{cls.__name__} body does not parse: {exc}") from None
+
+
+def record_json(record: bytes) -> tuple[pb.RoomMessage, dict]:
+    """A stored room message (one ``Batch.messages`` record, as a router
+    encodes it) and the fields every JSON view of it shows: seq, kind name,
+    sender, server_ts_ms, and the payload as text, or base64 as
+    ``payload_b64`` when it is not UTF-8."""
+    msg = pb.Batch.FromString(record).messages[0]
+    out = {"seq": msg.seq, "kind": KIND_NAMES.get(msg.kind, str(msg.kind)),
+           "sender": msg.sender, "server_ts_ms": msg.server_ts_ms}
+    try:
+        out["payload"] = msg.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        out["payload_b64"] = base64.b64encode(msg.payload).decode("ascii")
+    return msg, out

@@ -92,10 +92,6 @@ class Router:
         self._unproven: dict[str, int | None] = {}
         #: Rooms whose first append after a head read is in flight: its outcome.
         self._probes: dict[str, asyncio.Future] = {}
-        #: Calls answered, by op (for metrics and the benchmark).
-        self.calls: dict[str, int] = {}
-        self.stored = 0
-        self.refused_unavailable = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -175,7 +171,6 @@ class Router:
 
     async def _call(self, msg) -> None:
         op = msg.subject.rpartition(".")[2]
-        self.calls[op] = self.calls.get(op, 0) + 1
         try:
             call = cpb.Call.FromString(msg.data)
             handler = self._ops.get(op)
@@ -270,13 +265,11 @@ class Router:
                     del self._probes[room]
                 probe.set_result(None)
             if isinstance(result, Ack) and not result.duplicate:
-                self.stored += 1
                 answer = cpb.Answer(epoch=epoch, seq=seq)
             else:
                 # Not stored (or unknown): the next message of the room
                 # must start from what the stream holds.
                 self.sequencer.forget(room)
-                self.refused_unavailable += 1
                 why = ("another router stored this seq (ownership moved)"
                        if isinstance(result, Ack) else str(result))
                 answer = cpb.Answer(reason=pb.UNAVAILABLE, message=f"not stored: {why}")

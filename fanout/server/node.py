@@ -15,7 +15,6 @@ which hands it its metrics, bus and logic. It owns:
 from __future__ import annotations
 
 import asyncio
-import base64
 import fcntl
 import itertools
 import logging
@@ -31,7 +30,7 @@ from ..logic.base import Logic, Rejected, check_room_name
 from ..logic.revocations import covers
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
-from ..protocol.wire import KIND_CODES, KIND_NAMES
+from ..protocol.wire import KIND_CODES, KIND_NAMES, record_json
 from . import eager
 from .config import NodeConfig
 from .listener import Listener
@@ -62,16 +61,8 @@ def _kernel_unsent(fd: int) -> int:
 
 def _message_json(item) -> dict:
     """A stored record as the admin API shows it."""
-    batch = pb.Batch()
-    batch.MergeFromString(item[3])       # a record is one Batch.messages entry
-    msg = batch.messages[0]
-    out = {"seq": msg.seq, "epoch": item[1], "kind": KIND_NAMES.get(msg.kind, str(msg.kind)),
-           "sender": msg.sender, "server_ts_ms": msg.server_ts_ms, "priority": msg.priority}
-    try:
-        out["payload"] = msg.payload.decode("utf-8")
-    except UnicodeDecodeError:
-        out["payload_b64"] = base64.b64encode(msg.payload).decode("ascii")
-    return out
+    msg, out = record_json(item[3])
+    return {**out, "epoch": item[1], "priority": msg.priority}
 
 
 def parse_kind(kind: int | str) -> int:
