@@ -8,6 +8,10 @@
   run itself, log-log.
 * ``latency_cdf.png``: latency CDF of the engine in reference-room and
   quiet-rooms, and of the naive and websockets peers in reference-room.
+* ``scaling_viewers.png`` and ``latency_vs_offered_load.png``: from
+  ``scaling.json`` (``python -m bench.scenarios scaling``): deliveries/s and
+  p99 against viewers for 1 and 2 writer threads, and latency against 1x-5x
+  the reference rate with the node's degradation.
 
 Only figures of one run are drawn together; the machine is in the title.
 """
@@ -139,6 +143,69 @@ def plot_latency(results: Path, out: Path, plt) -> Path | None:
     return path
 
 
+def plot_scaling(results: Path, out: Path, plt) -> Path | None:
+    """Deliveries/s and p99 against viewers, 1 and 2 writer threads."""
+    data = _load(results / "scaling.json")
+    if not data or not data.get("viewers"):
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    for threads, rows in sorted(data["viewers"].items()):
+        xs = [r["viewers"] for r in rows]
+        style = "-o" if threads == "1" else "--s"
+        a1.plot(xs, [(r["deliveries_per_s"] or 0) / 1e6 for r in rows], style,
+                label=f"{threads} writer thread{'s' if threads != '1' else ''}")
+        a2.plot(xs, [r["latency_ms"].get("p99") for r in rows], style,
+                label=f"{threads} writer thread{'s' if threads != '1' else ''}")
+    xs = sorted({r["viewers"] for rows in data["viewers"].values() for r in rows})
+    a1.plot(xs, [v * data.get("rate_in", 2000) / 1e6 for v in xs], ":", color="grey",
+            label="demand (viewers x 2,000 msg/s)")
+    a1.set_xlabel("viewers in the room")
+    a1.set_ylabel("deliveries/s (millions)")
+    a2.axhline(150, color="grey", linestyle=":", linewidth=1)
+    a2.text(xs[0], 155, "reference p99 goal 150 ms", fontsize=8, color="grey")
+    a2.set_xlabel("viewers in the room")
+    a2.set_ylabel("latency p99 (ms)")
+    m = data.get("machine", {})
+    fig.suptitle(f"One room at 2,000 msg/s: the engine by writer threads\n"
+                 f"{m.get('cpus')} CPUs shared with the viewers' readers", fontsize=10)
+    for ax in (a1, a2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "scaling_viewers.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_offered(results: Path, out: Path, plt) -> Path | None:
+    """Latency p99 against offered load (x the reference rate), with the
+    node's degradation level at the end of each run."""
+    data = _load(results / "scaling.json")
+    if not data or not data.get("offered"):
+        return None
+    rows = data["offered"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    xs = [r["factor"] for r in rows]
+    ax.plot(xs, [r["latency_ms"].get("p99") for r in rows], "-o", label="p99")
+    ax.plot(xs, [r["latency_ms"].get("p50") for r in rows], "--.", label="p50")
+    for r in rows:
+        chat = sum(v for k, v in r["dropped_by_overload_control"].items() if "chat" in k)
+        ax.annotate(f"level {r['level_at_window_end']}\nchat dropped {chat:,.0f}",
+                    (r["factor"], r["latency_ms"].get("p99") or 0), fontsize=7,
+                    textcoords="offset points", xytext=(4, 6))
+    ax.set_xlabel("offered load (x 2,000 msg/s, 10,000 viewers)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Latency against offered load, one writer thread", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "latency_vs_offered_load.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -149,7 +216,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for fn in (plot_deliveries, plot_latency):
+    for fn in (plot_deliveries, plot_latency, plot_scaling, plot_offered):
         path = fn(Path(args.results), out, plt)
         print(f"{fn.__name__}: {path or 'no results to plot'}")
     return 0

@@ -16,6 +16,7 @@ import pytest
 from conftest import API_KEY, token
 from fanout.client import Client
 from fanout.server.logutil import ThrottledLog
+from fanout.server.overload import CALM_SECONDS, OverloadControl
 from inprocess import local_app
 from fanout.protocol import fanout_pb2 as pb
 from rawclient import FT, RawClient
@@ -149,6 +150,21 @@ async def test_degradation_steps_up_at_once_and_recovers_slowly():
             overload.update(0.0, 0)
         assert node.degradation_level == 0 and node.ready
         assert node.hub.max_delay == pytest.approx(base)
+
+
+def test_delivery_delay_degrades_and_recovers():
+    """When the writers fall behind, messages wait longer for their write
+    round: that mean delay degrades the node, without any loop lag."""
+    levels = []
+    control = OverloadControl(lag_degraded_ms=20, lag_overloaded_ms=100,
+                              backlog_degraded_bytes=1 << 30, on_change=levels.append,
+                              delay_degraded_ms=500, delay_overloaded_ms=3000)
+    assert control.tick(0, 0.15) == 0            # a hot room's planned rounds
+    assert control.tick(0, 0.8) == 1
+    assert control.tick(0, 3.5) == 2
+    for _ in range(CALM_SECONDS):
+        control.tick(0, 0.1)
+    assert control.level == 1 and levels == [1, 2, 1]
 
 
 def test_throttled_log_bounds_a_flood(caplog):

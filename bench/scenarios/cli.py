@@ -18,6 +18,7 @@ from bench.scenarios.profiles import profile, profile_quiet, profile_storm
 from bench.scenarios.quiet_rooms import quiet_rooms
 from bench.scenarios.reference_room import reference_room
 from bench.scenarios.report import summarize
+from bench.scenarios.scaling import scaling
 from bench.scenarios.soak import soak
 from bench.scenarios.sweep import sweep
 from bench.scenarios.wire_bytes import wire_bytes
@@ -40,10 +41,11 @@ SCENARIOS = {
     "router-throughput": router_throughput,
     "workers-reference": workers_reference,
     "reconnect-storm": reconnect_storm,
+    "scaling": scaling,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "cluster-quiet", "router-throughput", "workers-reference",
-            "reconnect-storm"}
+            "reconnect-storm", "scaling"}
 
 
 def main(argv: list[str] | None = None) -> int:

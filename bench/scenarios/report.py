@@ -6,7 +6,7 @@ from __future__ import annotations
 from bench.scenarios.load import latency_summary
 
 TARGETS = {
-    "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s",
+    "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s, node at level 0 and ready, loop lag p99 ≤ 5 ms",
     "quiet-rooms": "p99 ≤ 2 ms",
     "idle-connections": "≤ 2 KiB user-space memory per connection",
     "connect-storm": "≥ 10,000 authenticated connects/s",
@@ -25,6 +25,13 @@ def summarize(name: str, r: dict) -> str:
         return (f"reference-room: {e['deliveries_per_s'] / 1e6:.2f}M deliveries/s, "
                 f"gaps {e['gaps']}, latency {latency_summary(e)}, checks {r['checks']}, "
                 f"ratios {r['ratios']} ({r['verdict']})")
+    if name == "scaling":
+        rows = [f"{r['write_threads']}t/{r['viewers']}:{(r['deliveries_per_s'] or 0) / 1e6:.1f}M"
+                f"/p99 {r['latency_ms'].get('p99')}" for rs in r["viewers"].values() for r in rs]
+        offered = [f"{o['factor']}x: p99 {o['latency_ms'].get('p99')} level "
+                   f"{o['level_at_window_end']} dropped {o['dropped_by_overload_control']}"
+                   for o in r["offered"]]
+        return f"scaling: {', '.join(rows)}; {'; '.join(offered)} ({r['verdict']})"
     if name == "quiet-rooms":
         return (f"quiet-rooms: latency {latency_summary(r['engine']['load'])} gaps "
                 f"{r['engine']['load']['gaps']} ({r['verdict']}); naive {r['naive']['latency_ms']}")

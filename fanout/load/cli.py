@@ -52,7 +52,8 @@ def run(cfg: LoadConfig) -> dict:
       (``verified_viewers``, ``unverified_viewers``, ``cut_viewers``, ...);
     * ``config``, ``viewers``, ``viewers_joined``, ``processes``,
       ``decoded_viewers``, ``drain``, ``workers``, ``node_at_window_end``
-      (the node's ``/readyz``: its degradation level).
+      (the node's ``/readyz``: its degradation level), ``node_loop_lag``
+      (the node's event-loop lag over the window, :func:`lag_window`).
 
     :raises LoadError: a worker failed, or no viewer could join.
     :raises ValueError: a bad configuration.
@@ -99,6 +100,7 @@ def run(cfg: LoadConfig) -> dict:
         fleet.send_all("reset_latency")
         win_a = merge(fleet.request("snap"))
         node_a = proc_cpu(cfg.node_pid)
+        lag_a = _node_lag(admin_host, cfg.admin_port) if cfg.admin_port else None
         pub_a = publisher.accepted if publisher else 0
         progress.update("measuring", win_a)
         _wait(fleet, progress, t_pub + length, publisher)
@@ -108,6 +110,7 @@ def run(cfg: LoadConfig) -> dict:
         win_b = merge(fleet.request("snap"))
         node_b = proc_cpu(cfg.node_pid)
         node_state = _node_state(admin_host, cfg.admin_port) if cfg.rate > 0 else None
+        lag_b = _node_lag(admin_host, cfg.admin_port) if lag_a else None
         pub_b = publisher.accepted if publisher else 0
         if publisher is not None and publisher.error:
             raise LoadError(f"publisher failed: {publisher.error}")
@@ -127,7 +130,47 @@ def run(cfg: LoadConfig) -> dict:
                           publisher, drained, driver_cpu0,
                           (node_cpu_start, node_a, node_b, node_cpu_end))
     result["node_at_window_end"] = node_state
+    result["node_loop_lag"] = lag_window(lag_a, lag_b) if lag_a and lag_b else None
     return result
+
+
+_LAG_BUCKET = "fanout_event_loop_lag_seconds_bucket{le=\""
+
+
+def _node_lag(host: str, port: int) -> dict[float, float] | None:
+    """The node's event-loop lag histogram (``/metrics``): cumulative
+    sample counts by upper bound in seconds, or None."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except (OSError, UnicodeDecodeError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(_LAG_BUCKET):
+            bound, _, value = line[len(_LAG_BUCKET):].partition("\"} ")
+            out[float(bound)] = float(value)
+    return out or None
+
+
+def lag_window(a: dict[float, float], b: dict[float, float]) -> dict:
+    """The node's loop lag over the measuring window, from two histogram
+    scrapes: samples, the share at or under each bound, and the p99 as the
+    smallest bound that holds 99% of the samples (the histogram's
+    resolution: 1, 2, 5, 10 ... ms)."""
+    bounds = sorted(b)
+    counts = {k: b[k] - a.get(k, 0.0) for k in bounds}
+    total = counts[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return {"samples": 0}
+    p99 = next((k for k in bounds if counts[k] >= 0.99 * total), float("inf"))
+    return {"samples": int(total),
+            "p99_at_most_ms": p99 * 1000 if p99 != float("inf") else None,
+            "share_at_most_ms": {f"{k * 1000:g}": round(counts[k] / total, 4)
+                                 for k in bounds if k != float("inf")}}
 
 
 def _node_state(host: str, port: int) -> dict | None:

@@ -136,6 +136,8 @@ class NodeConfig:
     chat_sample_every: int = _field(10, "over budget, keep one chat message in this many", minimum=1)
     lag_degraded_ms: float = _field(20.0, "mean event-loop lag over a second that makes the node degrade", minimum=1)
     lag_overloaded_ms: float = _field(100.0, "mean event-loop lag over a second that makes the node overloaded (not ready)", minimum=1)
+    delay_degraded_ms: float = _field(500.0, "mean time a delivered message waited for its flush and write round, over a second, that makes the node degrade", minimum=1)
+    delay_overloaded_ms: float = _field(3000.0, "the same delay that makes the node overloaded (not ready)", minimum=1)
     backlog_degraded_bytes: int = _field(256 << 20, "write backlog across connections that makes the node degrade", minimum=1)
     max_batch_bytes: int = _field(65_536, "flush a room's batch when it reaches this", minimum=256)
     compress_min: int = _field(256, "smallest batch worth lz4 (0: never compress)", minimum=0)
@@ -174,6 +176,8 @@ class NodeConfig:
             raise ConfigError("idle_timeout_ms must be longer than ping_interval_ms")
         if self.lag_overloaded_ms <= self.lag_degraded_ms:
             raise ConfigError("lag_overloaded_ms must be above lag_degraded_ms")
+        if self.delay_overloaded_ms <= self.delay_degraded_ms:
+            raise ConfigError("delay_overloaded_ms must be above delay_degraded_ms")
         if not self.secret:
             raise ConfigError("secret must not be empty")
         if self.uses_dev_secret and not is_loopback(self.host):

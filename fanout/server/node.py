@@ -101,7 +101,10 @@ class Node:
         self.throttled = ThrottledLog(log)
         self.overload = OverloadControl(
             lag_degraded_ms=config.lag_degraded_ms, lag_overloaded_ms=config.lag_overloaded_ms,
-            backlog_degraded_bytes=config.backlog_degraded_bytes, on_change=self._degrade)
+            backlog_degraded_bytes=config.backlog_degraded_bytes, on_change=self._degrade,
+            delay_degraded_ms=config.delay_degraded_ms,
+            delay_overloaded_ms=config.delay_overloaded_ms)
+        self._delay_mark = (0.0, 0)      # the hub's (delay_seconds, delayed_messages) at the last tick
         self._probe: LagProbe | None = None
         self._ids = itertools.count(1)
         self._tag = os.urandom(3).hex()
@@ -498,6 +501,15 @@ class Node:
     def write_backlog_bytes(self) -> int:
         return sum(s.conn.backlog_bytes for s in self.sessions.values())
 
+    def _delivery_delay(self) -> float:
+        """Mean seconds a message delivered since the last call waited
+        between its batch's start and the end of its write."""
+        hub = self.hub
+        seconds, messages = self._delay_mark
+        self._delay_mark = (hub.delay_seconds, hub.delayed_messages)
+        n = hub.delayed_messages - messages
+        return (hub.delay_seconds - seconds) / n if n else 0.0
+
     def _sweep(self) -> None:
         now = self.loop.time()
         cfg = self.config
@@ -528,7 +540,7 @@ class Node:
         self._auth_failures = 0
         # Frames built but waiting for their room's write round are load
         # too: the writer threads are behind.
-        self.overload.tick(backlog + self.hub.waiting_bytes)
+        self.overload.tick(backlog + self.hub.waiting_bytes, self._delivery_delay())
         self.rooms.release_empty(cfg.room_release_s)
         if now - self._last_room_sweep > ROOM_SWEEP_INTERVAL:
             self._last_room_sweep = now

@@ -52,9 +52,15 @@ class OverloadControl:
     """
 
     def __init__(self, *, lag_degraded_ms: float, lag_overloaded_ms: float,
-                 backlog_degraded_bytes: int, on_change: Callable[[int], object]) -> None:
+                 backlog_degraded_bytes: int, on_change: Callable[[int], object],
+                 delay_degraded_ms: float = 1e12, delay_overloaded_ms: float = 1e12) -> None:
         self.lag_degraded = lag_degraded_ms / 1000
         self.lag_overloaded = lag_overloaded_ms / 1000
+        self.delay_degraded = delay_degraded_ms / 1000
+        self.delay_overloaded = delay_overloaded_ms / 1000
+        #: Mean time a delivered message waited in its room's batch and
+        #: write round over the last second, seconds (the node's writers).
+        self.delivery_delay = 0.0
         self.backlog_degraded = backlog_degraded_bytes
         self.level = 0
         #: time.monotonic() at which the next lag probe is due.
@@ -92,25 +98,30 @@ class OverloadControl:
         # before then does not make it late, so it is not discounted.
         self.probe_due = time.monotonic() + LAG_PROBE_INTERVAL
 
-    def tick(self, backlog: int) -> int:
-        """Once a second: decide from the samples since the last tick.
+    def tick(self, backlog: int, delay: float = 0.0) -> int:
+        """Once a second: decide from the samples since the last tick, the
+        write backlog, and ``delay``, the mean time a message delivered in
+        that second waited from its batch's start to its write round's end.
 
-        The mean lag, not the worst: a hot room's flush to 10k sockets blocks
-        the loop for tens of ms by design, and that is no overload. A loop
-        that is saturated is late for most probes."""
+        The mean lag, not the worst: a saturated loop is late for most
+        probes. Large rooms are written by the writer threads, so their
+        rounds no longer make the loop late; when the threads cannot keep
+        up, the messages wait longer instead, which ``delay`` shows."""
         samples = self._lag_samples
         self.loop_lag = self._lag_sum / samples if samples else 0.0
         self.work_lag = self._work_lag_sum / samples if samples else 0.0
         self._lag_sum, self._work_lag_sum, self._lag_samples = 0.0, 0.0, 0
-        return self.update(self.work_lag, backlog)
+        return self.update(self.work_lag, backlog, delay)
 
-    def update(self, lag: float, backlog: int) -> int:
-        """Set the level from a second's mean loop lag and the total write
-        backlog. Steps up at once, down one level after CALM_SECONDS calm
-        seconds. Returns the level."""
-        if lag >= self.lag_overloaded:
+    def update(self, lag: float, backlog: int, delay: float = 0.0) -> int:
+        """Set the level from a second's mean loop lag, the total write
+        backlog and the mean delivery delay. Steps up at once, down one
+        level after CALM_SECONDS calm seconds. Returns the level."""
+        self.delivery_delay = delay
+        if lag >= self.lag_overloaded or delay >= self.delay_overloaded:
             target = 2
-        elif lag >= self.lag_degraded or backlog >= self.backlog_degraded:
+        elif (lag >= self.lag_degraded or backlog >= self.backlog_degraded
+              or delay >= self.delay_degraded):
             target = 1
         else:
             target = 0
@@ -129,8 +140,9 @@ class OverloadControl:
 
     def _set(self, level: int, lag: float, backlog: int) -> None:
         log.warning("load %s -> %s (loop lag from the node's own work %.0f ms, "
-                    "all loop lag %.0f ms, write backlog %d bytes)", LEVEL_NAMES[self.level],
-                    LEVEL_NAMES[level], lag * 1000, self.loop_lag * 1000, backlog)
+                    "all loop lag %.0f ms, write backlog %d bytes, delivery delay %.0f ms)",
+                    LEVEL_NAMES[self.level], LEVEL_NAMES[level], lag * 1000,
+                    self.loop_lag * 1000, backlog, self.delivery_delay * 1000)
         self.level = level
         self._on_change(level)
 

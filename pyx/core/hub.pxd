@@ -43,6 +43,10 @@ cdef class Hub:
     cdef bint _soon_scheduled
     cdef readonly unsigned long long flushes
     cdef readonly double flush_seconds  # CLOCK_MONOTONIC time spent in flushes (overload.py)
+    # how long delivered messages waited, from their batch's first record to
+    # its delivery, summed per message (overload.py: the writers keeping up)
+    cdef readonly double delay_seconds
+    cdef readonly unsigned long long delayed_messages
     cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
     cdef public object error_handler  # f(room_or_connection, exc) or None
 

@@ -240,13 +240,16 @@ cdef class Hub:
 
     cdef void _delivered(self, Room room, Py_ssize_t messages, Py_ssize_t reached,
                          Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *:
+        cdef double delay
         if messages == 0 or reached <= 0:
             return
         room.deliveries += <unsigned long long>(messages * reached)
+        delay = self._loop.time() - first_pending
+        self.delay_seconds += delay * messages
+        self.delayed_messages += <unsigned long long>messages
         if self.flush_observer is not None:
             try:
-                self.flush_observer(messages, reached, raw, wire,
-                                    self._loop.time() - first_pending)
+                self.flush_observer(messages, reached, raw, wire, delay)
             except Exception as exc:
                 self._fault(room, exc)
 
