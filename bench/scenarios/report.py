@@ -4,6 +4,7 @@ the one-line summary printed after it."""
 from __future__ import annotations
 
 from bench.scenarios.load import latency_summary
+from bench.scenarios.node_peers import summary_lines
 
 TARGETS = {
     "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s",
@@ -24,7 +25,10 @@ def summarize(name: str, r: dict) -> str:
         e = r["engine"]["load"]
         return (f"reference-room: {e['deliveries_per_s'] / 1e6:.2f}M deliveries/s, "
                 f"gaps {e['gaps']}, latency {latency_summary(e)}, checks {r['checks']}, "
-                f"ratios {r['ratios']} ({r['verdict']})")
+                f"ratios {r['ratios']} ({r['verdict']})"
+                + "".join("\n" + line for line in summary_lines(r["versus_node_peers"])))
+    if name == "node-peers":
+        return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
     if name == "quiet-rooms":
         return (f"quiet-rooms: latency {latency_summary(r['engine']['load'])} gaps "
                 f"{r['engine']['load']['gaps']} ({r['verdict']}); naive {r['naive']['latency_ms']}")
