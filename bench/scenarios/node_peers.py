@@ -2,6 +2,12 @@
 peers (uWebSockets.js pub/sub, the ws package's broadcast loop) at the
 reference load and flat out, against the engine at both.
 
+Three peers (bench/scenarios/peers.NODE_PEERS): ``uws`` and ``node_ws`` give
+the loop back after every message to a large room, as the Python websockets
+peer does, so each delivery is a send of its own; ``uws_batched`` publishes
+up to 200 due messages per loop turn, and uWS sends each subscriber what it
+got in that turn at once: uWS's own batching, as the engine batches.
+
 The engine is measured over its own TCP protocol (``fanout load``), the
 peers over WebSocket (``c_reader --mode ws``): the engine has no WebSocket
 transport until the WebSocket issue lands, so this compares the engine's TCP
@@ -31,8 +37,8 @@ def require_node_peers() -> None:
 
 
 def run_node_peers(viewers: int, duration: float, room: str) -> dict:
-    """Each Node peer at 2,000 msg/s (``uws``, ``node_ws``) and flat out
-    (``uws_flat_out``, ``node_ws_flat_out``), one room of ``viewers``."""
+    """Each Node peer at 2,000 msg/s (``uws``, ...) and flat out
+    (``uws_flat_out``, ...), one room of ``viewers``."""
     out = {}
     for kind in NODE_PEERS:
         out[kind] = run_node_peer(kind, viewers, 2000, duration, rooms=1, room=room)
@@ -85,7 +91,7 @@ def summary_lines(table: dict) -> list[str]:
         for name, r in (table.get(load_name) or {}).items():
             per_core = r["deliveries_per_core_s"]
             lines.append(
-                f"    {load_name:14} {name:8} {r['deliveries_per_s'] / 1e6:7.3f}M/s on "
+                f"    {load_name:14} {name:11} {r['deliveries_per_s'] / 1e6:7.3f}M/s on "
                 f"{r['cores']} cores = {(per_core or 0) / 1e6:7.3f}M per core-s, "
                 f"p99 {r['p99_ms']} ms, gaps {r['gaps']}"
                 + (f"; engine/peer per core {r['engine_per_core_to_peer']}x, "

@@ -15,8 +15,15 @@ from bench.scenarios.harness import BUILD, PY, ROOT, Proc, build_c
 from bench.scenarios.load import run_load
 
 NODE_PEERS_DIR = ROOT / "bench" / "peers" / "node"
-# Result key -> the Node peer's script (bench/peers/node/).
-NODE_PEERS = {"uws": "uws_server.js", "node_ws": "ws_server.js"}
+# Result key -> the Node peer's script (bench/peers/node/) and its flags.
+# "uws" and "node_ws" give the loop back after each message to a large room,
+# as ws_server.py does; "uws_batched" publishes up to 200 due messages per
+# loop turn, which uWS writes to each subscriber with one send (its own
+# batching; 200 is the engine's batch at the reference load). ws has no such
+# batching: each send() is a write of its own.
+NODE_PEERS = {"uws": ("uws_server.js", []),
+              "uws_batched": ("uws_server.js", ["--burst", 200]),
+              "node_ws": ("ws_server.js", [])}
 # What the Node peers' stream file holds at most; longer runs read it in a loop.
 NODE_STREAM_MAX = 40000
 
@@ -57,7 +64,7 @@ def node_peers_ready() -> str | None:
 
 def run_node_peer(kind: str, viewers: int, rate: float, duration: float, rooms: int,
                   room: str = "room", seed: int = 1) -> dict:
-    """A Node WebSocket peer (``uws`` or ``node_ws``, :data:`NODE_PEERS`) +
+    """A Node WebSocket peer (a key of :data:`NODE_PEERS`) +
     c_reader; the same figures as :func:`run_py_peer`. ``rate`` 0 is flat
     out: each message as soon as the server's loop gets to it."""
     why = node_peers_ready()
@@ -67,9 +74,9 @@ def run_node_peer(kind: str, viewers: int, rate: float, duration: float, rooms: 
     n = min(NODE_STREAM_MAX, int(rate * duration) + 1) if rate > 0 else NODE_STREAM_MAX
     stream_file = BUILD / f"node-stream-{seed}-{n}.jsonl"
     stream.write_node_stream(stream_file, n, seed)
-    argv = [shutil.which("node"), str(NODE_PEERS_DIR / NODE_PEERS[kind]),
-            "--stream", stream_file]
-    label = "uws" if kind == "uws" else "ws"
+    script, flags = NODE_PEERS[kind]
+    argv = [shutil.which("node"), str(NODE_PEERS_DIR / script), "--stream", stream_file, *flags]
+    label = "uws" if script.startswith("uws") else "ws"
     return _run_peer(kind, argv, "ws", label + r" listening on \S+:(\d+)", viewers, rate,
                      duration, rooms, room)
 

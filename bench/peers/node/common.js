@@ -17,7 +17,7 @@ const { performance } = require('perf_hooks');
 
 function parseArgs(argv, doc) {
   const a = { host: '127.0.0.1', port: 0, viewers: 1, rate: 2000, duration: 10, linger: 30,
-              stream: null };
+              stream: null, burst: 0 };
   for (let i = 0; i < argv.length; i += 2) {
     const key = argv[i].replace(/^--/, '');
     if (!(key in a) || i + 1 >= argv.length) {
@@ -60,6 +60,11 @@ function cpuSeconds() {
  * (setImmediate, ws_server.py's sleep(0)) so sockets are served between
  * messages, as in the Python peers.
  *
+ * --burst N instead publishes every message due, up to N, before giving the
+ * loop back. uWS's pub/sub writes what a subscriber got in one loop turn
+ * with one send, so this is how uWS batches when messages come faster than
+ * its loop turns; with N 200, the engine's batch at the reference load.
+ *
  * publish(room, buf) sends one message to the room's members and returns
  * how many it was handed to; extra() adds the peer's own fields to the
  * result line.
@@ -72,6 +77,7 @@ function runStream(args, stream, roomNames, membersOf, publish, peer, extra, onD
   const cpu0 = cpuSeconds();
   let i = 0, writes = 0, nbytes = 0;
   const step = () => {
+    let turn = 0;
     for (;;) {
       const now = performance.now();
       if (now >= deadline) break;
@@ -89,7 +95,8 @@ function runStream(args, stream, roomNames, membersOf, publish, peer, extra, onD
       writes += n;
       nbytes += buf.length * n;
       i += 1;
-      if (i % 4 === 0 || membersOf(room) > 100) {
+      turn += 1;
+      if (args.burst ? turn >= args.burst : i % 4 === 0 || membersOf(room) > 100) {
         setImmediate(step);
         return;
       }
@@ -101,7 +108,7 @@ function runStream(args, stream, roomNames, membersOf, publish, peer, extra, onD
       payload_bytes_written: nbytes, seconds: Math.round(secs * 1000) / 1000,
       writes_per_s: Math.round((writes / secs) * 10) / 10,
       cpu_seconds: Math.round((cpuSeconds() - cpu0) * 1000) / 1000,
-      corpus: stream.corpus, node: process.version, ...extra(),
+      corpus: stream.corpus, node: process.version, burst: args.burst, ...extra(),
     }) + '\n');
     setTimeout(onDone, args.linger * 1000);
   };

@@ -2,12 +2,13 @@
 const DOC = `uWebSockets.js pub/sub as a fan-out server: the uWS peer of bench/scenarios/.
 
     node bench/peers/node/uws_server.js --stream FILE --port 0 --viewers N --rate MSGS
-         [--duration S] [--linger S] [--host 127.0.0.1]
+         [--duration S] [--linger S] [--host 127.0.0.1] [--burst N]
 
 Viewers open ws://HOST:PORT/ROOM and are subscribed to the topic ROOM. Once
 --viewers are connected, the server sends the stream of common.js (the
 Python peers' stream, rate and stamps) with one app.publish(room, line) per
-message: uWS frames the message once and writes it to every subscriber. As
+message: uWS frames the message once and writes it to every subscriber
+(what a subscriber got in one loop turn goes out in one send: --burst). As
 in ws_server.py: compression off, no keepalive pings, no idle timeout, and
 no backpressure in the way (maxBackpressure 256 MiB a socket, where uWS
 would otherwise skip a slow subscriber; any message it skips anyway is

@@ -3,7 +3,7 @@ const DOC = `The ws package's broadcast idiom as a fan-out server: the Node ws p
 bench/scenarios/.
 
     node bench/peers/node/ws_server.js --stream FILE --port 0 --viewers N --rate MSGS
-         [--duration S] [--linger S] [--host 127.0.0.1]
+         [--duration S] [--linger S] [--host 127.0.0.1] [--burst N]
 
 Viewers open ws://HOST:PORT/ROOM. Once --viewers are connected, the server
 sends the stream of common.js (the Python peers' stream, rate and stamps):
