@@ -100,4 +100,5 @@ soak: $(STAMP)
 	flock /tmp/fanout-bench.lock $(PY) -m bench.scenarios soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/*_pb2.py* .pytest_cache
+	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/*_pb2.py* .pytest_cache \
+	    bench/peers/node/node_modules

@@ -122,14 +122,13 @@ def write_node_stream(path, n: int, seed: int = 1) -> str:
     corpus: a header line, then one JSON array [kind, priority, sender,
     payload] a line, payload as :func:`v1_json` embeds it. Returns the
     corpus source."""
-    it = messages(seed)
-    rows = [json.dumps({"corpus": None, "messages": n})]
+    it = messages(seed)            # sets SOURCE
+    rows = [json.dumps({"corpus": SOURCE, "messages": n})]
     for _ in range(n):
         m = next(it)
         rows.append(json.dumps([KIND_NAMES.get(m.kind, m.kind), m.priority, m.sender,
                                 m.payload.decode("utf-8", "replace")],
                                ensure_ascii=False, separators=(",", ":")))
-    rows[0] = json.dumps({"corpus": SOURCE, "messages": n})
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(rows) + "\n")
     return SOURCE
