@@ -26,7 +26,8 @@ def summarize(name: str, r: dict) -> str:
         return (f"reference-room: {e['deliveries_per_s'] / 1e6:.2f}M deliveries/s, "
                 f"gaps {e['gaps']}, latency {latency_summary(e)}, checks {r['checks']}, "
                 f"ratios {r['ratios']} ({r['verdict']})"
-                + "".join("\n" + line for line in summary_lines(r["versus_node_peers"])))
+                + "".join("\n" + line for line in (summary_lines(r["versus_node_peers"])
+                                                     if "versus_node_peers" in r else [])))
     if name == "node-peers":
         return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
     if name == "quiet-rooms":
