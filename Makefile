@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 # setup.py's build requirements, for the debug build it runs outside pip.
 BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
+NODE_PEERS := bench/peers/node/node_modules/.installed
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -19,7 +20,7 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(VENV)/bin/fanout cluster
 
-test: $(STAMP) test-debug
+test: $(STAMP) test-debug $(NODE_PEERS)
 	$(PY) -m pytest
 
 # The core's tests against a debug build (C asserts on, bounds checks; see
@@ -59,6 +60,14 @@ $(BUILD_TOOLS): $(PY) pyproject.toml
 	    print(*toml.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
 	touch $(BUILD_TOOLS)
 
+# The Node peers of the scenarios (bench/peers/node/: uWebSockets.js and ws,
+# on the machine's Node.js), installed from package-lock.json; again only
+# when the lock changes. `make test` needs them for tests/test_bench_smoke.py.
+node-peers: $(NODE_PEERS)
+$(NODE_PEERS): bench/peers/node/package.json bench/peers/node/package-lock.json
+	cd bench/peers/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_PEERS)
+
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
 # the `bench` extra (pyperf, pytest-benchmark).
 BENCH_OUT ?= build/pyperf.json
@@ -91,4 +100,5 @@ soak: $(STAMP)
 	flock /tmp/fanout-bench.lock $(PY) -m bench.scenarios soak --minutes $(SOAK_MINUTES)
 
 clean:
-	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/*_pb2.py* .pytest_cache
+	rm -rf build $(VENV) *.egg-info fanout/*.so fanout/protocol/*_pb2.py* .pytest_cache \
+	    bench/peers/node/node_modules

@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 COLORS = {"engine": "#1f77b4", "c-reference": "#2ca02c", "naive": "#d62728",
-          "websockets": "#ff7f0e"}
+          "websockets": "#ff7f0e", "uws": "#9467bd", "uws_batched": "#e377c2",
+          "node_ws": "#8c564b"}
 
 
 def _load(path: Path) -> dict | None:

@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.scenarios.harness import PY, Proc, build_c  # noqa: E402
-from bench.scenarios.peers import run_py_peer, write_frames_file  # noqa: E402
+from bench.peers import stream  # noqa: E402
+from bench.scenarios.peers import (NODE_PEERS, NODE_PEERS_DIR, run_node_peer,  # noqa: E402
+                                   run_py_peer, write_frames_file)
 
 
 
@@ -121,6 +123,35 @@ def test_json_peers_with_c_reader(peer):
     # Every message published reached every viewer of its room (10 each).
     assert r["reader"]["messages"] == r["messages_published"] * 10
     assert r["reader"]["duplicates"] == 0
+
+
+@pytest.mark.parametrize("peer", sorted(NODE_PEERS))
+def test_node_peers_with_c_reader(peer):
+    """The Node peers (`make test` installs them: `make node-peers`)."""
+    r = run_node_peer(peer, viewers=20, rate=300, duration=1.0, rooms=2)
+    assert r["gaps"] == 0
+    assert r["reader"]["conns"] == 20
+    assert r["reader"]["messages"] > 0
+    assert r["reader"]["messages"] == r["messages_published"] * 10
+    assert r["reader"]["duplicates"] == 0
+    assert r["server"]["corpus"] == "fanout.corpus"
+    assert r["server"].get("dropped", 0) == 0
+
+
+def test_node_peers_send_the_python_peers_bytes(tmp_path):
+    """common.js builds the same V1 JSON lines as stream.v1_json, byte for
+    byte (the corpus has emoji, CJK and U+FFFD from payloads cut at 50 B)."""
+    path = tmp_path / "stream.jsonl"
+    stream.write_node_stream(path, 300)
+    script = ("const c = require('./common');"
+              "const s = c.loadStream(process.argv[1]);"
+              "process.stdout.write(s.msgs.map((m, i) => c.v1Line('live:ref-0', i + 1, m, "
+              "1700000000000 + i)).join(''));")
+    got = subprocess.run(["node", "-e", script, str(path)], cwd=NODE_PEERS_DIR,
+                         capture_output=True, check=True, timeout=30).stdout
+    want = b"".join(stream.v1_json("live:ref-0", i + 1, m, 1700000000000 + i)
+                    for i, m in enumerate(stream.take(300)))
+    assert got == want
 
 
 def test_adversarial_quick(tmp_path):

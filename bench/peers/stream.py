@@ -6,7 +6,8 @@ same shape stand in; :data:`SOURCE` says which one a run used, and every
 result file records it.
 
 Also here: the V1-style JSON encoding of a message (the baseline of the
-wire-bytes scenario and what ``naive_server.py`` and ``ws_server.py`` send),
+wire-bytes scenario and what ``naive_server.py``, ``ws_server.py`` and the
+Node peers in ``node/`` send),
 and the engine's encoding of the same message, so both are built from one
 place.
 """
@@ -113,6 +114,24 @@ def v1_json(room: str, seq: int, m: Msg, ts_ms: int) -> bytes:
     obj = {"room": room, "seq": seq, "kind": KIND_NAMES.get(m.kind, m.kind),
            "priority": m.priority, "sender": m.sender, "payload": payload, "ts": ts_ms}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def write_node_stream(path, n: int, seed: int = 1) -> str:
+    """The first ``n`` messages of the stream for the Node peers
+    (bench/peers/node/common.js), which cannot replay Python's seeded
+    corpus: a header line, then one JSON array [kind, priority, sender,
+    payload] a line, payload as :func:`v1_json` embeds it. Returns the
+    corpus source."""
+    it = messages(seed)            # sets SOURCE
+    rows = [json.dumps({"corpus": SOURCE, "messages": n})]
+    for _ in range(n):
+        m = next(it)
+        rows.append(json.dumps([KIND_NAMES.get(m.kind, m.kind), m.priority, m.sender,
+                                m.payload.decode("utf-8", "replace")],
+                               ensure_ascii=False, separators=(",", ":")))
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(rows) + "\n")
+    return SOURCE
 
 
 def now_ms() -> int:

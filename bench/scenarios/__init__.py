@@ -4,7 +4,8 @@
 
 SCENARIO is one of reference-room, quiet-rooms, idle-connections,
 connect-storm, wire-bytes, sweep (deliveries/s against viewers, for the
-plot), profile (py-spy of the node at the reference load), or all. Each starts its own node process
+plot), profile (py-spy of the node at the reference load), node-peers (the
+engine against the Node peers alone), or all. Each starts its own node process
 (``fanout node --port 0 --admin-port 0 ...`` with the settings it needs), its
 load generator (``fanout load``, a separate process: the open-file limit is
 20,000 per process) and, where the issue asks for them, its peers in the same
@@ -17,6 +18,12 @@ run on the same message stream:
   per message per viewer, read by bench/peers/c_reader.c;
 * ``websockets``: bench/peers/ws_server.py, websockets.broadcast() of the same
   JSON lines, read by c_reader in WebSocket mode.
+* ``uws`` and ``node_ws``: bench/peers/node/, uWebSockets.js pub/sub
+  (``app.publish``) and the ws package's broadcast loop on Debian's Node.js,
+  the same JSON lines read by c_reader in WebSocket mode, at the reference
+  load and flat out (``node_peers``; ``make node-peers`` installs them). Until
+  the WebSocket issue lands, that compares the engine's TCP against their
+  WebSocket.
 
 Results go to bench/results/SCENARIO.json (``--quick``: SCENARIO.quick.json)
 with the machine and the exact command, and a summary is printed. Every
@@ -32,6 +39,7 @@ their figures are not results.
 The modules: ``harness`` (paths, the node, C builds, the machine), ``load``
 (``fanout load``: running it, its flags, its figures), ``peers`` (the runs of
 bench/peers/), one module per scenario or group (``reference_room``,
-``quiet_rooms``, ``connections``, ``wire_bytes``, ``sweep``, ``profiles``),
+``quiet_rooms``, ``connections``, ``wire_bytes``, ``sweep``, ``profiles``,
+``node_peers``),
 ``report`` (targets, summaries) and ``cli``.
 """

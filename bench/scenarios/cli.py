@@ -14,6 +14,7 @@ from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, router_thro
                                      workers_reference)
 from bench.scenarios.connections import connect_storm, idle_connections
 from bench.scenarios.harness import ROOT, machine
+from bench.scenarios.node_peers import node_peers
 from bench.scenarios.profiles import profile, profile_quiet, profile_storm
 from bench.scenarios.quiet_rooms import quiet_rooms
 from bench.scenarios.reference_room import reference_room
@@ -42,10 +43,11 @@ SCENARIOS = {
     "workers-reference": workers_reference,
     "reconnect-storm": reconnect_storm,
     "scaling": scaling,
+    "node-peers": node_peers,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "cluster-quiet", "router-throughput", "workers-reference",
-            "reconnect-storm", "scaling"}
+            "reconnect-storm", "scaling", "node-peers"}
 
 
 def main(argv: list[str] | None = None) -> int:

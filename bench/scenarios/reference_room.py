@@ -1,12 +1,15 @@
 """reference-room: one room of 10,000 viewers at 2,000 messages/s, the
 engine against its peers on the same stream: the C reference flat out and
-paced at the engine's frame rate, the naive server and websockets."""
+paced at the engine's frame rate, the naive server and websockets, and the
+Node peers (uWebSockets.js, ws) at the reference load and flat out
+(bench/scenarios/node_peers.py: the engine's TCP against their WebSocket)."""
 
 from __future__ import annotations
 
 from bench.scenarios.harness import BUILD, Node
 from bench.scenarios.load import (REF_ROOM, load_args_reference, load_args_viewers_only,
                                   run_load, slim)
+from bench.scenarios.node_peers import require_node_peers, run_node_peers, versus_node_peers
 from bench.scenarios.peers import run_c_reference, run_py_peer, write_frames_file
 from bench.scenarios.report import TARGETS
 
@@ -20,6 +23,7 @@ REFERENCE_SETTINGS = dict(max_delay_ms=50, room_budget=100000, max_connections=1
 
 
 def reference_room(quick: bool) -> dict:
+    require_node_peers()
     viewers = 300 if quick else 10000
     duration = 5.0 if quick else 60.0
     peer_duration = 4.0 if quick else 20.0
@@ -85,6 +89,9 @@ def reference_room(quick: bool) -> dict:
     out["naive"] = run_py_peer("naive", viewers, 2000, peer_duration, rooms=1, room=room)
     out["websockets"] = run_py_peer("websockets", viewers, 2000, peer_duration, rooms=1,
                                     room=room)
+    node_peers = run_node_peers(viewers, peer_duration, room)
+    out.update(node_peers)
+    out["versus_node_peers"] = versus_node_peers(load, flat, node_peers)
 
     eng_fps = load.get("batch_frames_per_s") or 0.0
     c_fps = cref["server"]["frames_per_s"]

@@ -4,6 +4,7 @@ the one-line summary printed after it."""
 from __future__ import annotations
 
 from bench.scenarios.load import latency_summary
+from bench.scenarios.node_peers import summary_lines
 
 TARGETS = {
     "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s, node at level 0 and ready, loop lag p99 ≤ 5 ms",
@@ -24,7 +25,11 @@ def summarize(name: str, r: dict) -> str:
         e = r["engine"]["load"]
         return (f"reference-room: {e['deliveries_per_s'] / 1e6:.2f}M deliveries/s, "
                 f"gaps {e['gaps']}, latency {latency_summary(e)}, checks {r['checks']}, "
-                f"ratios {r['ratios']} ({r['verdict']})")
+                f"ratios {r['ratios']} ({r['verdict']})"
+                + "".join("\n" + line for line in (summary_lines(r["versus_node_peers"])
+                                                     if "versus_node_peers" in r else [])))
+    if name == "node-peers":
+        return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
     if name == "scaling":
         rows = [f"{r['write_threads']}t/{r['viewers']}:{(r['deliveries_per_s'] or 0) / 1e6:.1f}M"
                 f"/p99 {r['latency_ms'].get('p99')}" for rs in r["viewers"].values() for r in rs]
