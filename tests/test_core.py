@@ -491,6 +491,7 @@ async def test_room_frames_use_the_process_dictionary():
     room.add(conn)
     payload = _corpus_body(1)[-60:]
     frames = []
+    before = _core.compress_dict()
     try:
         for seq, dict_id in ((1, 1), (2, 0)):
             _core.set_compress_dict(dict_id)
@@ -498,7 +499,7 @@ async def test_room_frames_use_the_process_dictionary():
             hub.publish("quiet", "e", seq, record("quiet", seq, payload))
             frames += _core.parse_frames(await drain(peer, 1), MAX)[0]
     finally:
-        _core.set_compress_dict(0)
+        _core.set_compress_dict(before)
     assert [f & wire.FLAG_DICT for _t, f, _b in frames] == [wire.FLAG_DICT, 0]
     assert [m.seq for _t, _f, b in frames for m in pb.Batch.FromString(b).messages] == [1, 2]
     conn.close()

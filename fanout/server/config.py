@@ -140,7 +140,7 @@ class NodeConfig:
     backlog_degraded_bytes: int = _field(256 << 20, "write backlog across connections that makes the node degrade", minimum=1)
     max_batch_bytes: int = _field(65_536, "flush a room's batch when it reaches this", minimum=256)
     compress_min: int = _field(64, "smallest frame body worth lz4 (0: never compress); with the dictionary one message pays", minimum=0)
-    compress_level: int = _field(9, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
+    compress_level: int = _field(10, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
     compress_dict: int = _field(1, "pre-shared lz4 dictionary id for every compressed frame (0: none; every client must hold it: docs/protocol.md section 3)", minimum=0)
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
     ring_bytes: int = _field(1 << 20, "bytes per room kept for resume", minimum=1024)
