@@ -171,7 +171,7 @@ class Gen:
         if k == 0:
             return frame(0x05, body, version=r.choice([0, 2, 0x7F, 0xFF])), "bad_version"
         if k == 1:
-            return frame(0x05, body, flags=r.choice([0x02, 0x80, 0xFE, 0x03])), "reserved_flags"
+            return frame(0x05, body, flags=r.choice([0x02, 0x80, 0xFE, 0x07])), "reserved_flags"
         if k == 2:
             return frame(0x05, body, reserved=r.randrange(1, 256)), "reserved_byte"
         if k == 3:
