@@ -518,7 +518,7 @@ class Fuzzer:
         pos, end = 0, len(buf)
         while end - pos >= 8:
             ver, ftype, flags, res, length = HDR.unpack_from(buf, pos)
-            if ver != 1 or res or flags & 0xFE or ftype not in SERVER_TYPES:
+            if ver != 1 or res or flags & 0xFC or flags == 0x02 or ftype not in SERVER_TYPES:
                 self.bad_server_frames += 1
                 self.finish(c, "bad_server_frame", ok=False)
                 return True
