@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # setup.py's build requirements, for the debug build it runs outside pip.
 BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
-SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi fanout/*.pxd fanout/protocol/*.proto)
+SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
 .PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak
 
@@ -33,7 +33,7 @@ test-debug: $(STAMP) $(BUILD_TOOLS)
 	    assert c.__file__.startswith("$(CURDIR)/$(DEBUG_LIB)/"), "not the debug build"; \
 	    assert b"__assert_fail" in open(c.__file__, "rb").read(), "no C asserts in it"'
 	cd $(DEBUG_LIB) && $(CURDIR)/$(PY) -m pytest --rootdir $(CURDIR) -p no:cacheprovider \
-	    $(CURDIR)/tests/test_core.py
+	    $(CURDIR)/tests/test_core.py $(CURDIR)/tests/test_write_rounds.py
 
 build: $(STAMP)
 

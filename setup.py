@@ -79,8 +79,11 @@ def extensions():
     # One extension per top-level .pyx: the core, and (when present) the
     # load generator, which lives in the package so `fanout load` ships.
     modules = {"fanout._core": "pyx/core/_core.pyx", "fanout._loadgen": "pyx/loadgen/_loadgen.pyx"}
-    exts = [Extension(name, [src], include_dirs=["pyx/includes"], define_macros=macros,
-                      extra_compile_args=cflags)
+    # C headers with bodies (the core's writer threads) sit beside the .pyx
+    # that uses them; `depends` rebuilds the module when one changes.
+    exts = [Extension(name, [src], include_dirs=["pyx/includes", str(pathlib.Path(src).parent)],
+                      depends=[str(h) for h in (HERE / src).parent.glob("*.h")],
+                      define_macros=macros, extra_compile_args=cflags)
             for name, src in modules.items() if (HERE / src).exists()]
     # cythonize regenerates a .c only when it is older than its sources, not
     # when the directives change: debug and release C each need a directory.

@@ -7,7 +7,10 @@ naive Python loop and a C baseline, measured in one run.
 Variants, each on N fresh AF_UNIX socketpairs:
 
   engine  fanout._core Hub + Room with N Connection members; per round one
-          hub.publish() + hub.flush() (one frame to every member);
+          hub.publish() + hub.flush() (one frame to every member), written
+          on the loop thread;
+  engine_t1, engine_t2  the same written by 1 or 2 of the core's writer
+          threads (the timed part waits for the round: hub.settle());
   naive   the same frame bytes, sock.send(frame) in a Python for-loop;
   c       bench/c_reference.c (compiled here with cc -O2): one writev per
           socket in C, the kernel's cost with nothing above it;
@@ -149,13 +152,17 @@ class EngineFanout:
     the peers untimed after each. Also used by bench/pyperf_suite.py,
     bench/perf_check.py and bench/test_micro.py."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, frame_bytes: int):
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, frame_bytes: int,
+                 threads: int = 0):
         self.n, self.frame_bytes = n, frame_bytes
         pairs = socketpairs(n)
         self.peers = [p for _, p in pairs]
         # compress_min=0: the frame is exactly the record, so every variant
         # writes the same number of bytes (lz4 belongs to another benchmark).
-        self.hub = _core.Hub(loop, compress_min=0)
+        # threads: the core's writer threads write the round (and the timed
+        # part waits for them), else the loop thread does.
+        self.threads = threads
+        self.hub = _core.Hub(loop, compress_min=0, write_threads=threads, thread_min_members=1)
         self.room = self.hub.room(ROOM, EPOCH, FIRST_SEQ - 1)
         self.failures: list[int] = []
         self.conns: list = []
@@ -180,6 +187,8 @@ class EngineFanout:
         """The timed work of one round: one record in, one frame to every member."""
         self.hub.publish(ROOM, EPOCH, self.seq, record)
         self.hub.flush(ROOM)
+        if self.threads:
+            self.hub.settle()
         self.seq += 1
 
     def next_record(self) -> bytes:
@@ -235,14 +244,15 @@ class EngineFanout:
             raise RuntimeError(f"engine sent {sent} frames, want {self.n * self.rounds_done}")
 
     def close(self) -> None:
+        self.hub.close()
         for c in self.conns:
             c.close()
         for p in self.peers:
             p.close()
 
 
-async def run_engine(n: int, frame_bytes: int, rounds: int) -> dict:
-    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes)
+async def run_engine(n: int, frame_bytes: int, rounds: int, threads: int = 0) -> dict:
+    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes, threads)
     try:
         await eng.run(1)                       # an untimed warm-up round
         seconds = await eng.run(rounds)
@@ -337,6 +347,8 @@ def run_variant(name: str, n: int, frame_bytes: int, rounds: int,
     :func:`build_c` first)."""
     if name == "engine":
         return loop.run_until_complete(run_engine(n, frame_bytes, rounds))
+    if name.startswith("engine_t"):            # engine_t1, engine_t2: writer threads
+        return loop.run_until_complete(run_engine(n, frame_bytes, rounds, int(name[8:])))
     if name == "naive":
         return run_naive(n, frame_bytes, rounds)
     if name == "c":
@@ -395,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frame-bytes", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", action="store_true",
+                    help="also the engine written by 1 and 2 writer threads")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args(argv)
     n, size, rounds = args.members, args.frame_bytes, args.rounds
@@ -419,18 +433,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  repeat {i + 1}: " + ", ".join(
             f"{k} {v[-1]['writes_per_s'] / 1e3:.0f}k/s" for k, v in runs.items()))
 
-    runs = measure(n, size, rounds, args.repeat, progress=progress)
+    names = VARIANTS + (("engine_t1", "engine_t2") if args.threads else ())
+    runs = measure(n, size, rounds, args.repeat, names, progress=progress)
     variants = summarize(runs)
     eng = variants["engine"]["writes_per_s"]
     ratios = {"engine/c": eng / variants["c"]["writes_per_s"],
               "engine/c_send": eng / variants["c_send"]["writes_per_s"],
               "engine/naive": eng / variants["naive"]["writes_per_s"]}
+    for t in ("engine_t1", "engine_t2"):
+        if t in variants:
+            ratios[f"{t}/c_send"] = variants[t]["writes_per_s"] / variants["c_send"]["writes_per_s"]
 
     print()
-    print(f"{'variant':8} {'median writes/s':>16} {'min':>10} {'max':>10} "
+    print(f"{'variant':9} {'median writes/s':>16} {'min':>10} {'max':>10} "
           f"{'ns/write':>9}  short/eagain/fail")
     for name, v in variants.items():
-        print(f"{name:8} {v['writes_per_s']:16,.0f} {v['min']:10,.0f} {v['max']:10,.0f} "
+        print(f"{name:9} {v['writes_per_s']:16,.0f} {v['min']:10,.0f} {v['max']:10,.0f} "
               f"{1e9 / v['writes_per_s']:9.0f}  "
               f"{v['short_writes']}/{v['eagain']}/{v['failures'] + v['errors']}")
     print("   ".join(f"{k} {v:.2f}" for k, v in ratios.items()))

@@ -13,6 +13,11 @@ engine with a baseline measured in the same process, in the same run:
   decode_chat_core_vs_wire  fanout._core.parse_frames vs fanout.protocol.wire.FrameDecoder
                           on 400 small Chat and Ping frames (frames/s): the
                           framing work itself, no lz4
+  loop_lag_idle_vs_flush  the event loop's p99 lag idle vs while a room of
+                          9,000 socketpair members flushes every 20 ms with
+                          one writer thread (bench/loop_lag.py): fails when a
+                          large flush blocks the loop (--writes-on-loop shows
+                          it does)
 
 Not gated: decoding lz4 Batch frames (pyperf's frame_decode). There, both
 decoders spend most of their time in the same lz4 call and in allocating the
@@ -45,9 +50,10 @@ from pathlib import Path
 import uvloop
 
 try:        # as part of the bench package (python -m bench.perf_check)
-    from bench import fanout_socketpairs as fs, workloads as w
+    from bench import fanout_socketpairs as fs, loop_lag as ll, workloads as w
 except ImportError:  # as a script: bench/ is sys.path[0]
     import fanout_socketpairs as fs
+    import loop_lag as ll
     import workloads as w
 from fanout import _core
 
@@ -93,12 +99,30 @@ class DecodeCheck:
         return k * self.frames / (time.perf_counter() - t0)
 
 
+class LagCheck:
+    """Event-loop lag while a large room flushes vs the idle loop
+    (bench/loop_lag.py). The rate of each is 1/p99 lag, so the ratio is
+    p99 idle / p99 flushing: small when flushes block the loop."""
+
+    def __init__(self, name: str, label: str, members: int, threads: int, seconds: float):
+        self.name, self.label, self.threads, self.seconds = name, label, threads, seconds
+        self.members = ll.members_allowed(members)
+        self.variants = ("flush", "idle")
+        self.unit = "1/p99 lag (1/s)"
+
+    def run(self, variant: str, loop: asyncio.AbstractEventLoop) -> float:
+        lag = ll.run(loop, self.members, self.threads, self.seconds, variant == "flush")
+        return 1.0 / max(lag, 1e-6)
+
+
 class InvalidRun(Exception):
     pass
 
 
-def checks() -> list:
+def checks(writer_threads: int = 1) -> list:
     return [
+        LagCheck("loop_lag_idle_vs_flush", "loop lag p99, idle/9,000-member flushes",
+                 members=9000, threads=writer_threads, seconds=0.5),
         FanoutCheck("fanout_1000_vs_c_send", "engine/c_send fan-out, 1,000 members",
                     n=1000, rounds=80, baseline="c_send"),
         FanoutCheck("small_room_vs_naive", "engine/naive fan-out, 100 members",
@@ -138,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleaved repeats of every check (default 15)")
     ap.add_argument("--thresholds", type=Path, default=THRESHOLDS)
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
+    ap.add_argument("--writes-on-loop", action="store_true",
+                    help="run the loop-lag check with no writer threads (the loop "
+                         "writes every member), to show the gate catches it")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be positive")
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
           "load {loadavg:.2f}".format(**info))
     print(f"core: {_core.__file__}")
     fs.build_c()
-    all_checks = checks()
+    all_checks = checks(0 if args.writes_on_loop else 1)
     missing = [c.name for c in all_checks if c.name not in thresholds]
     if missing:
         print(f"no threshold for {', '.join(missing)} in {args.thresholds}", file=sys.stderr)

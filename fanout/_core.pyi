@@ -103,12 +103,21 @@ class Hub:
     ring_size: int
     ring_bytes: int
     flushes: int
+    flush_seconds: float
+    write_threads: int
+    thread_min_members: int
+    rounds_in_flight: int
+    rounds: int
+    waiting_bytes: int
     flush_observer: Callable[[int, int, int, int, float], object] | None
     error_handler: Callable[[Room | Connection, BaseException], object] | None
     def __init__(self, loop: AbstractEventLoop, *, max_delay: float = 0.05,
                  max_batch_bytes: int = 65536, compress_min: int = 256,
                  compress_level: int = 0,
-                 ring_size: int = 1024, ring_bytes: int = 1048576) -> None: ...
+                 ring_size: int = 1024, ring_bytes: int = 1048576,
+                 write_threads: int = 0, thread_min_members: int = 256) -> None: ...
+    def settle(self) -> None: ...
+    def close(self) -> None: ...
     def room(self, name: str, epoch: str, head_seq: int) -> Room: ...
     def publish(self, room_name: str, epoch: str, seq: int, record: bytes,
                 sampled: bool = False) -> bool: ...

@@ -142,9 +142,21 @@ class NodeConfig:
     compress_min: int = _field(64, "smallest frame body worth lz4 (0: never compress); with the dictionary one message pays", minimum=0)
     compress_level: int = _field(10, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
     compress_dict: int = _field(1, "pre-shared lz4 dictionary id for every compressed frame (0: none; every client must hold it: docs/protocol.md section 3)", minimum=0)
+    write_threads: int = _field(-1, "writer threads for large rooms' flushes (-1: one fewer than the CPUs, at least 1; 0: write on the event loop)", minimum=-1)
+    write_thread_min_members: int = _field(256, "smallest room the writer threads write; smaller rooms are written on the loop at once", minimum=1)
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
     ring_bytes: int = _field(1 << 20, "bytes per room kept for resume", minimum=1024)
     room_idle_ttl_s: float = _field(300.0, "forget an empty, silent room's history after this", minimum=0)
+
+    def writer_threads(self) -> int:
+        """The core's writer threads: write_threads, or for -1 one fewer
+        than the CPUs this process may run on (at least one). On the 2-core
+        machine the benchmarks run on, a second writer thread competed with
+        the event loop and the viewers' readers and made p99 worse
+        (docs/architecture.md, "Writer threads")."""
+        if self.write_threads >= 0:
+            return self.write_threads
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
     def validate(self) -> "NodeConfig":
         for f in fields(self):
@@ -152,6 +164,8 @@ class NodeConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name} must be >= {minimum}, got {value!r}")
+        if self.write_threads > 64:
+            raise ConfigError(f"write_threads must be 0-64, got {self.write_threads}")
         if self.compress_level > 12:
             raise ConfigError(f"compress_level must be 0-12, got {self.compress_level}")
         if self.compress_dict and self.compress_dict not in wire.DICTIONARIES:

@@ -131,7 +131,8 @@ class Node:
                              max_batch_bytes=cfg.max_batch_bytes,
                              compress_min=cfg.compress_min,
                              compress_level=cfg.compress_level, ring_size=cfg.ring_size,
-                             ring_bytes=cfg.ring_bytes)
+                             ring_bytes=cfg.ring_bytes, write_threads=cfg.writer_threads(),
+                             thread_min_members=cfg.write_thread_min_members)
         self.hub.flush_observer = self.metrics.observe_flush
         self.overload.work_clock = lambda: self.hub.flush_seconds
         self.hub.error_handler = lambda where, exc: self.throttled.log(
@@ -236,6 +237,10 @@ class Node:
         try:
             self.listener.close()
             self.hub.flush()
+            # Everything flushed is written (or queued on its connection)
+            # before the Kick is queued behind it: a frame still waiting for
+            # its room's write round would find its members closing.
+            self.hub.settle()
             jitter = cfg.drain_jitter_ms
             for session in list(self.sessions.values()):
                 session.kick(pb.SERVER_SHUTDOWN, "node is draining; reconnect elsewhere",
@@ -263,6 +268,7 @@ class Node:
             try:
                 await self.rooms.close()
             finally:
+                self.hub.close()             # the writer threads
                 if not self._stopped.done():
                     self._stopped.set_result(None)
         log.info("drained and stopped")
@@ -521,7 +527,9 @@ class Node:
             self.throttled.warning("auth", "%d auth failures in the last second",
                                    self._auth_failures)
         self._auth_failures = 0
-        self.overload.tick(backlog)
+        # Frames built but waiting for their room's write round are load
+        # too: the writer threads are behind.
+        self.overload.tick(backlog + self.hub.waiting_bytes)
         self.rooms.release_empty(cfg.room_release_s)
         if now - self._last_room_sweep > ROOM_SWEEP_INTERVAL:
             self._last_room_sweep = now

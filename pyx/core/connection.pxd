@@ -10,6 +10,10 @@
 #
 # Exactly one writer per socket: every byte a client receives, control
 # replies included, goes through send_frame(), so frames never interleave.
+# A large room's frame is written by the core's writer threads instead
+# (rounds.pxd); while a connection is in such a round, send_frame() queues
+# and nothing drains, and the round's leftover goes back at the front of the
+# backlog when the loop thread reconciles it.
 #
 # Write backlog: a ring of references to core frames (frame.pxd; shared with
 # every other member of the room, no copy per recipient) plus the absolute
@@ -79,6 +83,10 @@ cdef class Connection:
     cdef readonly Py_ssize_t max_backlog_bytes
     cdef Py_ssize_t _max_backlog_frames
     cdef bint _writer_armed
+    # in a write round (rounds.pxd): a writer thread may be writing to fd,
+    # so nothing else does, and close() leaves fd open until the round ends
+    cdef bint _in_round
+    cdef int _deferred_fd             # fd close() left open for the round, or -1
 
     # read side
     cdef char* _carry
@@ -99,6 +107,10 @@ cdef class Connection:
     cdef PyObject* _prefixed(self, bytes frame) except NULL
     cdef int _queue(self, bytes frame) except -1
     cdef int _enqueue(self, bytes frame, Py_ssize_t offset) except -1
+    cdef int _enqueue_front(self, bytes frame, Py_ssize_t offset) except -1
+    cdef int _after_round(self, PyObject* obj, Py_ssize_t start, Py_ssize_t n,
+                          ssize_t result) except -1
+    cdef void _close_deferred(self) noexcept
     cdef int _drain(self) except -1
     cdef void _arm_writer(self) except *
     cdef void _disarm_writer(self) except *

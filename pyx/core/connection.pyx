@@ -134,6 +134,7 @@ cdef class Connection:
         self._loop = loop
         self._bl = NULL
         self._carry = NULL
+        self._deferred_fd = -1
 
     def __init__(self, int fd, loop, *, Py_ssize_t max_frame=65536,
                   Py_ssize_t max_backlog_bytes=1 << 20,
@@ -152,6 +153,7 @@ cdef class Connection:
         self._release_backlog()
         free(self._bl)
         free(self._carry)
+        self._close_deferred()
         if self.fd >= 0:
             c_close(self.fd)
 
@@ -171,9 +173,10 @@ cdef class Connection:
             obj = self._prefixed(frame)
             start -= (<const uint8_t*>PyBytes_AS_STRING(<object>obj))[HR_LEN]
         n = PyBytes_GET_SIZE(<object>obj) - start
-        if self._bl_len:
-            # Behind a backlog: queue in order (one writer), or give up on a
-            # consumer that cannot keep up rather than buffer without bound.
+        if self._bl_len or self._in_round:
+            # Behind a backlog, or a writer thread's round: queue in order
+            # (one writer), or give up on a consumer that cannot keep up
+            # rather than buffer without bound.
             if (self.backlog_bytes + n > self.max_backlog_bytes
                     or self._bl_len >= self._max_backlog_frames):
                 return SEND_SLOW
@@ -250,12 +253,83 @@ cdef class Connection:
         self.backlog_bytes += PyBytes_GET_SIZE(frame) - offset
         return 0
 
+    cdef int _enqueue_front(self, bytes frame, Py_ssize_t offset) except -1:
+        # A round's leftover: it was written before anything queued during
+        # the round, so it goes out first.
+        if self._bl_len == 0:
+            return self._enqueue(frame, offset)
+        self._enqueue(frame, offset)          # grows the ring if needed
+        # _enqueue put it last; rotate it to the front.
+        self._bl_len -= 1
+        self._bl[(self._bl_head + self._bl_len) % self._bl_cap] = NULL
+        self._bl_head = (self._bl_head + self._bl_cap - 1) % self._bl_cap
+        self._bl[self._bl_head] = <PyObject*>frame
+        self._bl_len += 1
+        # The old head was queued during the round, so never started: its
+        # bytes are already counted from its wire start, as a non-head's are.
+        FANOUT_ASSERT(self._bl_offset == _wire_start(
+            self, <object>self._bl[(self._bl_head + 1) % self._bl_cap]))
+        self._bl_offset = offset
+        return 0
+
+    cdef int _after_round(self, PyObject* obj, Py_ssize_t start, Py_ssize_t n,
+                          ssize_t result) except -1:
+        # A writer thread wrote obj[start:start+n] and the kernel took
+        # `result` bytes (or -errno). Returns a SendStatus for the Hub.
+        cdef int st
+        self._in_round = False
+        if self._deferred_fd >= 0:
+            self._close_deferred()          # closed during the round
+            return SEND_CLOSED
+        if self.state == CONN_CLOSED:
+            return SEND_CLOSED
+        if result == n:
+            self.frames_sent += 1
+            self.bytes_sent += <unsigned long long>n
+        elif result >= 0 or result == -EAGAIN:
+            if result > 0:
+                self.bytes_sent += <unsigned long long>result
+                start += result
+            self._enqueue_front(<bytes>obj, start)
+        elif self.state == CONN_CLOSING:
+            self.close()
+            return SEND_CLOSED
+        else:
+            return SEND_DEAD
+        if self._bl_len == 0:
+            return SEND_OK
+        if result == n:
+            # only frames queued during the round: the socket took the
+            # whole frame, so it most likely takes these too
+            st = self._drain()
+            if st == SEND_OK:
+                return SEND_OK
+            if st == SEND_DEAD:
+                if self.state == CONN_CLOSING:
+                    self.close()
+                    return SEND_CLOSED
+                return SEND_DEAD
+        self._arm_writer()
+        if self.state == CONN_OPEN and (self.backlog_bytes > self.max_backlog_bytes
+                                        or self._bl_len > self._max_backlog_frames):
+            return SEND_SLOW
+        return SEND_QUEUED
+
+    cdef void _close_deferred(self) noexcept:
+        if self._deferred_fd >= 0:
+            c_close(self._deferred_fd)
+            self._deferred_fd = -1
+
     cdef int _drain(self) except -1:
         cdef iovec iov[MAX_IOV]
         cdef int cnt, i
         cdef ssize_t w
         cdef Py_ssize_t left, start
         cdef PyObject* head
+        if self._in_round:
+            # a writer thread owns the socket; the round's end drains it
+            self._disarm_writer()
+            return SEND_QUEUED
         while self._bl_len:
             cnt = <int>(self._bl_len if self._bl_len < MAX_IOV else MAX_IOV)
             for i in range(cnt):
@@ -299,7 +373,7 @@ cdef class Connection:
         return SEND_OK
 
     cdef void _arm_writer(self) except *:
-        if not self._writer_armed and self.fd >= 0:
+        if not self._writer_armed and self.fd >= 0 and not self._in_round:
             self._loop.add_writer(self.fd, _writable_cb, self)
             self._writer_armed = True
 
@@ -417,7 +491,12 @@ cdef class Connection:
         self.unsent_at_close = self.backlog_bytes     # what the owner may need to report lost
         self._release_backlog()
         self._free_carry()
-        c_close(self.fd)
+        if self._in_round:
+            # A writer thread may still write to fd: closing it now would let
+            # a new socket take the number and receive this room's frame.
+            self._deferred_fd = self.fd
+        else:
+            c_close(self.fd)
         self.fd = -1
         self._read_cb = None
         owner = self.owner

@@ -12,6 +12,12 @@
 
 cdef enum:
     FLUSH_BURST = 3
+# Where a frame goes (_deliver): a room below thread_min_members is written
+# on the loop thread at once; a larger one becomes a write round for the
+# writer threads (rounds.pxd), and the loop goes on. A flush due while the
+# room's round is out waits for it (the batch grows meanwhile); a batch that
+# fills up meanwhile is built and waits in the room's queue, in order.
+#
 # Connections that a flush finds slow or dead are handed to their owner's
 # connection_failed(reason) after the write loop, never during it.
 #
@@ -40,9 +46,28 @@ cdef class Hub:
     cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
     cdef public object error_handler  # f(room_or_connection, exc) or None
 
+    # writer threads (rounds.pxd): a room of at least thread_min_members is
+    # written by them; smaller rooms, and every room when write_threads is 0,
+    # on the loop thread
+    cdef fo_pool* _pool
+    cdef readonly int write_threads
+    cdef readonly Py_ssize_t thread_min_members
+    cdef readonly Py_ssize_t rounds_in_flight
+    cdef readonly unsigned long long rounds       # write rounds reconciled
+    cdef readonly Py_ssize_t waiting_bytes        # frames built, waiting for their room's round
+
     cpdef Room room(self, str name, str epoch, unsigned long long head_seq)
     cdef void _schedule(self, Room room) except *
-    cdef void _flush(self, Room room) except *
+    cdef void _flush(self, Room room, bint now=*) except *
+    cdef void _deliver(self, Room room, bytes frame, unsigned long long seq,
+                       Py_ssize_t messages, Py_ssize_t raw, Py_ssize_t wire,
+                       double first_pending) except *
+    cdef void _start_round(self, Room room, bytes frame, Py_ssize_t messages,
+                           Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *
+    cdef void _reconcile(self) except *
+    cdef void _finish_round(self, WriteRound rnd) except *
+    cdef void _delivered(self, Room room, Py_ssize_t messages, Py_ssize_t reached,
+                         Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *
     cdef void _report_all(self, list troubled) except *
-    cdef void _flush_isolated(self, Room room) except *
+    cdef void _flush_isolated(self, Room room, bint now=*) except *
     cdef void _fault(self, object where, object exc) except *

@@ -1,6 +1,8 @@
 # Every room on this node and the adaptive flush schedule (see hub.pxd).
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from libc.errno cimport errno as c_errno
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -26,6 +28,10 @@ def _flush_soon(Hub hub):
         hub._flush_isolated(room)
 
 
+def _rounds_done(Hub hub):
+    hub._reconcile()
+
+
 def _flush_timer(Hub hub, Room room):
     room._scheduled = False
     hub._flush_isolated(room)
@@ -41,15 +47,22 @@ cdef class Hub:
     :param compress_level: 0 lz4 fast mode, 1-12 lz4 high compression.
     :param ring_size: messages per room kept for resume.
     :param ring_bytes: bytes per room kept for resume.
+    :param write_threads: writer threads for large rooms (0: every write on
+        the loop thread). Call :meth:`close` when done with a hub that has
+        them.
+    :param thread_min_members: smallest room the writer threads write.
     """
 
     def __cinit__(self, loop, *, double max_delay=0.05,
                   Py_ssize_t max_batch_bytes=64 * 1024,
                   Py_ssize_t compress_min=256, int compress_level=0,
                   Py_ssize_t ring_size=1024,
-                  Py_ssize_t ring_bytes=1 << 20):
+                  Py_ssize_t ring_bytes=1 << 20,
+                  int write_threads=0, Py_ssize_t thread_min_members=256):
         if max_delay < 0 or max_batch_bytes <= 0 or ring_size < 1 or ring_bytes < 1:
             raise ValueError("invalid hub limits")
+        if not 0 <= write_threads <= 64 or thread_min_members < 1:
+            raise ValueError("write_threads must be 0-64, thread_min_members >= 1")
         self._loop = loop
         self.rooms = {}
         self.max_delay = max_delay
@@ -61,6 +74,53 @@ cdef class Hub:
         self.ring_size = ring_size
         self.ring_bytes = ring_bytes
         self._soon = []
+        self.thread_min_members = thread_min_members
+        if write_threads:
+            self._pool = fo_pool_start(write_threads)
+            if self._pool == NULL:
+                raise OSError(c_errno, f"cannot start {write_threads} writer threads")
+            self.write_threads = write_threads
+            loop.add_reader(fo_pool_fd(self._pool), _rounds_done, self)
+
+    def __dealloc__(self):
+        # Not closed: let the threads finish, then let go of what the rounds
+        # hold without telling anyone (nobody is left to tell).
+        cdef fo_round* r
+        cdef fo_round* nxt
+        if self._pool != NULL:
+            with nogil:
+                fo_pool_wait(self._pool)
+            r = fo_pool_take_done(self._pool)
+            while r != NULL:
+                nxt = r.next
+                (<WriteRound>r.owner).release()
+                Py_DECREF(<object>r.owner)
+                r = nxt
+            fo_pool_stop(self._pool)
+            self._pool = NULL
+
+    def settle(self):
+        """Wait until every write round in flight is written, and
+        reconcile it (and any round that starts from it) now. For a drain's
+        last word, tests and benchmarks; the loop does this by itself."""
+        while self.rounds_in_flight:
+            with nogil:
+                fo_pool_wait(self._pool)
+            self._reconcile()
+
+    def close(self):
+        """Settle every round and stop the writer threads. The hub still
+        works afterwards, writing on the loop thread."""
+        if self._pool == NULL:
+            return
+        self.settle()
+        try:
+            self._loop.remove_reader(fo_pool_fd(self._pool))
+        except Exception:
+            pass                        # the loop is closed already
+        fo_pool_stop(self._pool)
+        self._pool = NULL
+        self.write_threads = 0
 
     cpdef Room room(self, str name, str epoch, unsigned long long head_seq):
         """The room ``name``; created (or reset, if its epoch moved on) with
@@ -71,7 +131,7 @@ cdef class Hub:
             room.last_activity = self._loop.time()
             self.rooms[name] = room
         elif room.epoch != epoch:
-            self._flush_isolated(room)
+            self._flush_isolated(room, True)
             room.reset(epoch, head_seq)
         return room
 
@@ -88,10 +148,10 @@ cdef class Hub:
         if room is None:
             return False
         if room.epoch != epoch:
-            self._flush_isolated(room)
+            self._flush_isolated(room, True)
             room.reset(epoch, seq - 1 if seq else 0)
         if room._pend_len and room._pend_len + len(record) > self.max_batch_bytes:
-            self._flush_isolated(room)
+            self._flush_isolated(room, True)
         now = self._loop.time()
         if room._pend_len == 0:
             room.first_pending = now
@@ -131,34 +191,181 @@ cdef class Hub:
             self._loop.call_at(now - room._flush_tokens * self.max_delay,
                                _flush_timer, self, room)
 
-    cdef void _flush(self, Room room) except *:
-        cdef list troubled
+    cdef void _flush(self, Room room, bint now=False) except *:
+        # now: the batch must be out of the pending buffer on return (an
+        # epoch change, drain), so it is built even while a round is out.
         cdef Py_ssize_t messages = room.pending_count, raw = room._pend_len
-        cdef Py_ssize_t members = len(room._members)
-        cdef unsigned long long wire_before = room.bytes_out
-        cdef double now
+        cdef unsigned long long seq = room.last_seq
+        cdef bytes frame
         if raw == 0:
             return
-        now = self._loop.time()
-        troubled = room.flush(self.compress_min, self.compress_level)
+        if room._round is not None and raw < self.max_batch_bytes and not now:
+            # The room's round is still out: flush when it is back, with
+            # whatever came meanwhile in the same frame.
+            room._flush_after_round = True
+            return
+        if not room._members and room._round is None and not room._waiting:
+            room.discard_pending()
+            return
+        frame = room.take_frame(self.compress_min, self.compress_level)
         self.flushes += 1
+        self._deliver(room, frame, seq, messages, raw, PyBytes_GET_SIZE(frame),
+                      room.first_pending)
+
+    cdef void _deliver(self, Room room, bytes frame, unsigned long long seq,
+                       Py_ssize_t messages, Py_ssize_t raw, Py_ssize_t wire,
+                       double first_pending) except *:
+        # Write a room's frame to its members now, or start a round for it,
+        # or (a round is out) queue it behind. seq: the newest record in it
+        # (0: a control frame), which replays may serve once it is out.
+        cdef list troubled
+        cdef Py_ssize_t members
+        if room._round is not None:
+            room._waiting.append((frame, seq, room.epoch, messages, raw, wire, first_pending))
+            self.waiting_bytes += PyBytes_GET_SIZE(frame)
+            return
+        if seq:
+            room.flushed_seq = seq
+        members = len(room._members)
+        if members == 0:
+            return
+        if self._pool != NULL and members >= self.thread_min_members:
+            self._start_round(room, frame, messages, raw, wire, first_pending)
+            return
+        troubled = room.send_all(frame)
         if troubled:
             self._report_all(troubled)
             members -= len(troubled)
-        if self.flush_observer is not None and members:
+        self._delivered(room, messages, members, raw, wire, first_pending)
+
+    cdef void _delivered(self, Room room, Py_ssize_t messages, Py_ssize_t reached,
+                         Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *:
+        if messages == 0 or reached <= 0:
+            return
+        room.deliveries += <unsigned long long>(messages * reached)
+        if self.flush_observer is not None:
             try:
-                self.flush_observer(messages, members, raw, room.bytes_out - wire_before,
-                                    now - room.first_pending)
+                self.flush_observer(messages, reached, raw, wire,
+                                    self._loop.time() - first_pending)
             except Exception as exc:
                 self._fault(room, exc)
 
-    cdef void _flush_isolated(self, Room room) except *:
+    cdef void _start_round(self, Room room, bytes frame, Py_ssize_t messages,
+                           Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *:
+        # Snapshot the members into a round for the writer threads. Nothing
+        # here makes a system call: members behind a backlog (or in another
+        # room's round) get the frame queued, the rest become items.
+        cdef list members = room._members
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(members)
+        cdef Connection conn
+        cdef PyObject* obj
+        cdef Py_ssize_t start
+        cdef int st
+        cdef list troubled = None
+        cdef WriteRound rnd = WriteRound(n)
+        rnd.room = room
+        rnd.frame = frame
+        rnd.messages, rnd.raw, rnd.wire = messages, raw, wire
+        rnd.first_pending = first_pending
+        for i in range(n):
+            conn = <Connection>PyList_GET_ITEM(members, i)
+            if conn.state != CONN_OPEN:
+                continue
+            if conn._bl_len or conn._in_round:
+                st = conn.send_frame(frame)
+                if st > SEND_QUEUED and st != SEND_CLOSED:
+                    if troubled is None:
+                        troubled = []
+                    troubled.append((conn, st))
+                elif st != SEND_CLOSED:
+                    rnd.queued += 1
+                continue
+            obj = <PyObject*>frame
+            start = HEADROOM
+            if conn._prefix_tag:
+                obj = conn._prefixed(frame)
+                start -= (<const uint8_t*>PyBytes_AS_STRING(<object>obj))[HR_LEN]
+            rnd.add(conn, obj, start)
+        if rnd._r.n:
+            Py_INCREF(rnd)                  # the pool's reference, until reconciled
+            room._round = rnd
+            self.rounds_in_flight += 1
+            fo_pool_submit(self._pool, &rnd._r)
+        if troubled:
+            self._report_all(troubled)
+        if not rnd._r.n:
+            self._delivered(room, messages, rnd.queued, raw, wire, first_pending)
+
+    cdef void _reconcile(self) except *:
+        # Take back every finished round (see rounds.pxd), oldest first.
+        cdef fo_round* r
+        cdef fo_round* nxt
+        cdef WriteRound rnd
+        cdef double started = _monotonic()
+        if self._pool == NULL:
+            return
+        r = fo_pool_take_done(self._pool)
+        try:
+            while r != NULL:
+                nxt = r.next
+                rnd = <WriteRound>r.owner
+                Py_DECREF(rnd)              # the pool's; `rnd` holds one
+                self.rounds_in_flight -= 1
+                self.rounds += 1
+                r = nxt
+                try:
+                    self._finish_round(rnd)
+                except Exception as exc:
+                    self._fault(rnd.room, exc)
+        finally:
+            self.flush_seconds += _monotonic() - started
+
+    cdef void _finish_round(self, WriteRound rnd) except *:
+        cdef Room room = <Room>rnd.room
+        cdef Py_ssize_t i, n = <Py_ssize_t>rnd._r.n, ok = 0
+        cdef Connection conn
+        cdef PyObject* obj
+        cdef int st
+        cdef list troubled = None
+        cdef tuple nxt
+        for i in range(n):
+            conn = <Connection>rnd._conns[i]
+            obj = <PyObject*>rnd.frame
+            if rnd._objs != NULL and rnd._objs[i] != NULL:
+                obj = rnd._objs[i]
+            st = conn._after_round(
+                obj, rnd._r.items[i].buf - PyBytes_AS_STRING(<object>obj),
+                <Py_ssize_t>rnd._r.items[i].len, rnd._r.items[i].result)
+            if st == SEND_SLOW or st == SEND_DEAD:
+                if troubled is None:
+                    troubled = []
+                troubled.append((conn, st))
+            elif st != SEND_CLOSED:
+                ok += 1
+        rnd.release()
+        room._round = None
+        if troubled:
+            self._report_all(troubled)
+        self._delivered(room, rnd.messages, ok + rnd.queued, rnd.raw, rnd.wire,
+                        rnd.first_pending)
+        # What waited for this round, in order.
+        while room._round is None and room._waiting:
+            nxt = room._waiting.pop(0)
+            self.waiting_bytes -= PyBytes_GET_SIZE(<bytes>nxt[0])
+            self._deliver(room, <bytes>nxt[0],
+                          <unsigned long long>nxt[1] if nxt[2] == room.epoch else 0,
+                          nxt[3], nxt[4], nxt[5], nxt[6])
+        if room._round is None and room._flush_after_round:
+            room._flush_after_round = False
+            self._flush_isolated(room)
+
+    cdef void _flush_isolated(self, Room room, bint now=False) except *:
         # Every flush goes through here, timed: a flush that runs inside a
         # client's read callback (a chat that fills a batch) is the node's
         # own work, which overload control must not discount as input.
         cdef double started = _monotonic()
         try:
-            self._flush(room)
+            self._flush(room, now)
         except Exception as exc:
             self._fault(room, exc)
         finally:
@@ -196,25 +403,23 @@ cdef class Hub:
         every member of a room, like a batch: one shared object, written
         from C. Returns the number of members it was handed to."""
         cdef Room room = self.rooms.get(room_name)
-        cdef list troubled
+        cdef Py_ssize_t members
         _check_core_frame(frame)
         if room is None or not room._members:
             return 0
-        troubled = room.send_all(frame)
-        if troubled:
-            self._report_all(troubled)
-            return len(room._members) - len(troubled)
-        return len(room._members)
+        members = len(room._members)
+        self._deliver(room, frame, 0, 0, 0, 0, 0.0)
+        return members
 
     def flush(self, str room_name=None):
         """Flush one room, or every room, now (drain, tests)."""
         if room_name is not None:
             room = self.rooms.get(room_name)
             if room is not None:
-                self._flush_isolated(room)
+                self._flush_isolated(room, True)
             return
         for room in list(self.rooms.values()):
-            self._flush_isolated(room)
+            self._flush_isolated(room, True)
 
     def retire(self, str room_name):
         """Forget ``room_name`` now if it has no members and no message was
@@ -223,7 +428,8 @@ cdef class Hub:
         room's bus subscription. A room with history waits for :meth:`sweep`:
         a viewer reconnecting after a drop resumes from it."""
         cdef Room room = self.rooms.get(room_name)
-        if room is None or room._members or room.last_seq or room._pend_len:
+        if (room is None or room._members or room.last_seq or room._pend_len
+                or room._round is not None or room._waiting):
             return False
         del self.rooms[room_name]
         return True
@@ -247,8 +453,8 @@ cdef class Hub:
         cdef double cutoff = self._loop.time() - idle_ttl
         cdef Room room
         dead = [name for name, room in self.rooms.items()
-                if not room._members and not room._pend_len
-                and room.last_activity < cutoff]
+                if not room._members and not room._pend_len and room._round is None
+                and not room._waiting and room.last_activity < cutoff]
         for name in dead:
             del self.rooms[name]
         return dead

@@ -80,8 +80,15 @@ cdef class Room:
     cdef readonly unsigned long long bytes_in      # batch bodies before lz4
     cdef readonly unsigned long long bytes_out     # frames as built
 
+    # write rounds (rounds.pxd): at most one in flight per room, which keeps
+    # each member's frames in order; frames built meanwhile wait in order
+    cdef WriteRound _round
+    cdef list _waiting                 # (frame, seq, epoch, messages, raw, wire, first_pending)
+    cdef bint _flush_after_round       # a flush came while the round was out
+
     cdef int append(self, unsigned long long seq, bytes record) except -1
-    cdef list flush(self, Py_ssize_t compress_min, int level)
+    cdef bytes take_frame(self, Py_ssize_t compress_min, int level)
+    cdef void discard_pending(self) noexcept
     cdef list send_all(self, bytes frame)
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef void _ring_push(self, unsigned long long seq, bytes record) noexcept

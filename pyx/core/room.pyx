@@ -22,6 +22,7 @@ cdef class Room:
         self.flushed_seq = head_seq
         self._ring_cap = ring_size
         self._ring_max_bytes = ring_bytes
+        self._waiting = []
         self._flush_tokens = FLUSH_BURST
         self.last_activity = 0.0
 
@@ -77,18 +78,11 @@ cdef class Room:
         self._ring_push(seq, record)
         return 1
 
-    cdef list flush(self, Py_ssize_t compress_min, int level):
-        cdef list troubled
-        cdef Py_ssize_t count = self.pending_count
-        cdef Py_ssize_t reached
+    cdef bytes take_frame(self, Py_ssize_t compress_min, int level):
+        # The pending batch as one frame, or None; the batch starts afresh.
+        # The Hub delivers it and moves flushed_seq when it goes out.
         cdef bytes frame
         if self._pend_len == 0:
-            return None
-        self.flushed_seq = self.last_seq
-        if not self._members:
-            self._pend_len = 0
-            self.pending_count = 0
-            self.sampled = False
             return None
         if self.sampled:
             # Batch.sampled = true (field 2, varint 1): two bytes after the
@@ -104,10 +98,14 @@ cdef class Room:
         self.frames_built += 1
         self._pend_len = 0
         self.pending_count = 0
-        troubled = self.send_all(frame)
-        reached = len(self._members) - (len(troubled) if troubled else 0)
-        self.deliveries += <unsigned long long>(count * reached)
-        return troubled
+        return frame
+
+    cdef void discard_pending(self) noexcept:
+        # No member to write to: the batch is flushed to nobody.
+        self.flushed_seq = self.last_seq
+        self._pend_len = 0
+        self.pending_count = 0
+        self.sampled = False
 
     cdef list send_all(self, bytes frame):
         # The hot loop: the same frame object to every member, from C.
