@@ -469,6 +469,8 @@ def test_unknown_dictionary_is_bad_compression():
         _core.pack_frame(0x43, b"x" * 300, 1, 0, 9)
     with pytest.raises(ValueError):
         _core.set_compress_dict(9)
+    with pytest.raises(ValueError):
+        wire.encode_frame(0x43, b"x" * 300, dict_id=9)
 
 
 def test_wrong_stated_size_is_bad_compression():

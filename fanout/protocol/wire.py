@@ -208,10 +208,13 @@ def encode_frame(
     :param dict_id: pre-shared dictionary to compress with; ``0``: none.
     :returns: the frame, ready to write to the socket.
     :raises TypeError: ``body`` is a protobuf message of another frame type.
-    :raises ValueError: ``ftype`` is out of range or the body is over 4 GiB.
+    :raises ValueError: ``ftype`` is out of range, the body is over 4 GiB, or
+        ``dict_id`` is not one of :data:`DICTIONARIES`.
     """
     if not 0 <= ftype <= 0xFF:
         raise ValueError(f"frame type {ftype!r} is not a byte")
+    if dict_id and dict_id not in DICTIONARIES:
+        raise ValueError(f"unknown lz4 dictionary id {dict_id}")
     if isinstance(body, Message):
         expected = MESSAGE_TYPES.get(ftype)
         if expected is not None and not isinstance(body, expected):
