@@ -171,7 +171,7 @@ class Gen:
         if k == 0:
             return frame(0x05, body, version=r.choice([0, 2, 0x7F, 0xFF])), "bad_version"
         if k == 1:
-            return frame(0x05, body, flags=r.choice([0x02, 0x80, 0xFE, 0x03])), "reserved_flags"
+            return frame(0x05, body, flags=r.choice([0x02, 0x80, 0xFE, 0x07])), "reserved_flags"
         if k == 2:
             return frame(0x05, body, reserved=r.randrange(1, 256)), "reserved_byte"
         if k == 3:
@@ -518,7 +518,7 @@ class Fuzzer:
         pos, end = 0, len(buf)
         while end - pos >= 8:
             ver, ftype, flags, res, length = HDR.unpack_from(buf, pos)
-            if ver != 1 or res or flags & 0xFE or ftype not in SERVER_TYPES:
+            if ver != 1 or res or flags & 0xFC or flags == 0x02 or ftype not in SERVER_TYPES:
                 self.bad_server_frames += 1
                 self.finish(c, "bad_server_frame", ok=False)
                 return True

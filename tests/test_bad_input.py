@@ -69,6 +69,11 @@ BAD_FRAMES = {
                  pb.BAD_COMPRESSION),
     "chat before hello": (wire.encode_frame(FT.CHAT, pb.Chat(room="calm", payload=b"x")),
                           pb.AUTH_REQUIRED),
+    "dictionary flag without lz4": (header(FT.HELLO, 0, flags=wire.FLAG_DICT), pb.BAD_FRAME),
+    "unknown dictionary": (header(FT.HELLO, 9, flags=3) + struct.pack("<IB", 20, 77) + b"\0" * 4,
+                           pb.BAD_COMPRESSION),
+    "dictionary body without its id": (header(FT.HELLO, 4, flags=3) + struct.pack("<I", 20),
+                                       pb.BAD_COMPRESSION),
 }
 
 
@@ -101,6 +106,16 @@ def test_compressed_client_frames_are_accepted(node):
     packed = lz4.block.compress(hello, store_size=True)
     c.send_raw(header(FT.HELLO, len(packed), flags=1) + packed)
     assert isinstance(c.expect(FT.AUTH_OK), pb.AuthOk)
+
+
+def test_client_frames_with_the_dictionary_are_accepted(node):
+    c = RawClient(node.host, node.port)
+    frame = wire.encode_frame(FT.HELLO, pb.Hello(token=token("dora"), device_id="d" * 300),
+                              dict_id=1)
+    assert frame[2] == wire.FLAG_LZ4 | wire.FLAG_DICT
+    c.send_raw(frame)
+    auth = c.expect(FT.AUTH_OK)
+    assert isinstance(auth, pb.AuthOk) and auth.compress_dict == 1
 
 
 def test_frame_split_across_writes(node):

@@ -9,9 +9,10 @@ import pytest
 
 from conftest import token
 from inprocess import local_app
-from fanout.client import Client, KickedError
+from fanout.client import Client, ConnectionLostError, KickedError
 from fanout.logic import Rejected
 from fanout.protocol import fanout_pb2 as pb
+from fanout.protocol import wire
 
 
 @pytest.fixture
@@ -45,6 +46,30 @@ async def test_server_side_publish_kinds_and_priority(local_node):
         await node.publish("", "chat", b"x")
     with pytest.raises(Rejected):
         await node.publish("show", "chat", b"x" * 100_000)
+
+
+async def test_auth_ok_announces_the_dictionary_its_frames_use(local_node):
+    node = local_node
+    async with Client(*node.address, token("viewer")) as c:
+        assert c.auth.compress_dict == node.config.compress_dict == 1
+        await c.join("quiet")
+        text = "星星 sent rocket x10 lol 😂😂 from a quiet room"
+        await node.publish("quiet", "gift", text, sender="gift-svc")
+        assert (await next_message(c)).payload == text.encode()
+    # the quiet room's one-message frame went out compressed with it
+    # (bytes_out counts the core frame: 16 B of headroom, the header, the body)
+    stats = node.hub.room("quiet", "", 0).stats()
+    assert stats["frames"] == 1 and stats["bytes_out"] - 16 - 8 < stats["bytes_in"] * 0.8
+
+
+async def test_client_without_the_announced_dictionary_says_so(local_node, monkeypatch):
+    monkeypatch.setattr(wire, "DICTIONARIES", {})          # a client built without it
+    c = Client(*local_node.address, token("viewer"))
+    with pytest.raises(ConnectionLostError) as err:
+        await c.connect()
+    assert err.value.reason == pb.BAD_COMPRESSION
+    assert "dictionary 1" in str(err.value)
+    await c.close()
 
 
 async def test_sdk_resumes_after_kick_without_loss(local_node):

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("script", ["gen_consts.py", "make_vectors.py"])
+@pytest.mark.parametrize("script", ["gen_consts.py", "make_vectors.py", "make_dict.py"])
 def test_generated_file_is_current(script):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--check"],
                           capture_output=True, text=True, timeout=60)

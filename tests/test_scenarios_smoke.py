@@ -55,6 +55,12 @@ def test_wire_bytes_quick(tmp_path):
     # Batching can only lower the bytes per message.
     per = [row["bytes_per_message"] for row in r["static_by_batch_size"]]
     assert per == sorted(per, reverse=True)
+    # The quiet room, with the dictionary and without (the settings before it).
+    quiet, before = r["quiet_room_end_to_end"], r["before"]["quiet_room"]
+    for side in (quiet, before, r["before"]["reference_room"]):
+        assert side["gaps"] == 0 and side["messages_delivered"] == side["expected_deliveries"] > 0
+    assert quiet["messages_per_frame"] == 1.0
+    assert quiet["bytes_per_message"] < 0.8 * before["bytes_per_message"]
 
 
 def test_quiet_rooms_quick(tmp_path):

@@ -798,11 +798,18 @@ class Client:
             return ConnectionLostError(exc.reason, f"bad frame from the node: {exc.message}")
         return handler(self, msg)
 
-    def _on_auth_ok(self, msg: pb.AuthOk) -> None:
-        if self._auth is None:
-            self._auth = msg
-        else:
+    def _on_auth_ok(self, msg: pb.AuthOk) -> ClientError | None:
+        if self._auth is not None:
             log.warning("ignoring a second AuthOk")
+            return None
+        if msg.compress_dict and msg.compress_dict not in wire.DICTIONARIES:
+            # Its frames would fail to inflate; say why now, once.
+            return ConnectionLostError(
+                pb.BAD_COMPRESSION,
+                f"the node compresses with lz4 dictionary {msg.compress_dict}, "
+                f"which this client does not hold (it holds {sorted(wire.DICTIONARIES)})")
+        self._auth = msg
+        return None
 
     def _on_error(self, err: pb.Error) -> ClientError | None:
         if self._auth is None:  # answer to the Hello

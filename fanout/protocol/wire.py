@@ -11,14 +11,19 @@ A frame is an 8-byte header followed by a body::
 
 The body is the protobuf message of the frame type
 (``fanout/protocol/fanout.proto``). With :data:`FLAG_LZ4` set, the body is
-``u32 little-endian uncompressed size`` followed by one raw LZ4 block.
+``u32 little-endian uncompressed size`` followed by one raw LZ4 block; with
+:data:`FLAG_DICT` as well, a dictionary id byte comes between the two and
+the block was compressed with that pre-shared dictionary
+(:data:`DICTIONARIES`).
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import struct
+from importlib import resources
 
 import lz4.block
 from google.protobuf.message import DecodeError, Message
@@ -30,6 +35,11 @@ __all__ = [
     "VERSION",
     "HEADER_SIZE",
     "FLAG_LZ4",
+    "FLAG_DICT",
+    "FLAGS_DEFINED",
+    "DICTIONARIES",
+    "DICT_SHA256",
+    "dictionary",
     "DEFAULT_COMPRESS_MIN",
     "MAX_SERVER_FRAME",
     "FrameType",
@@ -49,8 +59,18 @@ __all__ = [
 VERSION = 1
 #: Size of the frame header in bytes.
 HEADER_SIZE = 8
-#: Flag bit 0: the body is LZ4-compressed. No other flag bit is defined.
+#: Flag bit 0: the body is LZ4-compressed.
 FLAG_LZ4 = 0x01
+#: Flag bit 1, only with bit 0: the LZ4 block uses a pre-shared dictionary,
+#: whose id is the body's fifth byte. No other flag bit is defined.
+FLAG_DICT = 0x02
+#: Every flag bit a receiver accepts.
+FLAGS_DEFINED = FLAG_LZ4 | FLAG_DICT
+#: The pre-shared LZ4 dictionaries by id, and the SHA-256 of each file:
+#: ``fanout/protocol/lz4dict-<id>.bin``, built by ``scripts/make_dict.py``.
+DICT_SHA256 = {
+    1: "f42cf83165448aba00b58bff1e95a385a122cd4bd932ce095fbd6e15c6bd32b3",
+}
 #: Bodies shorter than this are sent uncompressed (node default as well).
 DEFAULT_COMPRESS_MIN = 256
 #: Largest server->client body a client must accept, compressed or not.
@@ -59,6 +79,31 @@ MAX_SERVER_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">BBBBI")
 _STORED_SIZE = struct.Struct("<I")
 _MAX_LENGTH = 0xFFFFFFFF
+_DICT_PREFIX = struct.Struct("<IB")     # uncompressed size, dictionary id
+
+
+def _load_dictionaries() -> dict[int, bytes]:
+    out = {}
+    for dict_id, digest in DICT_SHA256.items():
+        data = resources.files(__package__).joinpath(f"lz4dict-{dict_id}.bin").read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RuntimeError(f"lz4dict-{dict_id}.bin does not match its SHA-256; "
+                               "rebuild it with scripts/make_dict.py")
+        out[dict_id] = data
+    return out
+
+
+#: Dictionary bytes by id (every id of :data:`DICT_SHA256`), checked at import.
+DICTIONARIES: dict[int, bytes] = _load_dictionaries()
+
+
+def dictionary(dict_id: int) -> bytes:
+    """The dictionary ``dict_id``; :class:`WireError` (``BAD_COMPRESSION``)
+    for an id this codec does not hold."""
+    try:
+        return DICTIONARIES[dict_id]
+    except KeyError:
+        raise WireError(pb.BAD_COMPRESSION, f"unknown lz4 dictionary id {dict_id}") from None
 
 
 class FrameType(enum.IntEnum):
@@ -147,22 +192,29 @@ def encode_frame(
     body: Message | bytes,
     *,
     compress_min: int = DEFAULT_COMPRESS_MIN,
+    dict_id: int = 0,
 ) -> bytes:
     """Build one complete frame (header and body).
 
     The body is LZ4-compressed when ``compress_min > 0``, it is at least
     ``compress_min`` bytes long, and compressing makes it strictly smaller.
+    With ``dict_id`` (one of :data:`DICTIONARIES`) it is compressed with
+    that dictionary and flagged :data:`FLAG_DICT`.
 
     :param ftype: frame type, any value ``0..255`` (see :class:`FrameType`).
     :param body: the protobuf message, or its already-encoded bytes.
     :param compress_min: smallest body worth compressing; ``0`` disables
         compression.
+    :param dict_id: pre-shared dictionary to compress with; ``0``: none.
     :returns: the frame, ready to write to the socket.
     :raises TypeError: ``body`` is a protobuf message of another frame type.
-    :raises ValueError: ``ftype`` is out of range or the body is over 4 GiB.
+    :raises ValueError: ``ftype`` is out of range, the body is over 4 GiB, or
+        ``dict_id`` is not one of :data:`DICTIONARIES`.
     """
     if not 0 <= ftype <= 0xFF:
         raise ValueError(f"frame type {ftype!r} is not a byte")
+    if dict_id and dict_id not in DICTIONARIES:
+        raise ValueError(f"unknown lz4 dictionary id {dict_id}")
     if isinstance(body, Message):
         expected = MESSAGE_TYPES.get(ftype)
         if expected is not None and not isinstance(body, expected):
@@ -175,17 +227,25 @@ def encode_frame(
         body = bytes(body)
     flags = 0
     if 0 < compress_min <= len(body):
-        packed = lz4.block.compress(body, store_size=True)
+        if dict_id:
+            packed = _DICT_PREFIX.pack(len(body), dict_id) + lz4.block.compress(
+                body, store_size=False, dict=dictionary(dict_id))
+            packed_flags = FLAG_LZ4 | FLAG_DICT
+        else:
+            packed = lz4.block.compress(body, store_size=True)
+            packed_flags = FLAG_LZ4
         if len(packed) < len(body):
-            body, flags = packed, FLAG_LZ4
+            body, flags = packed, packed_flags
     if len(body) > _MAX_LENGTH:
         raise ValueError(f"body of {len(body)} bytes does not fit a u32 length")
     return _HEADER.pack(VERSION, ftype, flags, 0, len(body)) + body
 
 
-def _inflate(body: bytes, max_body: int) -> bytes:
-    """Decompress an LZ4 body (u32le size + raw block), enforcing the limit."""
-    if len(body) < _STORED_SIZE.size:
+def _inflate(body: bytes, max_body: int, flags: int = FLAG_LZ4) -> bytes:
+    """Decompress an LZ4 body (u32le size [+ dictionary id] + raw block),
+    enforcing the limit."""
+    prefix = _DICT_PREFIX.size if flags & FLAG_DICT else _STORED_SIZE.size
+    if len(body) < prefix:
         raise WireError(pb.BAD_COMPRESSION, f"lz4 body of {len(body)} bytes has no size prefix")
     (size,) = _STORED_SIZE.unpack_from(body)
     # Checked before inflating so a tiny frame cannot make us allocate 4 GiB.
@@ -195,9 +255,18 @@ def _inflate(body: bytes, max_body: int) -> bytes:
         )
     try:
         # python-lz4 fails unless the block inflates to exactly `size` bytes.
-        return lz4.block.decompress(body)
+        if not flags & FLAG_DICT:
+            return lz4.block.decompress(body)
+        # Given a size instead of reading it, python-lz4 takes it as a
+        # limit: the exact size is checked here.
+        out = lz4.block.decompress(body[prefix:], uncompressed_size=size,
+                                   dict=dictionary(body[4]))
     except lz4.block.LZ4BlockError as exc:
         raise WireError(pb.BAD_COMPRESSION, f"corrupt lz4 body: {exc}") from None
+    if len(out) != size:
+        raise WireError(pb.BAD_COMPRESSION,
+                        f"lz4 body inflates to {len(out)} bytes, not the stated {size}")
+    return out
 
 
 class FrameDecoder:
@@ -255,7 +324,7 @@ class FrameDecoder:
                     break
                 body = bytes(buf[pos + HEADER_SIZE : stop])
                 if flags & FLAG_LZ4:
-                    body = _inflate(body, self.max_body)
+                    body = _inflate(body, self.max_body, flags)
                 frames.append((ftype, flags, body))
                 pos = stop
         except WireError as exc:
@@ -272,7 +341,7 @@ class FrameDecoder:
         version, ftype, flags, reserved, length = _HEADER.unpack_from(buf, pos)
         if version != VERSION:
             raise WireError(pb.UNSUPPORTED_VERSION, f"header version {version}, expected {VERSION}")
-        if flags & ~FLAG_LZ4:
+        if flags & ~FLAGS_DEFINED or flags == FLAG_DICT:
             raise WireError(pb.BAD_FRAME, f"undefined flag bits set: 0x{flags:02x}")
         if reserved:
             raise WireError(pb.BAD_FRAME, f"reserved header byte is 0x{reserved:02x}, must be 0")

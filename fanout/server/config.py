@@ -21,6 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from ..protocol import wire
 from ..protocol.auth import DEV_SECRET
 
 ENV_PREFIX = "FANOUT_"
@@ -140,8 +141,9 @@ class NodeConfig:
     delay_overloaded_ms: float = _field(3000.0, "the same delay that makes the node overloaded (not ready)", minimum=1)
     backlog_degraded_bytes: int = _field(256 << 20, "write backlog across connections that makes the node degrade", minimum=1)
     max_batch_bytes: int = _field(65_536, "flush a room's batch when it reaches this", minimum=256)
-    compress_min: int = _field(256, "smallest batch worth lz4 (0: never compress)", minimum=0)
-    compress_level: int = _field(4, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
+    compress_min: int = _field(64, "smallest frame body worth lz4 (0: never compress); with the dictionary one message pays", minimum=0)
+    compress_level: int = _field(10, "lz4 level: 0 fast mode, 1-12 high compression", minimum=0)
+    compress_dict: int = _field(1, "pre-shared lz4 dictionary id for every compressed frame (0: none; every client must hold it: docs/protocol.md section 3)", minimum=0)
     write_threads: int = _field(-1, "writer threads for large rooms' flushes (-1: one fewer than the CPUs, at least 1; 0: write on the event loop)", minimum=-1)
     write_thread_min_members: int = _field(256, "smallest room the writer threads write; smaller rooms are written on the loop at once", minimum=1)
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
@@ -168,6 +170,9 @@ class NodeConfig:
             raise ConfigError(f"write_threads must be 0-64, got {self.write_threads}")
         if self.compress_level > 12:
             raise ConfigError(f"compress_level must be 0-12, got {self.compress_level}")
+        if self.compress_dict and self.compress_dict not in wire.DICTIONARIES:
+            raise ConfigError(f"compress_dict {self.compress_dict} is not a known dictionary "
+                              f"(known: 0, {', '.join(map(str, sorted(wire.DICTIONARIES)))})")
         if self.loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"loop must be 'uvloop' or 'asyncio', got {self.loop!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -129,6 +129,7 @@ class Node:
         """Bind the client port and start serving."""
         cfg = self.config
         self.loop = loop = asyncio.get_running_loop()
+        _core.set_compress_dict(cfg.compress_dict)     # process-wide: frames are shared
         self.hub = _core.Hub(loop, max_delay=cfg.max_delay_ms / 1000,
                              max_batch_bytes=cfg.max_batch_bytes,
                              compress_min=cfg.compress_min,

@@ -265,7 +265,7 @@ class Session:
         self.send(FrameType.AUTH_OK, pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
             idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms(),
-            token_expires_ms=claims.expires_at * 1000))
+            token_expires_ms=claims.expires_at * 1000, compress_dict=cfg.compress_dict))
         self.authenticated_limits()
         log.debug("%s: authenticated (device %s, class %r)", self, clip(msg.device_id),
                   device_class)

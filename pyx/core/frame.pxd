@@ -10,7 +10,8 @@
 #   [1]                HR_LEN: that header's length, at most MAX_PREFIX
 #   [2 .. HEADROOM)    free; a prefix ends exactly at HEADROOM
 #   [HEADROOM .. +8)   the wire header (version, type, flags, reserved, length)
-#   [HEADROOM+8 .. )   the body, lz4-compressed when that pays
+#   [HEADROOM+8 .. )   the body, lz4-compressed when that pays (with the
+#                      dictionary: u32le size, dictionary id, LZ4 block)
 #
 # A plain connection writes [HEADROOM, end); a prefixed one writes
 # [HEADROOM - HR_LEN, end). The headroom is written at most once, by the
@@ -30,7 +31,8 @@ cdef enum:
 
 # Build one core frame: headroom + header + body (compressed when body_len >=
 # compress_min > 0 and the result is smaller; level 0 is lz4's fast mode,
-# 1-12 its high-compression levels). A new bytes object the caller owns.
+# 1-12 its high-compression levels; with the process's pre-shared dictionary
+# when set_compress_dict() set one). A new bytes object the caller owns.
 cdef bytes build_frame(uint8_t ftype, const char* body, Py_ssize_t body_len,
                        Py_ssize_t compress_min, int level)
 

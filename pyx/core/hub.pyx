@@ -331,22 +331,26 @@ cdef class Hub:
         cdef int st
         cdef list troubled = None
         cdef tuple nxt
-        for i in range(n):
-            conn = <Connection>rnd._conns[i]
-            obj = <PyObject*>rnd.frame
-            if rnd._objs != NULL and rnd._objs[i] != NULL:
-                obj = rnd._objs[i]
-            st = conn._after_round(
-                obj, rnd._r.items[i].buf - PyBytes_AS_STRING(<object>obj),
-                <Py_ssize_t>rnd._r.items[i].len, rnd._r.items[i].result)
-            if st == SEND_SLOW or st == SEND_DEAD:
-                if troubled is None:
-                    troubled = []
-                troubled.append((conn, st))
-            elif st != SEND_CLOSED:
-                ok += 1
-        rnd.release()
-        room._round = None
+        try:
+            for i in range(n):
+                conn = <Connection>rnd._conns[i]
+                obj = <PyObject*>rnd.frame
+                if rnd._objs != NULL and rnd._objs[i] != NULL:
+                    obj = rnd._objs[i]
+                st = conn._after_round(
+                    obj, rnd._r.items[i].buf - PyBytes_AS_STRING(<object>obj),
+                    <Py_ssize_t>rnd._r.items[i].len, rnd._r.items[i].result)
+                if st == SEND_SLOW or st == SEND_DEAD:
+                    if troubled is None:
+                        troubled = []
+                    troubled.append((conn, st))
+                elif st != SEND_CLOSED:
+                    ok += 1
+        finally:
+            # Whatever happened above, no member stays marked as in a round
+            # (it would never be written to again) and the room moves on.
+            rnd.release()
+            room._round = None
         if troubled:
             self._report_all(troubled)
         self._delivered(room, rnd.messages, ok + rnd.queued, rnd.raw, rnd.wire,

@@ -5,7 +5,9 @@
 # A frame is an 8-byte header
 #   version:u8  type:u8  flags:u8  reserved:u8  length:u32be
 # followed by `length` body bytes; with FLAG_LZ4 the body is
-# u32le(uncompressed size) + one raw LZ4 block.
+# u32le(uncompressed size) + one raw LZ4 block, and with FLAG_DICT as well
+# u32le(uncompressed size) + u8 dictionary id + one raw LZ4 block compressed
+# with that pre-shared dictionary (FLAG_DICT alone is undefined).
 #
 # Header-only module: `from wireformat cimport ...`; nothing here exists at
 # run time.
@@ -42,12 +44,18 @@ cdef inline Py_ssize_t check_header(const uint8_t* p, Py_ssize_t max_body) noexc
     cdef Py_ssize_t length
     if p[0] != WIRE_VERSION:
         return -R_UNSUPPORTED_VERSION
-    if (p[2] & ~FLAG_LZ4) or p[3] != 0:
+    if (p[2] & ~(FLAG_LZ4 | FLAG_DICT)) or p[2] == FLAG_DICT or p[3] != 0:
         return -R_BAD_FRAME
     length = body_length(p)
     if length > max_body:
         return -R_FRAME_TOO_LARGE
     return length
+
+
+cdef inline Py_ssize_t lz4_prefix_size(uint8_t flags) noexcept nogil:
+    """Bytes before the LZ4 block of a compressed body: the size, and with
+    FLAG_DICT the dictionary id."""
+    return 5 if flags & FLAG_DICT else 4
 
 
 cdef inline Py_ssize_t lz4_stored_size(const uint8_t* body) noexcept nogil:

@@ -24,10 +24,10 @@ from system cimport (
     EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CLOEXEC,
 )
 from wireformat cimport (
-    HEADER_SIZE, FLAG_LZ4, MAX_SERVER_FRAME,
+    HEADER_SIZE, FLAG_LZ4, FLAG_DICT, MAX_SERVER_FRAME,
     FT_PING, FT_AUTH_OK, FT_ERROR, FT_BATCH, FT_KICK, FT_PONG, FT_GAP, FT_ACK, FT_PRESENCE,
     R_AUTH_TIMEOUT, R_SLOW_CONSUMER, R_CONNECTION_LIMIT, R_CONNECTION_RATE_LIMITED,
-    check_header, lz4_stored_size, get_varint, skip_field, put_varint, write_header,
+    check_header, lz4_stored_size, lz4_prefix_size, get_varint, skip_field, put_varint, write_header,
 )
 from lgsupport cimport (
     lg_addr, lg_connect, lg_sock_error, lg_mono_ns, lg_real_ns, lg_hash,

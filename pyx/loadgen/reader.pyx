@@ -13,6 +13,8 @@ from cpython.buffer cimport PyBUF_READ
 
 import lz4.block as _lz4_block
 
+from fanout.protocol.wire import DICTIONARIES as _DICTIONARIES
+
 _lz4_decompress = _lz4_block.decompress
 
 cdef enum:
@@ -159,7 +161,7 @@ cdef void _frame(Viewers self, Viewer* v, const uint8_t* f, Py_ssize_t whole) ex
         _batch(self, v, f, whole)
         return
     if f[2] & FLAG_LZ4:
-        inflated = _inflate(self, &body, &end)
+        inflated = _inflate(self, f[2], &body, &end)
         if inflated is None:
             return
     if ftype == FT_PRESENCE:
@@ -174,20 +176,35 @@ cdef void _frame(Viewers self, Viewer* v, const uint8_t* f, Py_ssize_t whole) ex
         self.other_frames += 1
 
 
-cdef object _inflate(Viewers self, const uint8_t** body, const uint8_t** end):
-    """Inflate the lz4 body [body, end) of a frame: returns the bytes and
+cdef object _inflate(Viewers self, uint8_t flags, const uint8_t** body, const uint8_t** end):
+    """Inflate the lz4 body [body, end) of a frame (``flags`` from its
+    header: FLAG_DICT names a pre-shared dictionary): returns the bytes and
     points body and end into them (keep the bytes while they are used);
-    None (counted) when the body is corrupt."""
+    None (counted) when the body is corrupt or its dictionary unknown."""
     cdef Py_ssize_t n = end[0] - body[0]
-    cdef object inflated
-    if n < 4:
+    cdef Py_ssize_t size
+    cdef object inflated, dct
+    if n < lz4_prefix_size(flags):
         self.bad_bodies += 1
         return None
-    if lz4_stored_size(body[0]) > MAX_SERVER_FRAME:
+    size = lz4_stored_size(body[0])
+    if size > MAX_SERVER_FRAME:
         self.bad_bodies += 1
         return None
     try:
-        inflated = _lz4_decompress(PyMemoryView_FromMemory(<char*>body[0], n, PyBUF_READ))
+        if flags & FLAG_DICT:
+            dct = _DICTIONARIES.get(body[0][4])
+            if dct is None:
+                self.bad_bodies += 1
+                return None
+            inflated = _lz4_decompress(
+                PyMemoryView_FromMemory(<char*>body[0] + 5, n - 5, PyBUF_READ),
+                uncompressed_size=size, dict=dct)
+            if PyBytes_GET_SIZE(inflated) != size:   # the size given is only a limit
+                self.bad_bodies += 1
+                return None
+        else:
+            inflated = _lz4_decompress(PyMemoryView_FromMemory(<char*>body[0], n, PyBUF_READ))
     except Exception:
         self.bad_bodies += 1
         return None

@@ -22,7 +22,7 @@ cdef void _batch(Viewers self, Viewer* v, const uint8_t* f, Py_ssize_t whole) ex
     if not v.decoded and j != 0:
         return                         # the common case: hash and count only
     if f[2] & FLAG_LZ4:
-        inflated = _inflate(self, &body, &end)
+        inflated = _inflate(self, f[2], &body, &end)
         if inflated is None:
             return
     if _walk(self, v, body, end, v.decoded, &nmsgs, &first, &last) < 0:
