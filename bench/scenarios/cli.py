@@ -23,6 +23,7 @@ from bench.scenarios.scaling import scaling
 from bench.scenarios.soak import soak
 from bench.scenarios.sweep import sweep
 from bench.scenarios.wire_bytes import wire_bytes
+from bench.scenarios.writers import writer_threads
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -43,11 +44,12 @@ SCENARIOS = {
     "workers-reference": workers_reference,
     "reconnect-storm": reconnect_storm,
     "scaling": scaling,
+    "writer-threads": writer_threads,
     "node-peers": node_peers,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "cluster-quiet", "router-throughput", "workers-reference",
-            "reconnect-storm", "scaling", "node-peers"}
+            "reconnect-storm", "scaling", "node-peers", "writer-threads"}
 
 
 def main(argv: list[str] | None = None) -> int:

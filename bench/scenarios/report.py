@@ -33,6 +33,12 @@ def summarize(name: str, r: dict) -> str:
                                                      if "versus_node_peers" in r else [])))
     if name == "node-peers":
         return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
+    if name == "writer-threads":
+        return "writer-threads: " + "; ".join(
+            f"{w['write_threads']} threads/{w['max_delay_ms']} ms: "
+            f"{(w['deliveries_per_s'] or 0) / 1e6:.2f}M p50 {w['latency_ms'].get('p50')} "
+            f"p99 {w['latency_ms'].get('p99')} level {w['level_at_window_end']} "
+            f"mean lag {w['mean_loop_lag_ms']} ms" for w in r["rows"])
     if name == "scaling":
         rows = [f"{r['write_threads']}t/{r['viewers']}:{(r['deliveries_per_s'] or 0) / 1e6:.1f}M"
                 f"/p99 {r['latency_ms'].get('p99')}" for rs in r["viewers"].values() for r in rs]
