@@ -477,3 +477,17 @@ def test_random_tokens_match_pyjwt():
         seen["accepted" if verdict[0] == "accepted" else verdict[1]] += 1
     # The walk reached every outcome often enough to mean something.
     assert min(seen.values()) >= 400, seen
+
+
+def test_header_verdicts_are_remembered_within_a_bound():
+    """The header cache gives the same verdict on a second look, and holds
+    at most _MAX_HEADERS entries whatever a client sends."""
+    hs256._HEADERS.clear()
+    refused = raw_token({"alg": "none"}, claims())
+    for _ in range(2):
+        assert lean_verdict(refused) == ("refused", "structure")
+        assert lean_verdict(VALID)[0] == "accepted"
+    for i in range(3 * hs256._MAX_HEADERS):
+        assert assert_same(raw_token({"alg": "HS256", "kid": str(i)}, claims()))[0] == "accepted"
+        assert assert_same(raw_token({"alg": "HS256", "kid": i}, claims()))[0] == "refused"
+    assert len(hs256._HEADERS) == hs256._MAX_HEADERS

@@ -48,6 +48,14 @@ _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _PADS = (b"", b"===", b"==", b"=")         # by len % 4 (1 never gets here)
 
 
+#: Header segments already judged: None (acceptable) or why refused. An
+#: issuer signs every token with the same header, so a storm parses it
+#: once; the verdict depends on the bytes alone. Bounded: past the bound,
+#: new headers are judged and not kept.
+_HEADERS: dict[bytes, str | None] = {}
+_MAX_HEADERS = 64
+
+
 class TokenError(Exception):
     """The token is refused; the text says why (one line)."""
 
@@ -119,6 +127,17 @@ def _check_header(header: dict) -> None:
         raise TokenError("the token's algorithm is not HS256")
 
 
+def _judge_header(seg: bytes) -> str | None:
+    try:
+        _check_header(_json_object(_segment(seg, "header"), "header"))
+        refused = None
+    except TokenError as exc:
+        refused = str(exc)
+    if len(_HEADERS) < _MAX_HEADERS:
+        _HEADERS[seg] = refused
+    return refused
+
+
 def decode(token: str | bytes, secret: str) -> dict:
     """The payload of ``token`` if it is an HS256 JWS signed with ``secret``.
 
@@ -138,10 +157,14 @@ def decode(token: str | bytes, secret: str) -> dict:
     header_seg, dot2, payload_seg = signing_input.partition(b".")
     if not dot or not dot2:
         raise TokenError("not enough segments")
-    header = _json_object(_segment(header_seg, "header"), "header")
+    try:
+        refused = _HEADERS[header_seg]
+    except KeyError:
+        refused = _judge_header(header_seg)
+    if refused is not None:
+        raise TokenError(refused)
     payload = _segment(payload_seg, "payload")
     signature = _segment(crypto, "signature")
-    _check_header(header)
     mac = mac.copy()
     mac.update(signing_input)
     if not hmac.compare_digest(signature, mac.digest()):
