@@ -73,13 +73,25 @@ def connect_storm(quick: bool) -> dict:
     finally:
         node.stop()
     c = load.get("connect", {})
-    rate = c.get("connects_per_s")
+    joined = c.get("joined") or 0
+    span = c.get("time_to_all_joined_s")
+    # The goal counts authenticated connects: every client connected, sent
+    # its Hello, got AuthOk, joined and got the join Ack, from the first
+    # connect to the last Ack. The load tool's connects/s counts TCP
+    # handshakes, which the kernel completes for the window's last 4,096
+    # before the node has even accepted them.
+    rate = round(joined / span, 1) if joined and span else None
+    node_cpu = load.get("cpu", {}).get("node_s")
+    cpu_us = round(node_cpu / joined * 1e6, 1) if node_cpu and joined else None
     return {
         "connections": n, "connect_window": STORM_WINDOW, "node_settings": settings,
         "load": slim(load), "load_command": cmd, "node_command": node.command,
-        "connects_per_s": rate, "time_to_all_joined_s": c.get("time_to_all_joined_s"),
+        "authenticated_per_s": rate, "time_to_all_joined_s": span,
+        "tcp_connects_per_s": c.get("connects_per_s"),
+        # The node's CPU per connect (whole storm, accept to close): the
+        # figure that does not depend on what else shares the cores.
+        "node_cpu_us_per_connect": cpu_us,
         "refused": int(delta(m1, m0, "fanout_connections_refused_total")),
         "target": TARGETS["connect-storm"],
-        "verdict": "met" if rate is not None and rate >= 10000
-        and c.get("joined") == n else "missed",
+        "verdict": "met" if rate is not None and rate >= 10000 and joined == n else "missed",
     }

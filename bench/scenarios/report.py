@@ -59,6 +59,9 @@ def summarize(name: str, r: dict) -> str:
         return (f"idle-connections: {r['bytes_per_connection']} B/connection over "
                 f"{r['connections']} ({r['verdict']})")
     if name == "connect-storm":
-        return (f"connect-storm: {r['connects_per_s']} connects/s, all joined "
-                f"after {r['time_to_all_joined_s']} s ({r['verdict']})")
+        return (f"connect-storm: {r['authenticated_per_s']} authenticated connects/s "
+                f"({r['load'].get('connect', {}).get('joined')} of {r['connections']} joined after "
+                f"{r['time_to_all_joined_s']} s; node CPU {r['node_cpu_us_per_connect']} µs "
+                f"per connect; TCP connects {r['tcp_connects_per_s']}/s): goal "
+                f"{r['target']}: {r['verdict']}")
     return r.get("summary", name)
