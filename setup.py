@@ -11,8 +11,6 @@ Build switches (environment variables), in the style of uvloop/asyncpg:
 
 import os
 import pathlib
-import subprocess
-import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_py import build_py

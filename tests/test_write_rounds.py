@@ -15,7 +15,7 @@ import pytest
 from fanout import _core
 from fanout.protocol import fanout_pb2 as pb
 
-from test_core import MAX, Owner, make_pair, record
+from test_core import MAX, make_pair, record
 
 PING = 0x01          # any type will do for a control frame here
 

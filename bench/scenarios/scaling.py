@@ -41,8 +41,10 @@ def _labeled(node: Node, name: str) -> dict[str, float]:
 OFFERED_SETTINGS = {k: v for k, v in REFERENCE_SETTINGS.items() if k != "room_budget"}
 
 
-def _run(viewers: int, rate: float, duration: float, threads: int,
-         settings: dict = REFERENCE_SETTINGS) -> dict:
+def run_node_load(viewers: int, rate: float, duration: float, threads: int,
+                  settings: dict = REFERENCE_SETTINGS) -> dict:
+    """One node with ``settings`` and ``threads`` writer threads under one
+    ``fanout load`` at ``rate`` msg/s in one room: the figures the curves use."""
     node = Node(**dict(settings, write_threads=threads))
     try:
         load, cmd, _ = run_load(node.host, node.port,
@@ -51,6 +53,7 @@ def _run(viewers: int, rate: float, duration: float, threads: int,
                                 node_pid=node.proc.pid)
         dropped = _labeled(node, "fanout_degraded_messages_total")
         taken = _labeled(node, "fanout_messages_in_total")
+        lag = node.metrics()
     finally:
         node.stop()
     lat = dict(load.get("latency_ms") or {})
@@ -64,6 +67,10 @@ def _run(viewers: int, rate: float, duration: float, threads: int,
             "level_at_window_end": state.get("degradation_level"),
             "ready_at_window_end": state.get("ready"),
             "node_loop_lag": load.get("node_loop_lag"),
+            "mean_loop_lag_ms": round(1000 * lag.get("fanout_event_loop_lag_seconds_sum", 0)
+                                      / lag["fanout_event_loop_lag_seconds_count"], 2)
+            if lag.get("fanout_event_loop_lag_seconds_count") else None,
+            "max_delay_ms": settings.get("max_delay_ms"),
             "messages_in": taken, "dropped_by_overload_control": dropped,
             "slow_consumer_cuts": load.get("slow_consumer_cuts"),
             "load_command": cmd, "node_command": node.command}
@@ -77,10 +84,11 @@ def scaling(quick: bool) -> dict:
                  "node_settings": REFERENCE_SETTINGS, "offered_settings": OFFERED_SETTINGS,
                  "viewers": {}, "offered": []}
     for threads in (1, 2):
-        out["viewers"][str(threads)] = [_run(v, 2000, duration, threads) for v in counts]
+        out["viewers"][str(threads)] = [run_node_load(v, 2000, duration, threads)
+                                        for v in counts]
     big = 300 if quick else 10000
     for f in factors:
-        row = _run(big, 2000 * f, duration, 1, OFFERED_SETTINGS)
+        row = run_node_load(big, 2000 * f, duration, 1, OFFERED_SETTINGS)
         row["factor"] = f
         out["offered"].append(row)
     gifts_dropped = sum(v for rows in [out["offered"]] for r in rows

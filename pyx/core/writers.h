@@ -118,6 +118,8 @@ static void* fo_worker(void* arg)
     return NULL;
 }
 
+static void fo_pool_stop(fo_pool* p);
+
 /* Start nthreads writers. NULL on failure, with errno set. */
 static fo_pool* fo_pool_start(int nthreads)
 {
@@ -153,14 +155,7 @@ static fo_pool* fo_pool_start(int nthreads)
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (p->nthreads < nthreads) {
-        pthread_mutex_lock(&p->mu);
-        p->stop = 1;
-        pthread_cond_broadcast(&p->work);
-        pthread_mutex_unlock(&p->mu);
-        for (i = 0; i < p->nthreads; i++)
-            pthread_join(p->threads[i], NULL);
-        close(p->efd);
-        free(p);
+        fo_pool_stop(p);
         errno = err;
         return NULL;
     }
