@@ -7,7 +7,8 @@ and writes what they saw to FILE (JSON) when the node exits:
 
 * **stalls**: a heartbeat timer due every millisecond records each gap
   between two of its runs over ``--threshold-ms`` (the loop was busy that
-  long): a histogram and the longest ones with their time.
+  long): a histogram, the count, sum and longest per second of the run
+  (``by_second``), and the longest ones with their time.
 * **who**: a watchdog thread samples the loop thread's Python stack
   (``sys._current_frames``) every 0.2 ms while the heartbeat is overdue;
   each stall carries the innermost node frames seen during it. The switch
@@ -81,6 +82,7 @@ class Tracer:
         self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self.heartbeats = 0
+        self.by_second: dict[int, list] = {}        # second -> [stalls, ms, max ms]
 
     # ------------------------------------------------------------ heartbeat
 
@@ -101,6 +103,10 @@ class Tracer:
                 for frame, count in samples.items():
                     self.by_frame[frame] = self.by_frame.get(frame, 0.0) + share * count
                 self.longest.append((ms, now - self.t0, samples))
+                sec = self.by_second.setdefault(int(now - self.t0), [0, 0.0, 0.0])
+                sec[0] += 1
+                sec[1] += ms
+                sec[2] = max(sec[2], ms)
                 if len(self.longest) > 4 * KEEP:
                     self.longest.sort(key=lambda s: -s[0])
                     del self.longest[KEEP:]
@@ -180,6 +186,8 @@ class Tracer:
             "longest": [{"ms": round(ms, 2), "at_s": round(at, 3),
                          "samples": dict(sorted(s.items(), key=lambda kv: -kv[1])[:6])}
                         for ms, at, s in self.longest[:KEEP]],
+            "by_second": [[t, n, round(ms, 1), round(mx, 2)]
+                          for t, (n, ms, mx) in sorted(self.by_second.items())],
             "timed": {k: h.json() for k, h in self.timed.items()},
             "gc": {f"gen{g}": h.json() for g, h in self.gc.items()},
             "gc_over_threshold": [{"at_s": a, "gen": g, "ms": ms, "collected": c}
