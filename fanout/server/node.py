@@ -130,7 +130,8 @@ class Node:
         self._pass_backlog = 0
         self._backlog = 0
         self._shared_presence: set[str] = set()     # rooms with members at the last share
-        self._presence_due: list[str] = []          # rooms still to get this period's count
+        self._presence_due: list[str] = []          # rooms to get this period's count, and
+        self._presence_at = 0                       # the next one's index
         self._presence_per_step = 1                 # rooms per step, and the time between steps
         self._presence_gap = 0.0
         metrics.add_gauges(self._gauges)
@@ -525,6 +526,7 @@ class Node:
         # time: all at once, 100 rooms of 100 members were 10,000 sends in
         # one loop turn, a stall of tens of ms for every other room.
         self._presence_due = list(counts)
+        self._presence_at = 0
         steps = max(1, int(self.config.presence_interval_ms / 1000 * PRESENCE_SPREAD
                            / PRESENCE_STEP))
         self._presence_per_step = -(-len(counts) // steps)
@@ -535,11 +537,11 @@ class Node:
     def _presence_rooms(self) -> None:
         """One step of the presence period: the next rooms' members get
         their count (counted now), and the next step is set."""
-        due = self._presence_due
-        names, self._presence_due = due[:self._presence_per_step], due[self._presence_per_step:]
-        if self._presence_due:
+        start = self._presence_at
+        self._presence_at = end = start + self._presence_per_step
+        if end < len(self._presence_due):
             self._later(self._presence_gap, self._presence_rooms)
-        for name in names:
+        for name in self._presence_due[start:end]:
             self.rooms.send_presence(name, self.bus.online)
 
     def auth_failed(self, reason: int) -> None:
