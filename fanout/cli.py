@@ -154,6 +154,9 @@ def _load_parser(sub) -> None:
                    help="measured seconds, after the warm-up (default 10)")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="seconds of publishing before measuring (default 2)")
+    p.add_argument("--publish-tick-ms", type=float, default=10.0,
+                   help="the publisher sends what is due every this many ms, in one request "
+                        "(default 10; 1000 / rate: each message on its own, when it is due)")
     p.add_argument("--processes", type=int, default=0,
                    help="viewer processes (default ceil(viewers / 19000))")
     p.add_argument("--decode-every", type=int, default=50,

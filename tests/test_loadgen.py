@@ -241,3 +241,22 @@ def test_slow_consumer_cut_is_counted(start_node):
     assert check["cut"] == 1 and check["divergences"] == 0    # what it got was a prefix
     assert stats["gaps"] == stats["reorders"] == 0
     viewers.close()
+
+
+def test_publish_tick_of_one_message_interval_sends_each_message_alone(start_node):
+    """``tick`` = 1 / rate (``--publish-tick-ms``, quiet-rooms): a request per
+    message, when it is due, instead of a request per 10 ms of messages."""
+    node = start_node("--log-level", "WARNING")
+    result = run(LoadConfig(
+        host=node.host, port=node.port, admin_port=node.admin_port, api_key=node.api_key,
+        secret=SECRET, viewers=20, rooms=4, processes=1, rate=100, tick=0.01, warmup=0.2,
+        duration=1.5, progress=False))
+    published = result["published"]
+    assert published["accepted"] >= 100 and result["gaps"] == 0
+    # At most a message or two share a request (when the publisher ran late).
+    assert published["requests"] >= 0.8 * published["accepted"], published
+
+
+def test_publish_tick_must_be_positive():
+    with pytest.raises(ValueError, match="tick"):
+        LoadConfig(rate=10, api_key="k", tick=0).validate()

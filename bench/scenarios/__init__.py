@@ -5,7 +5,9 @@
 SCENARIO is one of reference-room, quiet-rooms, idle-connections,
 connect-storm, wire-bytes, sweep (deliveries/s against viewers, for the
 plot), profile (py-spy of the node at the reference load), node-peers (the
-engine against the Node peers alone), or all. Each starts its own node process
+engine against the Node peers alone), stalls-quiet (the stall tracer,
+bench/stalltrace.py, in the node under the quiet-rooms load), or all. Each
+starts its own node process
 (``fanout node --port 0 --admin-port 0 ...`` with the settings it needs), its
 load generator (``fanout load``, a separate process: the open-file limit is
 20,000 per process) and, where the issue asks for them, its peers in the same

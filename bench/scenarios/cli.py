@@ -15,7 +15,7 @@ from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, router_thro
 from bench.scenarios.connections import connect_storm, idle_connections
 from bench.scenarios.harness import ROOT, machine
 from bench.scenarios.node_peers import node_peers
-from bench.scenarios.profiles import profile, profile_quiet, profile_storm
+from bench.scenarios.profiles import profile, profile_quiet, profile_storm, stalls_quiet
 from bench.scenarios.quiet_rooms import quiet_rooms
 from bench.scenarios.reference_room import reference_room
 from bench.scenarios.report import summarize
@@ -37,6 +37,7 @@ SCENARIOS = {
     "profile": profile,
     "profile-storm": profile_storm,
     "profile-quiet": profile_quiet,
+    "stalls-quiet": stalls_quiet,
     "adversarial": adversarial,
     "soak": soak,
     "cluster-quiet": cluster_quiet,
@@ -48,8 +49,8 @@ SCENARIOS = {
     "node-peers": node_peers,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
-SEPARATE = {"adversarial", "soak", "cluster-quiet", "router-throughput", "workers-reference",
-            "reconnect-storm", "scaling", "node-peers", "writer-threads"}
+SEPARATE = {"adversarial", "soak", "stalls-quiet", "cluster-quiet", "router-throughput",
+            "workers-reference", "reconnect-storm", "scaling", "node-peers", "writer-threads"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,13 +42,14 @@ class Proc(_testbase.Proc):
 
 class Node(_testbase.NodeProcess):
     """A ``fanout node`` process on free ports, with ``settings`` as flags
-    (``max_delay_ms=100`` -> ``--max-delay-ms 100``)."""
+    (``max_delay_ms=100`` -> ``--max-delay-ms 100``); ``command`` runs
+    ``fanout`` some other way (the stall tracer)."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, command: list[str] | None = None, **settings) -> None:
         flags = ["--secret", SECRET, "--log-level", "WARNING"]
         for key, value in settings.items():
             flags += ["--" + key.replace("_", "-"), str(value)]
-        super().__init__(flags, api_key=API_KEY, cwd=ROOT, command=[FANOUT])
+        super().__init__(flags, api_key=API_KEY, cwd=ROOT, command=command or [FANOUT])
         self.settings = settings
 
     def metrics(self) -> dict[str, float]:

@@ -4,6 +4,7 @@ collapsed stacks in build/ and a chart of the top frames in docs/img/."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -129,3 +130,30 @@ def _profile_chart(name: str, top: list, total: int, title: str) -> str | None:
     fig.savefig(out)
     plt.close(fig)
     return str(out.relative_to(ROOT))
+
+
+def stalls_quiet(quick: bool) -> dict:
+    """The stall tracer (bench/stalltrace.py) in the node during quiet-rooms:
+    every event-loop stall over 1 ms, what ran during it, the node's
+    periodic work timed per call, and every GC pause."""
+    rooms, per_room = (10, 20) if quick else (100, 100)
+    duration = 5.0 if quick else 25.0
+    settings = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
+    out = BUILD / "quiet_rooms_stalls.json"
+    BUILD.mkdir(exist_ok=True)
+    node = Node(command=[str(BIN / "python"), "-m", "bench.stalltrace", "--out", str(out), "--"],
+                **settings)
+    try:
+        load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
+                                duration + 200, admin_port=node.admin_port,
+                                node_pid=node.proc.pid)
+    finally:
+        node.stop()
+    trace = json.loads(out.read_text())
+    return {"trace": trace, "trace_file": str(out.relative_to(ROOT)),
+            "load_latency_ms": latency_summary(load), "gaps": load.get("gaps"),
+            "load_command": cmd, "node_command": node.command,
+            "summary": "stalls-quiet: stalls " + json.dumps(trace["stalls"])
+            + "; timed " + json.dumps({k: v["max_ms"] for k, v in trace["timed"].items()})
+            + "; gc max " + json.dumps({k: v["max_ms"] for k, v in trace["gc"].items()})
+            + f"; latency {latency_summary(load)}"}

@@ -8,7 +8,7 @@ from bench.scenarios.node_peers import summary_lines
 
 TARGETS = {
     "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s, node at level 0 and ready, loop lag p99 ≤ 5 ms",
-    "quiet-rooms": "p99 ≤ 2 ms",
+    "quiet-rooms": "p99 ≤ 2 ms and ≤ the naive peer's p99 in the same run",
     "idle-connections": "≤ 2 KiB user-space memory per connection",
     "connect-storm": "≥ 10,000 authenticated connects/s",
     "wire-bytes": "≤ 15% of V1 JSON bytes per delivered message in the reference room",
@@ -47,8 +47,12 @@ def summarize(name: str, r: dict) -> str:
                    for o in r["offered"]]
         return f"scaling: {', '.join(rows)}; {'; '.join(offered)} ({r['verdict']})"
     if name == "quiet-rooms":
+        goals = r.get("goals", {})
         return (f"quiet-rooms: latency {latency_summary(r['engine']['load'])} gaps "
-                f"{r['engine']['load']['gaps']} ({r['verdict']}); naive {r['naive']['latency_ms']}")
+                f"{r['engine']['load']['gaps']}; naive {latency_summary(r['naive'])}; "
+                f"p99 <= 2 ms: {'met' if goals.get('p99_at_most_2_ms') else 'missed'}, "
+                f"p99 <= naive p99: {'met' if goals.get('p99_at_most_naive_p99') else 'missed'}; "
+                f"engine/naive p99 {r['ratios']['engine_p99_to_naive_p99']} ({r['verdict']})")
     if name.startswith("profile"):
         return "profile: top self " + ", ".join(f"{n} {v:.1%}" for n, v in r["top_self"][:6])
     if name == "sweep":

@@ -226,7 +226,7 @@ def config_from_args(args) -> LoadConfig:
         processes=args.processes, decode_every=args.decode_every,
         latency_every=args.latency_every, seed=args.seed, node_pid=args.node_pid,
         connect_window=args.connect_window, read_interval=args.read_interval_ms / 1000,
-        max_retries=args.max_retries,
+        max_retries=args.max_retries, tick=args.publish_tick_ms / 1000,
         source_addrs=args.source_addrs,
         room_prefix=args.room_prefix, progress=not args.no_progress)
 

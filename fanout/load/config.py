@@ -96,6 +96,8 @@ class LoadConfig:
                              f"use at least {math.ceil(self.viewers / MAX_PER_PROCESS)} processes")
         if self.processes > self.viewers:
             raise ValueError("more processes than viewers")
+        if not self.tick > 0:
+            raise ValueError("publish tick must be > 0")
         if self.rate > 0 and not self.api_key:
             raise ValueError("publishing needs the node's admin API key (--api-key)")
         return self

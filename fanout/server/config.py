@@ -149,6 +149,13 @@ class NodeConfig:
     ring_size: int = _field(1024, "messages per room kept for resume", minimum=1)
     ring_bytes: int = _field(1 << 20, "bytes per room kept for resume", minimum=1024)
     room_idle_ttl_s: float = _field(300.0, "forget an empty, silent room's history after this", minimum=0)
+    # the process
+    gc_freeze: int = _field(1, "1: once started, move every object so far (modules, config) out "
+                            "of the garbage collector's reach (gc.freeze), so full collections "
+                            "no longer scan them", minimum=0)
+    gc_thresholds: str = _field("700,10,100", "gc.set_threshold of the node process: new "
+                                "objects per young collection, young collections per middle "
+                                "one, middle ones per full one (0 first: no automatic GC)")
 
     def writer_threads(self) -> int:
         """The core's writer threads: write_threads, or for -1 one fewer
@@ -196,6 +203,7 @@ class NodeConfig:
         if self.max_unauthenticated_per_ip > self.max_conns_per_ip:
             raise ConfigError("max_unauthenticated_per_ip must not exceed max_conns_per_ip")
         self.trusted_proxies()
+        self.gc_threshold_values()
         return self
 
     def weak_credentials(self) -> list[str]:
@@ -221,6 +229,18 @@ class NodeConfig:
                 raise ConfigError(f"proxy_protocol_from: {part!r} is not a network "
                                   "(write 10.0.0.0/8 or 2001:db8::/32)") from None
         return tuple(nets)
+
+    def gc_threshold_values(self) -> tuple[int, int, int]:
+        """``gc_thresholds`` as the three integers of ``gc.set_threshold``."""
+        parts = self.gc_thresholds.split(",")
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != 3 or min(values) < 0:
+            raise ConfigError(f"gc_thresholds must be three integers >= 0 like '700,10,100', "
+                              f"got {self.gc_thresholds!r}")
+        return values
 
     @property
     def uses_dev_secret(self) -> bool:

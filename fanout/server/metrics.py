@@ -77,6 +77,9 @@ class NodeMetrics:
         self.degradation_level = Gauge(
             "fanout_degradation_level", "0 normal, 1 degraded, 2 overloaded", registry=r)
         self.draining = Gauge("fanout_draining", "1 while the node drains", registry=r)
+        # Labelled children looked up once: observe_flush runs per room flush.
+        self._raw_bytes = self.batch_bytes.labels("raw")
+        self._wire_bytes = self.batch_bytes.labels("compressed")
         self._providers: list[GaugeProvider] = []
         self._counters: list[GaugeProvider] = []
         r.register(_Provided(self._providers, GaugeMetricFamily))
@@ -96,8 +99,8 @@ class NodeMetrics:
         """Called by the hub once per room flush (never per recipient)."""
         self.batch_messages.observe(messages)
         self.flush_delay.observe(delay)
-        self.batch_bytes.labels("raw").inc(raw)
-        self.batch_bytes.labels("compressed").inc(wire)
+        self._raw_bytes.inc(raw)
+        self._wire_bytes.inc(wire)
         if members:
             self.deliveries.inc(messages * members)
             self.frames_written.inc(members)

@@ -210,15 +210,15 @@ class RoomTable:
         except Exception:
             log.exception("releasing room %r in the logic failed", name)
 
-    def send_presence(self, cluster_online=None) -> None:
-        """Every member gets its room's online count: one shared frame per
-        room, written like a batch. ``cluster_online(room)`` gives the count
+    def send_presence(self, name: str, cluster_online=None) -> None:
+        """Every member of room ``name`` gets its online count: one shared
+        frame, written like a batch. ``cluster_online(room)`` gives the count
         across the cluster's nodes (None: this node's is all there is)."""
-        for name, room in list(self.hub.rooms.items()):
-            online = len(room)
-            if online:
-                total = cluster_online(name) if cluster_online is not None else None
-                if total is not None:
-                    online = max(online, total)
-                body = pb.Presence(room=name, online=online).SerializeToString()
-                self.hub.broadcast(name, _core.core_frame(FrameType.PRESENCE, body))
+        room = self.hub.rooms.get(name)
+        online = len(room) if room is not None else 0
+        if online:
+            total = cluster_online(name) if cluster_online is not None else None
+            if total is not None:
+                online = max(online, total)
+            body = pb.Presence(room=name, online=online).SerializeToString()
+            self.hub.broadcast(name, _core.core_frame(FrameType.PRESENCE, body))
