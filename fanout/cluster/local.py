@@ -65,6 +65,9 @@ def run(*, nodes: int, base_port: int, routers: int, nats_port: int, loop: str) 
                   f"(log {log})", flush=True)
         print(f"logs and JetStream data in {workdir}; Ctrl-C stops everything", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        # Ctrl-C stops everything even when SIGINT came in ignored (a shell
+        # starts background jobs that way, and Python then keeps it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:
             for proc in procs:
                 if proc.poll() is not None:
