@@ -26,13 +26,16 @@ import argparse
 import asyncio
 import gc
 import resource
-import socket
 import statistics
 import time
 
 import numpy as np
 import uvloop
 
+try:        # as part of the bench package (python -m bench.loop_lag, bench.perf_check)
+    from bench import fanout_socketpairs as fs
+except ImportError:  # as a script: bench/ is sys.path[0]
+    import fanout_socketpairs as fs
 from fanout import _core
 from fanout.protocol import fanout_pb2 as pb
 
@@ -57,10 +60,7 @@ class LagFixture:
                              thread_min_members=256)
         self.room = self.hub.room(ROOM, EPOCH, 0)
         self.conns, self.peers = [], []
-        for _ in range(members):
-            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            a.setblocking(False)
-            b.setblocking(False)
+        for a, b in fs.socketpairs(members):
             conn = _core.TcpConnection(a.detach(), loop, max_backlog_bytes=1 << 24)
             self.room.add(conn)
             self.conns.append(conn)
@@ -98,16 +98,8 @@ class LagFixture:
                 except asyncio.CancelledError:
                     pass
         self.hub.settle()
-        self._drain()
+        fs.drain(self.peers, self._buf)
         return float(np.percentile(np.asarray(lags), 99))
-
-    def _drain(self) -> None:
-        for s in self.peers:
-            try:
-                while s.recv_into(self._buf):
-                    pass
-            except BlockingIOError:
-                pass
 
     def close(self) -> None:
         self.hub.close()

@@ -36,6 +36,13 @@ def _load(path: Path) -> dict | None:
         return None
 
 
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def latency_points(lat: dict) -> list[tuple[float, float]]:
     """(ms, quantile) points from a latency record: its CDF when it has one,
     else its percentiles."""
@@ -92,11 +99,7 @@ def plot_deliveries(results: Path, out: Path, plt) -> Path | None:
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    path = out / "deliveries_vs_viewers.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "deliveries_vs_viewers.png", plt)
 
 
 def plot_latency(results: Path, out: Path, plt) -> Path | None:
@@ -137,11 +140,7 @@ def plot_latency(results: Path, out: Path, plt) -> Path | None:
     ax.set_title(f"Latency CDF\n{m.get('cpus')} CPUs, {m.get('cpu', '')[:40]}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out / "latency_cdf.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_cdf.png", plt)
 
 
 def plot_scaling(results: Path, out: Path, plt) -> Path | None:
@@ -172,11 +171,7 @@ def plot_scaling(results: Path, out: Path, plt) -> Path | None:
     for ax in (a1, a2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "scaling_viewers.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "scaling_viewers.png", plt)
 
 
 def plot_offered(results: Path, out: Path, plt) -> Path | None:
@@ -200,11 +195,7 @@ def plot_offered(results: Path, out: Path, plt) -> Path | None:
     ax.set_title("Latency against offered load, one writer thread", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "latency_vs_offered_load.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_vs_offered_load.png", plt)
 
 
 def main(argv=None) -> int:

@@ -52,12 +52,27 @@ class Node(_testbase.NodeProcess):
         super().__init__(flags, api_key=API_KEY, cwd=ROOT, command=command or [FANOUT])
         self.settings = settings
 
-    def metrics(self) -> dict[str, float]:
-        """The node's Prometheus counters, summed over labels."""
+    def metrics_text(self) -> str:
+        """The node's ``/metrics`` page."""
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=30)
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
         conn.close()
+        return text
+
+    def labeled(self, name: str, text: str | None = None) -> dict[str, float]:
+        """One metric's samples by their label text (``'{kind="chat"}'``),
+        from ``text`` or a fresh scrape."""
+        out = {}
+        for line in (text if text is not None else self.metrics_text()).splitlines():
+            if line.startswith(name + "{"):
+                labels, _, value = line[len(name):].rpartition(" ")
+                out[labels] = float(value)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The node's Prometheus counters, summed over labels."""
+        text = self.metrics_text()
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("#") or not line.strip():

@@ -45,6 +45,15 @@ def run_load(node_host: str, node_port: int, args: list[str], timeout: float,
     return result, shlex.join(shown), proc
 
 
+def run_load_on(node, args: list[str], timeout: float) -> tuple[dict, str]:
+    """Run ``fanout load`` against a running harness ``Node`` (its admin
+    API and pid given, so the result has the node's CPU and loop lag);
+    returns (its JSON result, command)."""
+    load, cmd, _ = run_load(node.host, node.port, args, timeout,
+                            admin_port=node.admin_port, node_pid=node.proc.pid)
+    return load, cmd
+
+
 def latency_summary(load: dict) -> dict:
     """p50, p99 and p999 of a load result's latency (ms)."""
     latency = load.get("latency_ms") or load.get("latency") or {}
@@ -82,6 +91,11 @@ def load_args_reference(viewers: int, duration: float, rate: float = 2000) -> li
 def load_args_viewers_only(viewers: int, duration: float) -> list[str]:
     return ["--viewers", str(viewers), "--rooms", "1", "--room-prefix", REF_PREFIX,
             "--rate", "0", "--duration", str(duration), "--warmup", "0"]
+
+
+# The node in the quiet-rooms runs: no room budget in the way, connection
+# limits raised for 10,000 viewers from one host.
+QUIET_SETTINGS = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
 
 
 def load_args_quiet(rooms: int, per_room: int, duration: float) -> list[str]:

@@ -12,8 +12,9 @@ import threading
 import time
 
 from bench.scenarios.harness import BIN, BUILD, ROOT, Node
-from bench.scenarios.load import (STORM_ADMISSION, latency_summary, load_args_quiet,
-                                  load_args_reference, load_args_storm, run_load)
+from bench.scenarios.load import (QUIET_SETTINGS, STORM_ADMISSION, latency_summary,
+                                  load_args_quiet, load_args_reference, load_args_storm,
+                                  run_load, run_load_on)
 from bench.scenarios.reference_room import REFERENCE_SETTINGS
 
 
@@ -45,8 +46,7 @@ def profile_quiet(quick: bool) -> dict:
     """py-spy of the node during quiet-rooms: where a quiet room's latency goes."""
     rooms, per_room = (10, 20) if quick else (100, 100)
     duration = 5.0 if quick else 20.0
-    settings = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
-    return _profile("quiet_rooms", settings, load_args_quiet(rooms, per_room, duration),
+    return _profile("quiet_rooms", QUIET_SETTINGS, load_args_quiet(rooms, per_room, duration),
                     publish=True, start_after=3.0 if quick else 8.0,
                     seconds=2 if quick else int(duration - 6), timeout=duration + 300,
                     title="fanout node in quiet-rooms (100 rooms x 100 viewers, 5 msg/s each)")
@@ -138,15 +138,12 @@ def stalls_quiet(quick: bool) -> dict:
     periodic work timed per call, and every GC pause."""
     rooms, per_room = (10, 20) if quick else (100, 100)
     duration = 5.0 if quick else 25.0
-    settings = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
     out = BUILD / "quiet_rooms_stalls.json"
     BUILD.mkdir(exist_ok=True)
     node = Node(command=[str(BIN / "python"), "-m", "bench.stalltrace", "--out", str(out), "--"],
-                **settings)
+                **QUIET_SETTINGS)
     try:
-        load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
-                                duration + 200, admin_port=node.admin_port,
-                                node_pid=node.proc.pid)
+        load, cmd = run_load_on(node, load_args_quiet(rooms, per_room, duration), duration + 200)
     finally:
         node.stop()
     trace = json.loads(out.read_text())

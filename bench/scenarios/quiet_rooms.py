@@ -7,7 +7,7 @@ peer's p99 in the same run."""
 from __future__ import annotations
 
 from bench.scenarios.harness import Node
-from bench.scenarios.load import load_args_quiet, run_load, slim
+from bench.scenarios.load import QUIET_SETTINGS, load_args_quiet, run_load_on, slim
 from bench.scenarios.peers import run_py_peer
 from bench.scenarios.report import TARGETS
 
@@ -16,12 +16,10 @@ def quiet_rooms(quick: bool) -> dict:
     rooms, per_room = (10, 20) if quick else (100, 100)
     duration = 5.0 if quick else 30.0
     peer_duration = 4.0 if quick else 15.0
-    settings = dict(room_budget=100000, conn_rate_per_ip=100000, conn_burst_per_ip=100000)
+    settings = QUIET_SETTINGS
     node = Node(**settings)
     try:
-        load, cmd, _ = run_load(node.host, node.port, load_args_quiet(rooms, per_room, duration),
-                                duration + 200, admin_port=node.admin_port,
-                                node_pid=node.proc.pid)
+        load, cmd = run_load_on(node, load_args_quiet(rooms, per_room, duration), duration + 200)
     finally:
         node.stop()
     naive = run_py_peer("naive", rooms * per_room, rooms * 5, peer_duration, rooms=rooms,

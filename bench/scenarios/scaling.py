@@ -16,23 +16,8 @@ so the viewers' readers share the two cores with the node.
 from __future__ import annotations
 
 from bench.scenarios.harness import Node
-from bench.scenarios.load import load_args_reference, load_deliveries, run_load
+from bench.scenarios.load import load_args_reference, load_deliveries, run_load_on
 from bench.scenarios.reference_room import REFERENCE_SETTINGS
-
-
-def _labeled(node: Node, name: str) -> dict[str, float]:
-    """One counter of the node's /metrics by its label text."""
-    import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", node.admin_port, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, _, value = line[len(name):].rpartition(" ")
-            out[labels] = float(value)
-    return out
 
 
 # Offered load runs with the default room budget (5,000 messages/s): the
@@ -47,13 +32,11 @@ def run_node_load(viewers: int, rate: float, duration: float, threads: int,
     ``fanout load`` at ``rate`` msg/s in one room: the figures the curves use."""
     node = Node(**dict(settings, write_threads=threads))
     try:
-        load, cmd, _ = run_load(node.host, node.port,
-                                load_args_reference(viewers, duration, rate=rate),
-                                duration + 300, admin_port=node.admin_port,
-                                node_pid=node.proc.pid)
-        dropped = _labeled(node, "fanout_degraded_messages_total")
-        taken = _labeled(node, "fanout_messages_in_total")
+        load, cmd = run_load_on(node, load_args_reference(viewers, duration, rate=rate),
+                                duration + 300)
         lag = node.metrics()
+        dropped = node.labeled("fanout_degraded_messages_total")
+        taken = node.labeled("fanout_messages_in_total")
     finally:
         node.stop()
     lat = dict(load.get("latency_ms") or {})
