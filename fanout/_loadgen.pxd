@@ -91,6 +91,14 @@ cdef enum:
     ST_LIVE = 4
     ST_RETRY = 5           # refused before joining; reconnects at its deadline
     ST_DONE = 6            # closed for good (see end)
+    ST_UPGRADE = 7         # WebSocket: upgrade request sent, reading the response head
+
+# transports (Viewers.transport): what sits between the socket and the wire
+# frames. TLS and WSS go here next: a TLS session per viewer under the same
+# byte streams (the reads and writes in reader.pyx and lifecycle.pyx).
+cdef enum:
+    T_TCP = 0              # wire frames straight on the socket
+    T_WS = 1               # RFC 6455: an HTTP upgrade, then one wire frame per message
 
 # why a viewer ended
 cdef enum:
@@ -104,6 +112,7 @@ cdef enum:
     END_TIMEOUT = 7        # no join Ack within connect_timeout
     END_JOIN = 8           # the Join was refused (Error reason in end_code)
     END_CLOSED = 9         # closed by us (close())
+    END_UPGRADE = 10       # WebSocket upgrade refused (HTTP status in end_code)
 
 
 ctypedef struct Viewer:
@@ -138,7 +147,9 @@ ctypedef struct Viewer:
     uint64_t rbytes
     uint64_t deadline          # mono ns: connect timeout, retry time, or next ping
     uint64_t nonce
-    char ping[24]
+    uint32_t ws_mask           # WebSocket: the mask key of this viewer's Pings
+    uint16_t ws_close          # WebSocket: the code of the node's Close (0: none yet)
+    char ping[32]              # a Ping frame (WebSocket: in its masked message)
 
 
 ctypedef struct RoomRef:
@@ -164,6 +175,9 @@ cdef class Viewers:
     cdef lg_addr_t* srcs
     cdef Py_ssize_t nsrcs
     cdef int rcvbuf
+    cdef readonly int transport        # T_TCP, T_WS
+    cdef bytes _upgrade                # WebSocket: the upgrade request, the same for all
+    cdef bytes _accept                 # ... and the Sec-WebSocket-Accept line it must get
     cdef list _hellos                  # keep the frames alive: viewers point into them
     cdef list _joins
     cdef list _names
@@ -193,6 +207,7 @@ cdef class Viewers:
     cdef uint64_t join_point_gaps, bad_bodies, protocol_errors, eofs, socket_errors
     cdef uint64_t lat_count, lat_negative, lat_sum_ns, lat_max_ns
     cdef uint64_t first_connect_ns, last_connected_ns, last_join_ns
+    cdef uint64_t ws_closes, ws_pongs, ws_pings, upgrades, upgrade_refused
     cdef uint64_t kicks[NREASONS]
     cdef uint64_t errors[NREASONS]
     cdef dict errnos                   # connect/socket errno -> count

@@ -133,7 +133,12 @@ def _load_parser(sub) -> None:
     p.add_argument("--host", default=env("FANOUT_CONNECT_HOST", "127.0.0.1"),
                    help="node address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
-                   help="node client port (default $FANOUT_PORT, else 7000)")
+                   help="the node's port for --transport: its client port for tcp, its "
+                        "WebSocket port for ws (default $FANOUT_PORT, else 7000)")
+    p.add_argument("--transport", choices=("tcp", "ws"), default="tcp",
+                   help="tcp: wire frames on the client port; ws: WebSocket, one wire frame "
+                        "per message, masked requests (default tcp)")
+    p.add_argument("--ws-path", default="/ws", help="WebSocket endpoint path (default /ws)")
     p.add_argument("--admin-host", default="", help="admin API address (default: --host)")
     p.add_argument("--admin-port", type=int, default=int(env("FANOUT_ADMIN_PORT", "7001")),
                    help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")

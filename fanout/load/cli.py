@@ -228,7 +228,8 @@ def config_from_args(args) -> LoadConfig:
         connect_window=args.connect_window, read_interval=args.read_interval_ms / 1000,
         max_retries=args.max_retries, tick=args.publish_tick_ms / 1000,
         source_addrs=args.source_addrs,
-        room_prefix=args.room_prefix, progress=not args.no_progress)
+        room_prefix=args.room_prefix, progress=not args.no_progress,
+        transport=args.transport, ws_path=args.ws_path)
 
 
 def main(args) -> int:

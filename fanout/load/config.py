@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from ..protocol.auth import DEV_SECRET
 
-__all__ = ["LoadConfig", "LoadError", "MAX_PER_PROCESS", "numeric_host", "plan"]
+__all__ = ["LoadConfig", "LoadError", "MAX_PER_PROCESS", "TRANSPORTS", "numeric_host", "plan"]
+
+#: The viewers' transports (fanout._loadgen.Viewers): what each speaks on
+#: the node's port. TLS (``tls``, ``wss``) comes next, on the same seam.
+TRANSPORTS = {"tcp": "wire frames on the client port",
+              "ws": "WebSocket (RFC 6455) on the WebSocket port, one wire frame per message"}
 
 #: Most viewers one worker process holds (the open-file limit is 20,000).
 MAX_PER_PROCESS = 19_000
@@ -37,6 +42,9 @@ class LoadConfig:
     :ivar rate: messages per second the publisher offers in total, spread
         round-robin over the rooms; 0 is the idle mode (no publisher: viewers
         only keep their connections alive with pings).
+    :ivar transport: how viewers reach the node: ``"tcp"`` (its client
+        port) or ``"ws"`` (its WebSocket port, path ``ws_path``); ``port`` is
+        that transport's port. :data:`TRANSPORTS` lists them.
     :ivar source_addrs: ``"auto"`` binds each viewer to one of several
         loopback source addresses (16 viewers per address, at most 254 per
         process) when the node
@@ -74,6 +82,8 @@ class LoadConfig:
     drain_timeout: float = 5.0
     tick: float = 0.01                   # publisher: seconds between requests
     progress: bool = True
+    transport: str = "tcp"
+    ws_path: str = "/ws"
 
     def validate(self) -> "LoadConfig":
         """Check the values; returns self. :raises ValueError: on a bad value."""
@@ -98,6 +108,8 @@ class LoadConfig:
             raise ValueError("more processes than viewers")
         if not self.tick > 0:
             raise ValueError("publish tick must be > 0")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
         if self.rate > 0 and not self.api_key:
             raise ValueError("publishing needs the node's admin API key (--api-key)")
         return self
@@ -153,6 +165,7 @@ def plan(cfg: LoadConfig, host: str | None = None) -> list[dict]:
             "connect_window": cfg.connect_window, "read_interval": cfg.read_interval,
             "source_addrs": _source_addrs(cfg, host, p, count),
             "max_retries": cfg.max_retries, "connect_timeout": cfg.connect_timeout,
+            "transport": cfg.transport, "ws_path": cfg.ws_path,
             "ttl": cfg.join_timeout + cfg.warmup + cfg.duration + 3600,
         })
         start += count

@@ -55,7 +55,8 @@ def build_viewers(spec: dict):
         decode_every=spec["decode_every"], connect_window=spec["connect_window"],
         source_addrs=spec["source_addrs"], latency_every=spec["latency_every"],
         max_retries=spec["max_retries"], connect_timeout=spec["connect_timeout"],
-        read_interval=spec.get("read_interval", 0.0))
+        read_interval=spec.get("read_interval", 0.0),
+        transport=spec.get("transport", "tcp"), ws_path=spec.get("ws_path", "/ws"))
 
 
 def _snapshot(viewers) -> dict:

@@ -7,13 +7,14 @@
 #   viewers.pyx    the Viewers object: construction, the epoll loop, the API
 #   lifecycle.pyx  a viewer's life: connect, Hello, Join, pings, retries, end
 #   reader.pyx     reading: framing in place, the carry buffer, frame types
+#   wsviewer.pyx   WebSocket viewers: the upgrade, masked requests, de-framing
 #   verify.pyx     Batch frames: rolling hashes, seq checks, room references
 #   latency.pyx    the latency histogram and its percentiles
 #   lgsupport.pxd  the C support code (sockets, clocks, frame hash)
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.stdlib cimport calloc, realloc, free
+from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset
 from libc.errno cimport errno, EAGAIN, EINTR
 
@@ -29,13 +30,21 @@ from wireformat cimport (
     R_AUTH_TIMEOUT, R_SLOW_CONSUMER, R_CONNECTION_LIMIT, R_CONNECTION_RATE_LIMITED,
     check_header, lz4_stored_size, lz4_prefix_size, get_varint, skip_field, put_varint, write_header,
 )
+cdef extern from "<string.h>" nogil:
+    # GNU; Python.h (pyconfig.h) defines _GNU_SOURCE on Linux
+    void* memmem(const void* hay, size_t hay_n, const void* needle, size_t needle_n)
+
 from lgsupport cimport (
     lg_addr, lg_connect, lg_sock_error, lg_mono_ns, lg_real_ns, lg_hash,
     lg_hist_index, lg_hist_value, LG_HIST_BUCKETS,
 )
 
+import base64
+import hashlib
+
 include "viewers.pyx"
 include "lifecycle.pyx"
 include "reader.pyx"
+include "wsviewer.pyx"
 include "verify.pyx"
 include "latency.pyx"

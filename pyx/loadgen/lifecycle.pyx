@@ -2,6 +2,7 @@
 #   connect (non-blocking; EINPROGRESS finishes on EPOLLOUT), at most
 #   `connect_window` viewers between connect() and their join Ack, so the
 #   node's listen backlog is not overrun
+#   (WebSocket: first the HTTP upgrade, wsviewer.pyx)
 #   -> Hello (pre-built frame, one token per viewer, from Python)
 #   <- AuthOk (ping_interval_ms)   -> Join{req_id 1, room}   <- Ack{seq}
 #   then only reads, and sends Ping every ping_interval_ms.
@@ -40,6 +41,7 @@ cdef void _connect(Viewers self, Viewer* v, uint64_t now) except *:
     v.carry_len = v.carry_need = 0
     v.out_len = 0
     v.kick_reason = v.error_reason = 0
+    v.ws_close = 0
     if pending:
         v.state = ST_CONNECTING
         _arm(self, v, EPOLL_CTL_ADD)
@@ -76,10 +78,25 @@ cdef void _on_connected(Viewers self, Viewer* v) except *:
 
 
 cdef void _established(Viewers self, Viewer* v) except *:
-    cdef bytes hello = self._hellos[v - self.v]
     self.connected += 1
     self.last_connected_ns = lg_mono_ns()
+    if self.transport == T_WS:
+        v.state = ST_UPGRADE
+        v.ws_mask = <uint32_t>_rand(self)
+        _send(self, v, PyBytes_AS_STRING(self._upgrade), <uint32_t>PyBytes_GET_SIZE(self._upgrade))
+    else:
+        _send_hello(self, v)
+
+
+cdef void _send_hello(Viewers self, Viewer* v) except *:
+    cdef bytes hello = self._hellos[v - self.v]
     _send(self, v, PyBytes_AS_STRING(hello), <uint32_t>PyBytes_GET_SIZE(hello))
+
+
+cdef inline bint _joining(Viewer* v) noexcept nogil:
+    """Between connect() and the join Ack: refusals are retried."""
+    return (v.state == ST_CONNECTING or v.state == ST_UPGRADE or v.state == ST_AUTH
+            or v.state == ST_JOINING)
 
 
 cdef void _send(Viewers self, Viewer* v, const char* data, uint32_t n) except *:
@@ -117,7 +134,8 @@ cdef void _flush_out(Viewers self, Viewer* v) except *:
 
 
 cdef void _send_ping(Viewers self, Viewer* v) except *:
-    cdef char* p = v.ping
+    # WebSocket: the wire Ping goes after its message header and mask key
+    cdef char* p = v.ping + (6 if self.transport == T_WS else 0)
     cdef uint32_t n
     if v.out_len:
         return
@@ -125,18 +143,26 @@ cdef void _send_ping(Viewers self, Viewer* v) except *:
     p[HEADER_SIZE] = 0x08              # Ping.nonce: field 1, varint
     n = <uint32_t>(put_varint(p + HEADER_SIZE + 1, v.nonce) - p)
     write_header(p, FT_PING, 0, n - HEADER_SIZE)
+    if self.transport == T_WS:
+        n = _ws_mask_ping(v, n)
     self.pings_sent += 1
-    _send(self, v, p, n)
+    _send(self, v, v.ping, n)
 
 
-cdef uint64_t _jitter(Viewers self, uint64_t span) noexcept:
-    # xorshift64*: spreads pings and retries so they do not come in waves
+cdef uint64_t _rand(Viewers self) noexcept:
+    # xorshift64*: spreads pings and retries so they do not come in waves,
+    # and gives WebSocket mask keys
     self.rng ^= self.rng >> 12
     self.rng ^= self.rng << 25
     self.rng ^= self.rng >> 27
+    return self.rng * <uint64_t>0x2545F4914F6CDD1D
+
+
+cdef uint64_t _jitter(Viewers self, uint64_t span) noexcept:
+    cdef uint64_t r = _rand(self)
     if span == 0:
         return 0
-    return (self.rng * <uint64_t>0x2545F4914F6CDD1D) % span
+    return r % span
 
 
 cdef void _count_errno(Viewers self, str where, int err) except *:
@@ -147,7 +173,7 @@ cdef void _count_errno(Viewers self, str where, int err) except *:
 cdef void _socket_failed(Viewers self, Viewer* v, int err) except *:
     self.socket_errors += 1
     _count_errno(self, "socket", err)
-    if v.state < ST_LIVE:
+    if _joining(v):
         _retry_or_end(self, v, END_SOCKET, <uint16_t>err, lg_mono_ns())
     else:
         _finish(self, v, END_SOCKET, <uint16_t>err)
@@ -219,7 +245,7 @@ cdef void _sweep(Viewers self, uint64_t now) except *:
                 v.deadline = <uint64_t>-1
         elif v.state == ST_RETRY:
             _connect(self, v, now)
-        elif v.state == ST_CONNECTING or v.state == ST_AUTH or v.state == ST_JOINING:
+        elif _joining(v):
             _count_errno(self, "timeout", 0)
             _retry_or_end(self, v, END_TIMEOUT, 0, now)
 
@@ -230,7 +256,10 @@ cdef void _on_eof(Viewers self, Viewer* v) except *:
         _finish(self, v, END_KICK, v.kick_reason)
         return
     reason = v.error_reason
-    if v.state < ST_LIVE and (reason == 0 or reason == R_CONNECTION_LIMIT
+    if reason == 0 and v.ws_close > WS_CLOSE_REASON_BASE:
+        # the Kick/Error frame was lost: the WebSocket Close's code says why
+        reason = <uint8_t>(v.ws_close - WS_CLOSE_REASON_BASE)
+    if _joining(v) and (reason == 0 or reason == R_CONNECTION_LIMIT
                               or reason == R_CONNECTION_RATE_LIMITED
                               or reason == R_AUTH_TIMEOUT):
         if reason == 0:

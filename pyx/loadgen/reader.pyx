@@ -58,7 +58,10 @@ cdef void _on_readable(Viewers self, Viewer* v) except *:
         if r > 0:
             self.wire_bytes += <uint64_t>r
             v.rbytes += <uint64_t>r
-            _feed(self, v, <const uint8_t*>_scratch, r)
+            if self.transport == T_WS:
+                _ws_feed(self, v, <const uint8_t*>_scratch, r)
+            else:
+                _feed(self, v, <const uint8_t*>_scratch, r)
             if r < SCRATCH and not v.hup:
                 return          # edge-triggered: new data brings a new event
             continue

@@ -7,7 +7,12 @@ cdef enum:
 
 _END_NAMES = {END_KICK: "kick", END_ERROR: "error", END_EOF: "eof", END_SOCKET: "socket",
               END_PROTOCOL: "protocol", END_CONNECT: "connect", END_TIMEOUT: "timeout",
-              END_JOIN: "join", END_CLOSED: "closed"}
+              END_JOIN: "join", END_CLOSED: "closed", END_UPGRADE: "upgrade"}
+_TRANSPORTS = {"tcp": T_TCP, "ws": T_WS}
+# RFC 6455's GUID and the key every WebSocket viewer sends: one upgrade
+# request for all (the node checks the key's form, not that it is fresh).
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WS_KEY = b"ZmFub3V0LWxvYWQtdmlldw=="      # base64 of b"fanout-load-view"
 
 
 cdef class Viewers:
@@ -31,13 +36,17 @@ cdef class Viewers:
     :param connect_timeout: seconds from connect() to the join Ack.
     :param read_interval: seconds between read rounds of viewers that are not
         decoded; 0 reads every viewer as soon as data arrives.
+    :param transport: ``"tcp"`` (wire frames on the socket) or ``"ws"``
+        (the node's WebSocket port: an HTTP upgrade to ``ws_path``, then
+        masked messages; ``hellos`` and ``joins`` are still plain wire
+        frames: they are wrapped here, once).
     """
 
     def __cinit__(self, str host, int port, list hellos, list rooms, list joins,
                   list room_names, *, int decode_every=50, int connect_window=256,
                   source_addrs=(), int rcvbuf=0, int latency_every=1,
                   int max_retries=8, double connect_timeout=10.0,
-                  double read_interval=0.0):
+                  double read_interval=0.0, str transport="tcp", str ws_path="/ws"):
         cdef Py_ssize_t i, r
         cdef bytes b
         self.ep = -1
@@ -50,8 +59,23 @@ cdef class Viewers:
             raise ValueError("decode_every, connect_window and latency_every must be >= 1")
         if lg_addr(host.encode(), port, &self.dst) != 0:
             raise ValueError(f"host must be a numeric IPv4/IPv6 address, got {host!r}")
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, "
+                             f"got {transport!r}")
+        self.transport = _TRANSPORTS[transport]
+        self.rng = 0x4D595DF4D0F33173 ^ <uint64_t>n
         self._hellos = [bytes(h) for h in hellos]
         self._joins = [bytes(j) for j in joins]
+        if self.transport == T_WS:
+            self._hellos = [_ws_wrap(h, <uint32_t>_rand(self)) for h in self._hellos]
+            self._joins = [_ws_wrap(j, <uint32_t>_rand(self)) for j in self._joins]
+            hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self._upgrade = (f"GET {ws_path} HTTP/1.1\r\nHost: {hostport}\r\n"
+                             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                             f"Sec-WebSocket-Key: {_WS_KEY.decode()}\r\n"
+                             "Sec-WebSocket-Version: 13\r\n"
+                             "Sec-WebSocket-Protocol: fanout.v1\r\n\r\n").encode("ascii")
+            self._accept = base64.b64encode(hashlib.sha1(_WS_KEY + _WS_GUID).digest())
         self._names = [s.encode("utf-8") for s in room_names]
         self.nrooms = len(joins)
         self.n = n
@@ -92,7 +116,6 @@ cdef class Viewers:
         self.read_interval_ns = <uint64_t>(read_interval * 1e9)
         self.recording = True
         self.errnos = {}
-        self.rng = 0x4D595DF4D0F33173 ^ <uint64_t>n
         self.ep = epoll_create1(EPOLL_CLOEXEC)
         if self.ep < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -234,6 +257,11 @@ cdef class Viewers:
             "deliveries": deliveries,
             "unresolved_frames": pending,    # frames its room's reference has not seen yet
             "pongs": self.pongs,
+            "ws_upgrades": self.upgrades,
+            "ws_upgrades_refused": self.upgrade_refused,
+            "ws_closes": self.ws_closes,
+            "ws_pongs": self.ws_pongs,
+            "ws_pings": self.ws_pings,
             "pings_sent": self.pings_sent,
             "presence": self.presence,
             "acks": self.acks,
@@ -285,7 +313,8 @@ cdef class Viewers:
                 "end": _END_NAMES.get(v.end, ""), "end_code": v.end_code,
                 "frames": v.frames, "batch_frames": v.bframes, "bytes": v.rbytes,
                 "ack_seq": v.ack_seq, "last_seq": v.last_seq, "first_seq": v.first_seq,
-                "messages": v.msgs, "attempts": v.attempts, "carry": v.carry_len}
+                "messages": v.msgs, "attempts": v.attempts, "carry": v.carry_len,
+                "ws_close": v.ws_close}
 
     def ends(self):
         """How viewers that are done ended: ``{"kick:31": n, "connect:111": n, ...}``."""
