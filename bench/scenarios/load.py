@@ -45,11 +45,21 @@ def run_load(node_host: str, node_port: int, args: list[str], timeout: float,
     return result, shlex.join(shown), proc
 
 
-def run_load_on(node, args: list[str], timeout: float) -> tuple[dict, str]:
+def run_load_on(node, args: list[str], timeout: float, transport: str = "tcp"
+                ) -> tuple[dict, str]:
     """Run ``fanout load`` against a running harness ``Node`` (its admin
-    API and pid given, so the result has the node's CPU and loop lag);
-    returns (its JSON result, command)."""
-    load, cmd, _ = run_load(node.host, node.port, args, timeout,
+    API and pid given, so the result has the node's CPU and loop lag), its
+    viewers over ``transport`` (``tcp``: the client port; ``ws``: the
+    WebSocket port); returns (its JSON result, command)."""
+    if transport == "tcp":
+        port = node.port
+    elif transport == "ws":
+        if not node.ws_port:
+            raise RuntimeError("the node has no WebSocket port (--ws-port -1?)")
+        port, args = node.ws_port, ["--transport", "ws", *args]
+    else:
+        raise ValueError(f"unknown transport {transport!r}")
+    load, cmd, _ = run_load(node.host, port, args, timeout,
                             admin_port=node.admin_port, node_pid=node.proc.pid)
     return load, cmd
 

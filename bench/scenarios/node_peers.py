@@ -8,12 +8,14 @@ peer does, so each delivery is a send of its own; ``uws_batched`` publishes
 up to 200 due messages per loop turn, and uWS sends each subscriber what it
 got in that turn at once: uWS's own batching, as the engine batches.
 
-The engine is measured over its own TCP protocol (``fanout load``), the
-peers over WebSocket (``c_reader --mode ws``): the engine has no WebSocket
-transport until the WebSocket issue lands, so this compares the engine's TCP
-against their WebSocket. Deliveries per core-second is the fair measure of
-cost: the engine sends a Batch frame of about 200 messages where a peer
-sends one WebSocket message per message, which is how each is used.
+All of them are read over WebSocket: the engine on its WebSocket port
+(``fanout load --transport ws``: one wire frame per message, checked as over
+TCP), the peers by ``c_reader --mode ws``. Deliveries per core-second is the
+fair measure of cost: the engine sends a Batch frame of about 200 messages
+(one WebSocket message) where a peer sends one WebSocket message per
+message, which is how each is used. (Until issue 11 the engine was read over
+its TCP protocol here; bench/scenarios/websocket.py measures the two
+transports against each other.)
 
 ``reference-room`` runs the same comparison (``versus_node_peers`` in its
 result); ``node-peers`` is that part alone, with the engine runs it needs.
@@ -22,11 +24,11 @@ result); ``node-peers`` is that part alone, with the engine runs it needs.
 from __future__ import annotations
 
 from bench.scenarios.harness import Node
-from bench.scenarios.load import REF_ROOM, load_args_reference, run_load, slim
+from bench.scenarios.load import REF_ROOM, load_args_reference, run_load_on, slim
 from bench.scenarios.peers import NODE_PEERS, node_peers_ready, run_node_peer
 
-TRANSPORT_NOTE = ("engine over its TCP protocol (fanout load), peers over WebSocket "
-                  "(c_reader --mode ws): TCP against WebSocket until the WebSocket issue lands")
+TRANSPORT_NOTE = ("all over WebSocket: the engine on its WebSocket port (fanout load "
+                  "--transport ws), the peers read by c_reader --mode ws")
 
 
 def require_node_peers() -> None:
@@ -46,7 +48,21 @@ def run_node_peers(viewers: int, duration: float, room: str) -> dict:
     return out
 
 
-def _engine_row(load: dict) -> dict:
+def run_engine_ws(viewers: int, duration: float, rate: float, settings: dict
+                  ) -> tuple[dict, dict]:
+    """The engine with ``settings``, its viewers over WebSocket, as the
+    peers are read: (the load result, what the scenario records of it)."""
+    node = Node(**settings)
+    try:
+        load, cmd = run_load_on(node, load_args_reference(viewers, duration, rate=rate),
+                                duration + 400, transport="ws")
+    finally:
+        node.stop()
+    return load, {"load": slim(load), "load_command": cmd, "node_command": node.command,
+                  "transport": "ws"}
+
+
+def engine_row(load: dict) -> dict:
     cores = (load.get("cpu") or {}).get("node_window_cores")
     d = load.get("deliveries_per_s") or 0.0
     return {"deliveries_per_s": d, "cores": cores,
@@ -54,7 +70,7 @@ def _engine_row(load: dict) -> dict:
             "p99_ms": (load.get("latency_ms") or {}).get("p99"), "gaps": load.get("gaps")}
 
 
-def _peer_row(r: dict) -> dict:
+def peer_row(r: dict) -> dict:
     return {"deliveries_per_s": r["deliveries_per_s"], "cores": r["server_cpu_share"],
             "deliveries_per_core_s": r["deliveries_per_core_s"],
             "p99_ms": r["latency_ms"]["p99"], "gaps": r["gaps"],
@@ -69,12 +85,12 @@ def versus_node_peers(engine_ref: dict, engine_flat: dict | None, peers: dict) -
                                            ("flat_out", engine_flat, "_flat_out")):
         if not engine_load:
             continue
-        e = _engine_row(engine_load)
+        e = engine_row(engine_load)
         rows = {"engine": e}
         for kind in NODE_PEERS:
             if kind + suffix not in peers:
                 continue
-            p = _peer_row(peers[kind + suffix])
+            p = peer_row(peers[kind + suffix])
             p["engine_per_core_to_peer"] = (
                 round(e["deliveries_per_core_s"] / p["deliveries_per_core_s"], 1)
                 if e["deliveries_per_core_s"] and p["deliveries_per_core_s"] else None)
@@ -115,16 +131,9 @@ def node_peers(quick: bool) -> dict:
     for name, settings, rate in (("engine", REFERENCE_SETTINGS, 2000),
                                  ("engine_flat_out", dict(REFERENCE_SETTINGS, max_delay_ms=0),
                                   4000)):
-        node = Node(**settings)
-        try:
-            load, cmd, _ = run_load(node.host, node.port,
-                                    load_args_reference(viewers, duration, rate=rate),
-                                    duration + 400, admin_port=node.admin_port,
-                                    node_pid=node.proc.pid)
-        finally:
-            node.stop()
+        load, entry = run_engine_ws(viewers, duration, rate, settings)
         runs[name] = load
-        out[name] = {"load": slim(load), "load_command": cmd, "node_command": node.command}
+        out[name] = entry
     peers = run_node_peers(viewers, duration, REF_ROOM)
     out.update(peers)
     out["versus_node_peers"] = versus_node_peers(runs["engine"], runs["engine_flat_out"], peers)

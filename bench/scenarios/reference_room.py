@@ -1,15 +1,17 @@
 """reference-room: one room of 10,000 viewers at 2,000 messages/s, the
 engine against its peers on the same stream: the C reference flat out and
 paced at the engine's frame rate, the naive server and websockets, and the
-Node peers (uWebSockets.js, ws) at the reference load and flat out
-(bench/scenarios/node_peers.py: the engine's TCP against their WebSocket)."""
+Node peers (uWebSockets.js, ws) at the reference load and flat out, against
+the engine over WebSocket at both (bench/scenarios/node_peers.py: like for
+like). The target checks are the engine's over TCP."""
 
 from __future__ import annotations
 
 from bench.scenarios.harness import BUILD, Node
 from bench.scenarios.load import (REF_ROOM, load_args_reference, load_args_viewers_only,
                                   run_load, slim)
-from bench.scenarios.node_peers import require_node_peers, run_node_peers, versus_node_peers
+from bench.scenarios.node_peers import (require_node_peers, run_engine_ws, run_node_peers,
+                                        versus_node_peers)
 from bench.scenarios.peers import run_c_reference, run_py_peer, write_frames_file
 from bench.scenarios.report import TARGETS
 
@@ -89,9 +91,14 @@ def reference_room(quick: bool) -> dict:
     out["naive"] = run_py_peer("naive", viewers, 2000, peer_duration, rooms=1, room=room)
     out["websockets"] = run_py_peer("websockets", viewers, 2000, peer_duration, rooms=1,
                                     room=room)
+    # The Node peers are WebSocket servers: the engine against them is read
+    # over its WebSocket port too, at the reference load and flat out.
+    ws_ref, out["engine_ws"] = run_engine_ws(viewers, peer_duration, 2000, settings)
+    ws_flat, out["engine_ws_flat_out"] = run_engine_ws(viewers, peer_duration, 4000,
+                                                       dict(settings, max_delay_ms=0))
     node_peers = run_node_peers(viewers, peer_duration, room)
     out.update(node_peers)
-    out["versus_node_peers"] = versus_node_peers(load, flat, node_peers)
+    out["versus_node_peers"] = versus_node_peers(ws_ref, ws_flat, node_peers)
 
     eng_fps = load.get("batch_frames_per_s") or 0.0
     c_fps = cref["server"]["frames_per_s"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench.scenarios.load import latency_summary
 from bench.scenarios.node_peers import summary_lines
+from bench.scenarios.websocket import summary as websocket_summary
 
 TARGETS = {
     "reference-room": "≥ 20M deliveries/s, 0 gaps, p99 ≤ 150 ms, ≥ 0.8 × C reference frames/s, node at level 0 and ready, loop lag p99 ≤ 5 ms",
@@ -31,6 +32,8 @@ def summarize(name: str, r: dict) -> str:
                 f"ratios {r['ratios']} ({r['verdict']})"
                 + "".join("\n" + line for line in (summary_lines(r["versus_node_peers"])
                                                      if "versus_node_peers" in r else [])))
+    if name == "websocket":
+        return websocket_summary(r)
     if name == "node-peers":
         return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
     if name == "writer-threads":
