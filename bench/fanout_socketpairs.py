@@ -2,7 +2,7 @@
 naive Python loop and a C baseline, measured in one run.
 
     .venv/bin/python bench/fanout_socketpairs.py [--members 1000]
-        [--frame-bytes 2048] [--rounds 200] [--repeat 5] [--json out.json]
+        [--frame-bytes 2048] [--rounds 200] [--repeat 5] [--ws] [--json out.json]
 
 Variants, each on N fresh AF_UNIX socketpairs:
 
@@ -11,6 +11,10 @@ Variants, each on N fresh AF_UNIX socketpairs:
           on the loop thread;
   engine_t1, engine_t2  the same written by 1 or 2 of the core's writer
           threads (the timed part waits for the round: hub.settle());
+  engine_ws  (--ws) the engine with WebSocket members (_core.WsConnection,
+          past the opening handshake): the same frame in one binary message,
+          its header written once per round into the frame's headroom; each
+          write is the frame and 2-10 bytes more;
   naive   the same frame bytes, sock.send(frame) in a Python for-loop;
   c       bench/c_reference.c (compiled here with cc -O2): one writev per
           socket in C, the kernel's cost with nothing above it;
@@ -153,8 +157,13 @@ class EngineFanout:
     bench/perf_check.py and bench/test_micro.py."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int, frame_bytes: int,
-                 threads: int = 0):
+                 threads: int = 0, kind: str = "tcp"):
         self.n, self.frame_bytes = n, frame_bytes
+        self.kind = kind
+        # what a member's socket gets per round: the frame, in a WebSocket
+        # message for kind "ws"
+        self.ws_head = ws_header(frame_bytes) if kind == "ws" else b""
+        self.wire_bytes = frame_bytes + len(self.ws_head)
         pairs = socketpairs(n)
         self.peers = [p for _, p in pairs]
         # compress_min=0: the frame is exactly the record, so every variant
@@ -167,8 +176,14 @@ class EngineFanout:
         self.failures: list[int] = []
         self.conns: list = []
         try:
-            for node_side, _ in pairs:
-                conn = _core.TcpConnection(node_side.detach(), loop, max_backlog_bytes=1 << 24)
+            for node_side, peer in pairs:
+                if kind == "ws":
+                    conn = _core.WsConnection(node_side.detach(), loop,
+                                              max_backlog_bytes=1 << 24)
+                    ws_open(conn, peer)
+                else:
+                    conn = _core.TcpConnection(node_side.detach(), loop,
+                                               max_backlog_bytes=1 << 24)
                 conn.owner = Owner(self.failures)
                 self.room.add(conn)
                 self.conns.append(conn)
@@ -198,7 +213,7 @@ class EngineFanout:
 
     async def settle(self, record: bytes) -> None:
         """After a round (untimed): check and drain what every peer got."""
-        expected = self.n * self.frame_bytes
+        expected = self.n * self.wire_bytes
         peers = self.peers
         # A member left with a backlog took a short write; its rest goes
         # out when the loop sees the socket writable, so let it run.
@@ -207,7 +222,7 @@ class EngineFanout:
         if not self._checked:
             # The engine must write exactly the frame the other variants do.
             first = peers[0].recv(MAX_FRAME)
-            if first != _core.pack_frame(FrameType.BATCH, record):
+            if first != self.ws_head + _core.pack_frame(FrameType.BATCH, record):
                 raise RuntimeError("engine frame differs from pack_frame(BATCH, record)")
             got = len(first)
             self._checked = True
@@ -251,8 +266,32 @@ class EngineFanout:
             p.close()
 
 
-async def run_engine(n: int, frame_bytes: int, rounds: int, threads: int = 0) -> dict:
-    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes, threads)
+def ws_header(frame_bytes: int) -> bytes:
+    """A server's header of a binary WebSocket message of ``frame_bytes``."""
+    if frame_bytes < 126:
+        return bytes([0x82, frame_bytes])
+    if frame_bytes <= 0xFFFF:
+        return bytes([0x82, 126]) + frame_bytes.to_bytes(2, "big")
+    return bytes([0x82, 127]) + frame_bytes.to_bytes(8, "big")
+
+
+def ws_open(conn, peer: socket.socket) -> None:
+    """Take a WsConnection through its opening handshake (the node's
+    answer is not checked here: tests/test_websocket.py does)."""
+    peer.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: ZmFub3V0LWxvYWQtdmlldw==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    items = conn.read()
+    if not items or items[0][0] != _core.UPGRADE_REQUEST:
+        raise RuntimeError(f"WebSocket connection read {items!r}, not its upgrade request")
+    if not conn.accept_upgrade(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"):
+        raise RuntimeError("the 101 did not fit the socket")
+    if not peer.recv(4096).startswith(b"HTTP/1.1 101"):
+        raise RuntimeError("no 101 on the peer")
+
+
+async def run_engine(n: int, frame_bytes: int, rounds: int, threads: int = 0,
+                     kind: str = "tcp") -> dict:
+    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes, threads, kind)
     try:
         await eng.run(1)                       # an untimed warm-up round
         seconds = await eng.run(rounds)
@@ -347,6 +386,8 @@ def run_variant(name: str, n: int, frame_bytes: int, rounds: int,
     :func:`build_c` first)."""
     if name == "engine":
         return loop.run_until_complete(run_engine(n, frame_bytes, rounds))
+    if name == "engine_ws":
+        return loop.run_until_complete(run_engine(n, frame_bytes, rounds, kind="ws"))
     if name.startswith("engine_t"):            # engine_t1, engine_t2: writer threads
         return loop.run_until_complete(run_engine(n, frame_bytes, rounds, int(name[8:])))
     if name == "naive":
@@ -409,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", action="store_true",
                     help="also the engine written by 1 and 2 writer threads")
+    ap.add_argument("--ws", action="store_true",
+                    help="also the engine with WebSocket members (engine_ws)")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args(argv)
     n, size, rounds = args.members, args.frame_bytes, args.rounds
@@ -433,13 +476,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  repeat {i + 1}: " + ", ".join(
             f"{k} {v[-1]['writes_per_s'] / 1e3:.0f}k/s" for k, v in runs.items()))
 
-    names = VARIANTS + (("engine_t1", "engine_t2") if args.threads else ())
+    names = (VARIANTS + (("engine_ws",) if args.ws else ())
+             + (("engine_t1", "engine_t2") if args.threads else ()))
     runs = measure(n, size, rounds, args.repeat, names, progress=progress)
     variants = summarize(runs)
     eng = variants["engine"]["writes_per_s"]
     ratios = {"engine/c": eng / variants["c"]["writes_per_s"],
               "engine/c_send": eng / variants["c_send"]["writes_per_s"],
               "engine/naive": eng / variants["naive"]["writes_per_s"]}
+    if "engine_ws" in variants:
+        # per write: the WebSocket member's time over the TCP member's
+        ratios["engine/engine_ws"] = eng / variants["engine_ws"]["writes_per_s"]
+        ratios["engine_ws/c_send"] = variants["engine_ws"]["writes_per_s"] / \
+            variants["c_send"]["writes_per_s"]
     for t in ("engine_t1", "engine_t2"):
         if t in variants:
             ratios[f"{t}/c_send"] = variants[t]["writes_per_s"] / variants["c_send"]["writes_per_s"]

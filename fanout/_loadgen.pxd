@@ -17,6 +17,9 @@
 #     readable -> _on_readable: recv() into the shared scratch    [reader.pyx]
 #       _feed: headers checked, whole frames handled in place, an
 #              incomplete tail kept in the viewer's carry buffer
+#       (WebSocket viewers: _ws_feed first reads the upgrade's answer, then
+#              takes whole messages in place, each exactly one wire frame
+#              handed to _frame, a partial one carried      [wsviewer.pyx])
 #       _frame: counted by type, then
 #         Batch -> _batch: the viewer's rolling hash              [verify.pyx]
 #           a decoded viewer's Batch, or any viewer's first: inflate, _walk

@@ -135,6 +135,8 @@ def _load_parser(sub) -> None:
     p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
                    help="the node's port for --transport: its client port for tcp, its "
                         "WebSocket port for ws (default $FANOUT_PORT, else 7000)")
+    # fanout.load.config.TRANSPORTS, spelled out: importing fanout.load here
+    # would load the load tool for every command
     p.add_argument("--transport", choices=("tcp", "ws"), default="tcp",
                    help="tcp: wire frames on the client port; ws: WebSocket, one wire frame "
                         "per message, masked requests (default tcp)")

@@ -76,6 +76,24 @@ def test_quiet_rooms_quick(tmp_path):
     assert "--publish-tick-ms" in r["engine"]["load_command"]
 
 
+def test_websocket_quick(tmp_path):
+    """The engine over WebSocket and over TCP, and a Node peer, in one run:
+    every delivery checked on both transports, the ratios and checks there."""
+    r = _run_scenario("websocket", tmp_path, 120)
+    for transport in ("ws", "tcp"):
+        (run,) = r["engine_runs"][transport]
+        load = run["load"]
+        assert load["gaps"] == 0 and load["reorders"] == 0 and load["divergences"] == 0
+        assert load["viewers_joined"] == 300 and load["errors"] == {}
+        assert load["deliveries"] > 0 and load["deliveries"] == load["expected_deliveries"]
+        assert load["config"]["transport"] == transport
+        assert ("--transport ws" in run["load_command"]) == (transport == "ws")
+    assert r["peer_runs"]["uws"][0]["gaps"] == 0
+    assert r["ratios"]["ws_cost_per_delivery_to_tcp"] > 0
+    assert r["verdict"] == ("met" if all(r["checks"].values()) else "missed")
+    assert r["order"] == ["engine_ws", "engine_tcp", "uws"]
+
+
 def test_c_reference_speaks_enough_protocol(tmp_path):
     frames = tmp_path / "frames.bin"
     info = write_frames_file(frames, n_frames=5, per_frame=40, room="r")

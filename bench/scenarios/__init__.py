@@ -5,7 +5,8 @@
 SCENARIO is one of reference-room, quiet-rooms, idle-connections,
 connect-storm, wire-bytes, sweep (deliveries/s against viewers, for the
 plot), profile (py-spy of the node at the reference load), node-peers (the
-engine against the Node peers alone), stalls-quiet (the stall tracer,
+engine against the Node peers alone), websocket (the engine over WebSocket
+against itself over TCP and against the Node peers), stalls-quiet (the stall tracer,
 bench/stalltrace.py, in the node under the quiet-rooms load), or all. Each
 starts its own node process
 (``fanout node --port 0 --admin-port 0 ...`` with the settings it needs), its
@@ -23,9 +24,9 @@ run on the same message stream:
 * ``uws`` and ``node_ws``: bench/peers/node/, uWebSockets.js pub/sub
   (``app.publish``) and the ws package's broadcast loop on Debian's Node.js,
   the same JSON lines read by c_reader in WebSocket mode, at the reference
-  load and flat out (``node_peers``; ``make node-peers`` installs them). Until
-  the WebSocket issue lands, that compares the engine's TCP against their
-  WebSocket.
+  load and flat out (``node_peers``; ``make node-peers`` installs them),
+  against the engine read over its WebSocket port (``fanout load
+  --transport ws``): WebSocket against WebSocket.
 
 Results go to bench/results/SCENARIO.json (``--quick``: SCENARIO.quick.json)
 with the machine and the exact command, and a summary is printed. Every
@@ -42,6 +43,6 @@ The modules: ``harness`` (paths, the node, C builds, the machine), ``load``
 (``fanout load``: running it, its flags, its figures), ``peers`` (the runs of
 bench/peers/), one module per scenario or group (``reference_room``,
 ``quiet_rooms``, ``connections``, ``wire_bytes``, ``sweep``, ``profiles``,
-``node_peers``),
+``node_peers``, ``websocket``),
 ``report`` (targets, summaries) and ``cli``.
 """
