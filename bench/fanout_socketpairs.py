@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also the engine written by 1 and 2 writer threads")
     ap.add_argument("--ws", action="store_true",
                     help="also the engine with WebSocket members (engine_ws)")
+    ap.add_argument("--variants", metavar="A,B,...",
+                    help="only these variants, in this order per repeat (e.g. "
+                         "engine,engine_ws for an A/B of the two kinds)")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args(argv)
     n, size, rounds = args.members, args.frame_bytes, args.rounds
@@ -478,20 +481,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = (VARIANTS + (("engine_ws",) if args.ws else ())
              + (("engine_t1", "engine_t2") if args.threads else ()))
+    if args.variants:
+        names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     runs = measure(n, size, rounds, args.repeat, names, progress=progress)
     variants = summarize(runs)
-    eng = variants["engine"]["writes_per_s"]
-    ratios = {"engine/c": eng / variants["c"]["writes_per_s"],
-              "engine/c_send": eng / variants["c_send"]["writes_per_s"],
-              "engine/naive": eng / variants["naive"]["writes_per_s"]}
-    if "engine_ws" in variants:
-        # per write: the WebSocket member's time over the TCP member's
-        ratios["engine/engine_ws"] = eng / variants["engine_ws"]["writes_per_s"]
-        ratios["engine_ws/c_send"] = variants["engine_ws"]["writes_per_s"] / \
-            variants["c_send"]["writes_per_s"]
-    for t in ("engine_t1", "engine_t2"):
-        if t in variants:
-            ratios[f"{t}/c_send"] = variants[t]["writes_per_s"] / variants["c_send"]["writes_per_s"]
+    rate = {k: v["writes_per_s"] for k, v in variants.items()}
+    eng = rate.get("engine")
+    ratios = {f"engine/{b}": eng / rate[b] for b in ("c", "c_send", "naive")
+              if eng and b in rate}
+    if eng and "engine_ws" in rate:
+        # per write: the WebSocket member's time over the TCP member's, from
+        # the medians and as the median of each repeat's ratio
+        ratios["engine/engine_ws"] = eng / rate["engine_ws"]
+        ratios["engine/engine_ws per repeat"] = statistics.median(
+            a / b for a, b in zip(variants["engine"]["runs"], variants["engine_ws"]["runs"]))
+    for t in ("engine_ws", "engine_t1", "engine_t2"):
+        if t in rate and "c_send" in rate:
+            ratios[f"{t}/c_send"] = rate[t] / rate["c_send"]
 
     print()
     print(f"{'variant':9} {'median writes/s':>16} {'min':>10} {'max':>10} "
