@@ -348,3 +348,22 @@ async def test_writer_threads_write_websocket_members_the_same_frame():
             conn.close()
     finally:
         hub.close()
+
+
+def test_refused_at_connect_a_browser_reads_http(start_node):
+    node = start_node(env={"FANOUT_MAX_CONNS_PER_IP": "1", "FANOUT_MAX_UNAUTHENTICATED_PER_IP": "1"})
+    first = WsRawClient("127.0.0.1", node.ws_port)
+    s = socket.socket()
+    s.settimeout(5)
+    reply = b""
+    try:
+        s.connect(("127.0.0.1", node.ws_port))
+    except ConnectionResetError:
+        pass            # on loopback the RST can beat connect(); what came first is readable
+    try:
+        while chunk := s.recv(4096):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    assert reply.startswith(b"HTTP/1.1 429 ") and b"ADDRESS_LIMIT" in reply
+    first.close()
