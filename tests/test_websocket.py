@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import API_KEY, token
+from nodeprobe import metric
 from rawclient import RawClient, WsRawClient, upgrade_request, ws_frame
 from test_core import MAX, Owner, drain, make_pair, record
 from fanout import _core
@@ -252,8 +253,15 @@ def test_browser_and_tcp_viewers_get_the_same_messages(node):
     assert got[0] == got[1] == [(pb.GIFT, b"rocket"), (pb.CHAT, b"hi from the browser")]
     ws.send(FT.PING, pb.Ping(nonce=1))
     assert ws.expect(FT.PONG, FT.PRESENCE)
+    assert metric(node, "fanout_websocket_connections") == 1
+    assert metric(node, "fanout_connections") == 2
     ws.close()
     tcp.close()
+    deadline = time.monotonic() + 5
+    while metric(node, "fanout_websocket_connections") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(node, "fanout_websocket_connections") == 0
+    assert metric(node, "fanout_websocket_upgrades_total") == 1
 
 
 def test_bad_input_closes_with_error_then_close_code(node):
