@@ -5,7 +5,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import { Client, AuthError, KickedError, FanoutError, Reason } from "../fanout.js";
-import { Node, Proxy, mintToken, LOOP } from "./node.js";
+import { Node, Proxy, mintToken, LOOP } from "../testlib/node.js";
 
 const FAST = [
   "--presence-interval-ms", "300", "--drain-jitter-ms", "100", "--drain-grace-ms", "2000",

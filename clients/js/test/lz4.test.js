@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { decodeBlock, Lz4Error } from "../src/lz4.js";
 import { DICTIONARIES } from "../src/wire.js";
-import { python, hex, REPO } from "./helpers.js";
+import { python, hex, REPO } from "../testlib/helpers.js";
 
 const bytes = (...a) => new Uint8Array(a.flat());
 const ascii = (s) => [...Buffer.from(s, "latin1")];

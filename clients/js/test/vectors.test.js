@@ -11,7 +11,7 @@ import {
   decodeFrames, decodeMessage, encodeFrame, FrameType, WireError, DICT_SHA256, DICTIONARIES,
   FLAG_LZ4, FLAG_DICT,
 } from "../src/wire.js";
-import { REPO, hex, toHex } from "./helpers.js";
+import { REPO, hex, toHex } from "../testlib/helpers.js";
 
 const vectors = JSON.parse(readFileSync(join(REPO, "tests", "vectors", "frames.json"), "utf8"));
 // Reflection from the .proto itself, independent of the generated static
