@@ -285,6 +285,11 @@ export class Client {
       this._started = false;
       throw e;
     }
+    if (this._closed) { // close() was called while connecting
+      conn.fail(new ConnectionLostError(0, "client closed"));
+      this._conn = null;
+      throw new ConnectionLostError(0, "client closed while connecting");
+    }
     this._run(conn);
     return this.auth;
   }
