@@ -270,3 +270,20 @@ test("heartbeat: a link that goes silent is declared dead and resumed", async ()
     await proxy.close();
   }
 });
+
+test("large frames: a burst of 1000 messages of 1-3 KB each arrives whole and in order", async () => {
+  const node = await startNode();
+  const c = client({ url: node.wsUrl, token: mintToken({ user: "ivy" }) });
+  await c.connect();
+  await c.join("live:big");
+  // Varied, poorly compressible payloads so batches cross the 16- and 64-bit
+  // WebSocket length encodings.
+  const payload = (i) => `${i}:` + Buffer.from(Array.from({ length: 1000 + (i % 7) * 300 }, (_, j) => (i * 31 + j * j) & 0xff)).toString("base64");
+  const res = await node.admin("POST", "/v1/publish", {
+    messages: Array.from({ length: 1000 }, (_, i) => ({ room: "live:big", kind: "gift", payload: payload(i) })),
+  });
+  assert.equal(res.status, 200);
+  const got = await take(c, 1000, undefined, 20000);
+  assert.deepEqual(got.map((m) => m.seq), Array.from({ length: 1000 }, (_, i) => i + 1));
+  assert.ok(got.every((m, i) => m.text === payload(i)), "a payload differs");
+});
