@@ -3,7 +3,45 @@
 export declare const VERSION: string;
 
 /** Reason codes by name, and names by code (fanout.proto `Reason`). */
-export declare const Reason: { readonly [name: string]: number } & { readonly [code: number]: string };
+export declare const Reason: {
+  readonly REASON_UNSPECIFIED: 0;
+  readonly BAD_FRAME: 1;
+  readonly FRAME_TOO_LARGE: 2;
+  readonly BAD_PROTOBUF: 3;
+  readonly UNKNOWN_FRAME_TYPE: 4;
+  readonly UNSUPPORTED_VERSION: 5;
+  readonly BAD_COMPRESSION: 6;
+  readonly AUTH_REQUIRED: 10;
+  readonly AUTH_MISSING: 11;
+  readonly AUTH_INVALID: 12;
+  readonly AUTH_EXPIRED: 13;
+  readonly AUTH_TIMEOUT: 14;
+  readonly ALREADY_AUTHENTICATED: 15;
+  readonly ROOM_FORBIDDEN: 20;
+  readonly NOT_A_MEMBER: 21;
+  readonly RATE_LIMITED: 22;
+  readonly MESSAGE_TOO_LARGE: 23;
+  readonly TOO_MANY_ROOMS: 24;
+  readonly BAD_REQUEST: 25;
+  readonly ROOM_OVERLOADED: 26;
+  readonly DRAINING: 27;
+  readonly ALREADY_JOINED: 28;
+  readonly HEARTBEAT_TIMEOUT: 30;
+  readonly SLOW_CONSUMER: 31;
+  readonly DUPLICATE_LOGIN: 32;
+  readonly SERVER_SHUTDOWN: 33;
+  readonly CONNECTION_LIMIT: 34;
+  readonly CONNECTION_RATE_LIMITED: 35;
+  readonly ADMIN_DISCONNECT: 36;
+  readonly TOO_MANY_REQUESTS: 37;
+  readonly TOKEN_EXPIRED: 38;
+  readonly TOKEN_REVOKED: 39;
+  readonly INTERNAL_ERROR: 40;
+  readonly ADDRESS_LIMIT: 41;
+  readonly UNAVAILABLE: 42;
+  /** The name of a code. */
+  readonly [code: number]: string;
+};
 export declare function reasonName(code: number): string;
 /** "chat" | "gift" | "system", or the number of a kind this client does not know. */
 export declare function kindName(code: number): MessageKind;

@@ -287,3 +287,20 @@ test("large frames: a burst of 1000 messages of 1-3 KB each arrives whole and in
   assert.deepEqual(got.map((m) => m.seq), Array.from({ length: 1000 }, (_, i) => i + 1));
   assert.ok(got.every((m, i) => m.text === payload(i)), "a payload differs");
 });
+
+test("an operator's disconnect (ADMIN_DISCONNECT) ends the client without a reconnect", async () => {
+  const node = await startNode();
+  const c = client({ url: node.wsUrl, token: mintToken({ user: "jack" }) });
+  const seen = [];
+  c.on("*", (ev) => seen.push(ev.type));
+  await c.connect();
+  await c.join("live:adm");
+  const res = await node.admin("POST", "/v1/disconnect", { user: "jack", reason: "account suspended" });
+  assert.deepEqual(res.body, { disconnected: 1 });
+  await assert.rejects(take(c, 1), (e) => e instanceof KickedError && e.reasonName === "ADMIN_DISCONNECT"
+    && e.message === "account suspended");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(!seen.includes("reconnecting"), seen.join(","));
+  assert.deepEqual(seen.slice(-2), ["kicked", "closed"]);
+  assert.equal(c.stats.reconnects, 0);
+});

@@ -45,3 +45,11 @@ test("package.json: ES module with types, exports and files for an install from 
   }
   assert.ok(![...files].some((f) => f.startsWith("test") || f.startsWith("node_modules")));
 });
+
+test("fanout.d.ts names every Reason of fanout.proto, with its code", async () => {
+  const { Reason } = await import(join(PKG, "fanout.js"));
+  const dts = readFileSync(join(PKG, "fanout.d.ts"), "utf8");
+  for (const name of Object.keys(Reason).filter((k) => Number.isNaN(Number(k)))) {
+    assert.match(dts, new RegExp(`readonly ${name}: ${Reason[name]};`), `fanout.d.ts lacks Reason.${name}`);
+  }
+});

@@ -45,3 +45,6 @@ export async function main(): Promise<void> {
   }
   await c.close();
 }
+
+export const forbidden: 20 = Reason.ROOM_FORBIDDEN;
+export const name: string = Reason[20];
