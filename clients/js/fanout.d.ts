@@ -76,6 +76,8 @@ export interface ClientOptions {
   clientName?: string;
   WebSocket?: WebSocketConstructor | (new (url: string, protocols?: any) => any);
   protocols?: string[];
+  /** Third argument of the WebSocket constructor (Node's `ws`: e.g. `{ ca }` for wss:// with a development CA). */
+  wsOptions?: object;
   reconnect?: boolean;
   backoffMinMs?: number;
   backoffMaxMs?: number;

@@ -128,7 +128,10 @@ class Connection {
     this.sawClosingFrame = false;
     this.ended = new Promise((resolve) => { this._resolveEnded = resolve; });
     const WS = client._WebSocket;
-    this.ws = new WS(url, client.protocols.length ? client.protocols : undefined);
+    const protocols = client.protocols.length ? client.protocols : undefined;
+    // The third argument is for Node's `ws` (e.g. {ca} for a development
+    // CA over wss://); browsers' WebSocket takes two.
+    this.ws = client.wsOptions ? new WS(url, protocols, client.wsOptions) : new WS(url, protocols);
     this.ws.binaryType = "arraybuffer";
     this._on = {
       open: () => this.send(FrameType.HELLO, client._hello()),
@@ -243,6 +246,7 @@ export class Client {
     this.requestTimeoutMs = o.requestTimeoutMs ?? 10000;
     this.protocols = o.protocols ?? ["fanout.v1"];
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    this.wsOptions = o.wsOptions ?? null;
     if (typeof this._WebSocket !== "function") {
       throw new TypeError("no global WebSocket: pass the WebSocket option (e.g. the ws package's)");
     }

@@ -4,6 +4,11 @@
 // protocol says. The real node is in e2e.test.js.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { createServer as createHttpsServer } from "node:https";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import WebSocket, { WebSocketServer } from "ws";
 import { Client, FrameType, encodeFrame, decodeFrames, decodeMessage, proto as pb } from "../fanout.js";
 
@@ -11,10 +16,21 @@ const servers = [];
 after(() => Promise.all(servers.map((s) => new Promise((r) => { for (const c of s.clients) c.terminate(); s.close(r); }))));
 
 /** A server running `script(ws, hello, n)` for the n-th connection, after its Hello. */
-async function scripted(script) {
-  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (p) => (p.has("fanout.v1") ? "fanout.v1" : false) });
+async function scripted(script, tls = null) {
+  const handleProtocols = (p) => (p.has("fanout.v1") ? "fanout.v1" : false);
+  let wss;
+  if (tls) {
+    const https = createHttpsServer(tls);
+    wss = new WebSocketServer({ server: https, handleProtocols });
+    await new Promise((r) => https.listen(0, "127.0.0.1", r));
+    wss.address = () => https.address();
+    const close = wss.close.bind(wss);
+    wss.close = (cb) => close(() => https.close(cb));
+  } else {
+    wss = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols });
+    await new Promise((r) => wss.once("listening", r));
+  }
   servers.push(wss);
-  await new Promise((r) => wss.once("listening", r));
   let n = 0;
   wss.hellos = [];
   wss.on("connection", (ws) => {
@@ -27,7 +43,7 @@ async function scripted(script) {
       script(ws, hello, k);
     });
   });
-  return { wss, url: `ws://127.0.0.1:${wss.address().port}/ws` };
+  return { wss, url: `${tls ? "wss" : "ws"}://127.0.0.1:${wss.address().port}/ws` };
 }
 const authOk = (ws) => ws.send(encodeFrame(FrameType.AUTH_OK, {
   user: "u", session: "s", pingIntervalMs: 10000, idleTimeoutMs: 30000, serverTimeMs: Date.now(), compressDict: 1,
@@ -124,5 +140,20 @@ test("requests in flight when the connection drops fail with ConnectionLostError
   await c.connect();
   await assert.rejects(c.join("r"), (e) => e.name === "ConnectionLostError");
   assert.equal(c.cursor("r"), undefined);
+  await c.close();
+});
+
+test("wss:// with the ws package: wsOptions carries the CA that signed the node's certificate", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "fanout-js-tls-"));
+  execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+    "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1",
+    "-addext", "subjectAltName=IP:127.0.0.1"], { stdio: "ignore" });
+  const cert = readFileSync(join(dir, "cert.pem"));
+  const { url } = await scripted((ws) => authOk(ws), { cert, key: readFileSync(join(dir, "key.pem")) });
+  assert.ok(url.startsWith("wss://"));
+  // Not trusted without the CA: a connection error, not an AuthOk.
+  await assert.rejects(client(url).connect(), (e) => e.name === "ConnectionLostError");
+  const c = client(url, { wsOptions: { ca: cert } });
+  assert.equal((await c.connect()).user, "u");
   await c.close();
 });
