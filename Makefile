@@ -10,7 +10,7 @@ DEBUG_LIB := build/debug/lib
 NODE_PEERS := bench/peers/node/node_modules/.installed
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers browser
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -20,7 +20,7 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(VENV)/bin/fanout cluster
 
-test: $(STAMP) test-debug $(NODE_PEERS)
+test: $(STAMP) test-debug $(NODE_PEERS) $(BROWSER)
 	$(PY) -m pytest
 
 # The core's tests against a debug build (C asserts on, bounds checks; see
@@ -67,6 +67,16 @@ node-peers: $(NODE_PEERS)
 $(NODE_PEERS): bench/peers/node/package.json bench/peers/node/package-lock.json
 	cd bench/peers/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_PEERS)
+
+# The browser tests' browser (tests/test_browser.py): Debian's chromium and
+# its chromedriver, from apt when either is missing (CI runs as root on a
+# fresh Debian machine; elsewhere through sudo). Nothing is downloaded at
+# test time: the tests name both paths.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+browser: $(BROWSER)
+$(BROWSER) &:
+	$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q chromium chromium-driver'
 
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
 # the `bench` extra (pyperf, pytest-benchmark).
