@@ -238,7 +238,7 @@ async function run(url, token, getToken) {
   client.on("reconnecting", (r) => {
     const why = r.reasonName ? `${r.reasonName}${r.message ? " — " + r.message : ""}`
                              : "connection lost";
-    setStatus("reconnecting", `${why}; attempt ${r.attempt + 1} in ${(r.delayMs / 1000).toFixed(1)} s`);
+    setStatus("reconnecting", `${why}; attempt ${r.attempt} in ${(r.delayMs / 1000).toFixed(1)} s`);
   });
   client.on("kicked", (k) => showError(k.reasonName || "KICKED", k.message));
   client.on("closed", (c) => {
