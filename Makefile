@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
 NODE_PEERS := bench/peers/node/node_modules/.installed
+# Debian's chromium and its driver, for tests/test_browser.py (rule below).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
 .PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers browser
@@ -73,7 +75,6 @@ $(NODE_PEERS): bench/peers/node/package.json bench/peers/node/package-lock.json
 # its chromedriver, from apt when either is missing (CI runs as root on a
 # fresh Debian machine; elsewhere through sudo). Nothing is downloaded at
 # test time: the tests name both paths.
-BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 browser: $(BROWSER)
 $(BROWSER) &:
 	$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \

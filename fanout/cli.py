@@ -134,8 +134,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=7080,
                    help="the page's port (default 7080, 0: any free port)")
     p.add_argument("--port", type=int, default=7000, help="node TCP client port (default 7000)")
-    p.add_argument("--ws-port", type=int, default=7002,
-                   help="node WebSocket port (default 7002)")
+    p.add_argument("--ws-port", type=int, default=None,
+                   help="node WebSocket port (default: --port + 2, so 7002)")
     p.add_argument("--admin-port", type=int, default=7001, help="admin API port (default 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="admin API key (default $FANOUT_API_KEY, else generated)")
