@@ -37,6 +37,18 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--hide-scrollbars"]
 
 
+MOMENT = """
+const settled = (el, from, to) => el.getAnimations().every(
+    a => a.currentTime >= from && a.currentTime <= to);
+const cards = [...document.querySelectorAll('#gifts .gift')];
+const boom = document.querySelector('#burst .boom');
+return fanoutDemo.online !== null
+    && document.querySelectorAll('#danmaku .bullet').length >= 8
+    && cards.length >= 3 && cards.every(c => settled(c, 450, 3500))
+    && boom !== null && settled(boom, 600, 1600);
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,12 +90,10 @@ def main() -> int:
                 time.sleep(3)
                 driver.find_element(By.ID, "text").send_keys("hello from the browser 👋",
                                                             Keys.ENTER)
-                # A busy moment: several comments flying, a gift card, the count.
-                wait.until(lambda d: d.execute_script(
-                    "return document.querySelectorAll('#danmaku .bullet').length >= 8"
-                    " && document.querySelector('#gifts .gift') !== null"
-                    " && fanoutDemo.online !== null"))
-                time.sleep(0.6)          # the newest card finishes sliding in
+                # A busy moment: comments flying, gift cards settled (none
+                # mid-slide), a big gift bursting, the online count shown.
+                WebDriverWait(driver, 120, poll_frequency=0.05).until(
+                    lambda d: d.execute_script(MOMENT))
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(args.out)
             finally:

@@ -101,10 +101,13 @@ function bullet(sender, text, mine) {
   el.style.top = `${lane * laneHeight}px`;
   layer.append(el);
   const width = el.offsetWidth;
-  const speed = 160 + Math.random() * 60;                   // px per second
-  const seconds = (layer.clientWidth + width) / speed;
-  el.style.animationDuration = `${seconds}s`;
-  lanes[lane] = now + ((width + 40) / speed) * 1000;       // its tail clears the edge
+  // One speed for all (the animation's distance is the stage's width plus
+  // the comment's own), so a comment never catches up with the one ahead.
+  const speed = 180;                                        // px per second
+  const distance = layer.clientWidth + width;
+  el.style.setProperty("--distance", `${distance}px`);
+  el.style.animationDuration = `${distance / speed}s`;
+  lanes[lane] = now + ((width + 60) / speed) * 1000;       // its tail is 60 px in
   el.addEventListener("animationend", () => el.remove());
 }
 
