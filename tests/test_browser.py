@@ -32,7 +32,8 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,800"]
+                  # A container's small /dev/shm would crash the renderer.
+                  "--disable-dev-shm-usage", "--window-size=1280,800"]
 
 
 @pytest.fixture
