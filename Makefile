@@ -9,9 +9,11 @@ BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
 NODE_PEERS := bench/peers/node/node_modules/.installed
 JS_DEPS := clients/js/node_modules/.installed
+# Debian's chromium and its driver, for tests/test_browser.py (rule below).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps browser
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -21,7 +23,7 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(VENV)/bin/fanout cluster
 
-test: $(STAMP) test-debug $(NODE_PEERS) $(JS_DEPS)
+test: $(STAMP) test-debug $(NODE_PEERS) $(JS_DEPS) $(BROWSER)
 	$(PY) -m pytest
 
 # The core's tests against a debug build (C asserts on, bounds checks; see
@@ -77,6 +79,15 @@ js-deps: $(JS_DEPS)
 $(JS_DEPS): clients/js/package.json clients/js/package-lock.json
 	cd clients/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $(JS_DEPS)
+
+# The browser tests' browser (tests/test_browser.py): Debian's chromium and
+# its chromedriver, from apt when either is missing (CI runs as root on a
+# fresh Debian machine; elsewhere through sudo). Nothing is downloaded at
+# test time: the tests name both paths.
+browser: $(BROWSER)
+$(BROWSER) &:
+	$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q chromium chromium-driver'
 
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
 # the `bench` extra (pyperf, pytest-benchmark).
