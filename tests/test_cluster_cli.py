@@ -55,7 +55,7 @@ async def _one_message(port_a: int, port_b: int) -> pb.RoomMessage:
 
 @pytest.mark.parametrize("node_loop", ["uvloop"])
 async def test_fanout_cluster_starts_prints_and_stops_everything(tmp_path, node_loop):
-    base = free_port_run(4)
+    base = free_port_run(6)
     proc = Proc([sys.executable, "-m", "fanout", "cluster", "--nodes", "2", "--nats-port", "0",
                  "--base-port", str(base), "--loop", node_loop], "cluster",
                 env={**os.environ, "FANOUT_SECRET": SECRET, **SUITE_ADMISSION},
@@ -66,7 +66,8 @@ async def test_fanout_cluster_starts_prints_and_stops_everything(tmp_path, node_
         assert re.search(r"nats\s+nats://127\.0\.0\.1:\d+", text)
         assert "router    router-0" in text
         ports = [int(p) for p in re.findall(r"clients 127\.0\.0\.1:(\d+)", text)]
-        assert ports == [base, base + 2]
+        assert ports == [base, base + 3]
+        assert re.findall(r"ws://127\.0\.0\.1:(\d+)/ws", text) == [str(base + 2), str(base + 5)]
         got = await _one_message(ports[0], ports[1])
         assert got.payload == b"across" and got.seq == 1
         family = children(proc.pid)
@@ -82,7 +83,7 @@ async def test_workers_share_one_port_and_each_has_its_admin_api(tmp_path, node_
     port = free_port()
     admin = free_port_run(2)
     proc = Proc([sys.executable, "-m", "fanout", "node", "--workers", "2", "--port", str(port),
-                 "--admin-port", str(admin), "--api-key", API_KEY, "--loop", node_loop,
+                 "--ws-port", str(free_port()), "--admin-port", str(admin), "--api-key", API_KEY, "--loop", node_loop,
                  "--node-id", "host"], "workers",
                 env={**os.environ, "FANOUT_SECRET": SECRET, **SUITE_ADMISSION},
                 log_path=tmp_path / "workers.log")

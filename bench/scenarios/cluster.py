@@ -228,7 +228,8 @@ def workers_reference(quick: bool) -> dict:
     port = free_port()
     admin = free_port_run(2)
     flags = ["--secret", SECRET, "--api-key", API_KEY, "--log-level", "WARNING",
-             "--port", str(port), "--admin-port", str(admin), "--workers", "2",
+             "--port", str(port), "--ws-port", str(free_port()), "--admin-port", str(admin),
+             "--workers", "2",
              "--nats", rig.nats.url]
     for key, value in settings.items():
         flags += ["--" + key.replace("_", "-"), str(value)]

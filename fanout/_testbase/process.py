@@ -16,6 +16,7 @@ from pathlib import Path
 
 LISTEN_RE = r"fanout node listening on (\S+):(\d+)"
 ADMIN_RE = r"fanout admin API listening on (\S+):(\d+)"
+WS_RE = r"fanout node WebSocket on ws://(\S+):(\d+)(/\S*)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -148,6 +149,10 @@ class NodeProcess:
                  env: dict | None = None, cwd: str | Path | None = None,
                  log_path: Path | None = None, command: list[str] | None = None,
                  timeout: float = 30.0) -> None:
+        if "--ws-port" not in flags:
+            # a free one: a node restarted on its old client port must not
+            # need its old WebSocket port (port + 2) too
+            flags = ["--ws-port", "0", *flags]
         argv = [*(command or [sys.executable, "-m", "fanout"]), "node", "--port", str(port),
                 "--admin-port", "0", "--api-key", api_key, *flags]
         self.api_key = api_key
@@ -160,6 +165,10 @@ class NodeProcess:
             self.proc.stop()
             raise
         self.host, self.port = m.group(1), int(m.group(2))
+        # printed before the "listening" line, when the WebSocket port is on
+        ws = next(filter(None, (re.search(WS_RE, line) for line in self.proc.lines)), None)
+        self.ws_port = int(ws.group(2)) if ws else None
+        self.ws_path = ws.group(3) if ws else None
 
     @property
     def log_path(self) -> Path | None:

@@ -54,14 +54,16 @@ def run(*, nodes: int, base_port: int, routers: int, nats_port: int, loop: str) 
             _wait_line(log, "fanout router", proc)
             print(f"router    router-{i}  (log {log})", flush=True)
         for i in range(nodes):
-            port, admin = base_port + 2 * i, base_port + 2 * i + 1
+            port, admin, ws = base_port + 3 * i, base_port + 3 * i + 1, base_port + 3 * i + 2
             log = os.path.join(workdir, f"node-{i}.log")
             proc = _spawn(["node", "--nats", nats.url, "--port", str(port),
-                           "--admin-port", str(admin), "--node-id", f"node-{i}",
+                           "--admin-port", str(admin), "--ws-port", str(ws),
+                           "--node-id", f"node-{i}",
                            "--loop", loop], log)
             procs.append(proc)
             _wait_line(log, "fanout node listening", proc)
             print(f"node      node-{i}  clients 127.0.0.1:{port}  admin 127.0.0.1:{admin}  "
+                  f"ws://127.0.0.1:{ws}/ws  "
                   f"(log {log})", flush=True)
         print(f"logs and JetStream data in {workdir}; Ctrl-C stops everything", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -175,6 +175,11 @@ async def _serve(config: NodeConfig) -> int:
     if app.admin is not None:
         host, port = app.admin.address
         print(f"fanout admin API listening on {host}:{port}", flush=True)
+    if app.node.ws_address is not None:
+        # Before the "listening" line, which tools wait for (both are bound).
+        host, port = app.node.ws_address
+        print(f"fanout node WebSocket on ws://{_url_host(host)}:{port}{config.ws_path}",
+              flush=True)
     host, port = app.node.address
     print(f"fanout node listening on {host}:{port}", flush=True)
     loop = asyncio.get_running_loop()
@@ -182,6 +187,10 @@ async def _serve(config: NodeConfig) -> int:
         loop.add_signal_handler(sig, app.node.start_drain)
     await app.serve_forever()
     return EXIT_UNCLEAN_DRAIN if app.node.undelivered else 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def run(config: NodeConfig) -> int:

@@ -31,6 +31,11 @@ ENV_PREFIX = "FANOUT_"
 MIN_SECRET_BYTES = 32
 
 
+#: ``ws_port``'s default: the client port + 2 (7002 beside the default 7000,
+#: 7001 being the admin API), or a free port when the client port is 0.
+WS_PORT_AUTO = -2
+
+
 class ConfigError(ValueError):
     pass
 
@@ -62,6 +67,13 @@ def _field(default, doc, *, minimum=None):
 class NodeConfig:
     host: str = _field("127.0.0.1", "address the client port binds to")
     port: int = _field(7000, "client port (0: any free port)", minimum=0)
+    ws_port: int = _field(WS_PORT_AUTO, "WebSocket port for browsers, endpoint ws_path "
+                          "(-2: port + 2, so 7002, or any free port when port is 0; "
+                          "0: any free port; -1: off)", minimum=-2)
+    ws_path: str = _field("/ws", "path of the WebSocket endpoint on ws_port")
+    ws_origins: str = _field("*", "comma-separated Origin values a browser may connect from, "
+                             "like https://live.example.com ('*': any; clients without Origin, "
+                             "not browsers, always may)")
     secret: str = _field(DEV_SECRET, "HS256 secret that signs client tokens "
                          "(the built-in development secret only on a loopback host)")
     admin_host: str = _field("127.0.0.1", "address the admin HTTP API binds to (keep it private)")
@@ -211,10 +223,33 @@ class NodeConfig:
             raise ConfigError("admin_max_connections must be below fd_reserve, which it draws from")
         if self.max_unauthenticated_per_ip > self.max_conns_per_ip:
             raise ConfigError("max_unauthenticated_per_ip must not exceed max_conns_per_ip")
+        if not self.ws_path.startswith("/") or any(c in self.ws_path for c in " ?#"):
+            raise ConfigError(f"ws_path must be a path like /ws, got {self.ws_path!r}")
+        self.allowed_origins()
         self.trusted_proxies()
         self.gc_threshold_values()
         self._validate_tls()
         return self
+
+    def ws_bind_port(self) -> int:
+        """The WebSocket port to bind (-1: none). The default follows the
+        client port, so that nodes on other ports, or on free ones (tests,
+        benchmarks), never collide on it."""
+        if self.ws_port == WS_PORT_AUTO:
+            return self.port + 2 if self.port else 0
+        return self.ws_port
+
+    def allowed_origins(self) -> frozenset | None:
+        """``ws_origins`` as lower-case origins, or None for any ('*')."""
+        parts = [p.strip().rstrip("/").lower() for p in self.ws_origins.split(",") if p.strip()]
+        if "*" in parts:
+            return None
+        for part in parts:
+            scheme, sep, rest = part.partition("://")
+            if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+                raise ConfigError(f"ws_origins: {part!r} is not an origin "
+                                  "(write https://live.example.com or http://127.0.0.1:8000)")
+        return frozenset(parts)
 
     @property
     def tls_enabled(self) -> bool:

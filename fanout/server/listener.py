@@ -1,6 +1,10 @@
-"""The client port: accept, admission, refusal with a reason and an RST,
+"""The client ports: accept, admission, refusal with a reason and an RST,
 the handshake deadline, the PROXY protocol from trusted proxies, and the
 descriptors kept back for the admin API.
+
+The node listens on the client port (wire frames over TCP) and, unless it is
+off, the WebSocket port (``ws_port``); both admit through the same rules and
+budgets, and differ only in the core connection kind a socket becomes.
 
 Admission, in order, at accept (each O(1)):
 
@@ -55,6 +59,17 @@ EMFILE_PAUSE = 0.1          # seconds the listener rests when out of descriptors
 PROXY_HEADER_TIMEOUT = 2.0  # a proxy sends its header at once; seconds it gets
 PROXY_REPOLL = 0.01         # seconds between peeks at a partial PROXY header
 _LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Port:
+    """One listening socket and the core connection kind its sockets become."""
+
+    __slots__ = ("sock", "kind", "name")
+
+    def __init__(self, sock: socket.socket, kind: type, name: str) -> None:
+        self.sock = sock
+        self.kind = kind
+        self.name = name
 
 
 class Admitted(Protocol):
@@ -142,9 +157,9 @@ class Listener:
         self._ip_buckets: dict[str, TokenBucket] = {}
         self._trusted = config.trusted_proxies()
         self._trust_cache: dict[str, bool] = {}
-        # fd -> (socket, peer, deadline) of trusted connections whose PROXY
-        # header has not arrived yet; arrival order is deadline order.
-        self._awaiting: OrderedDict[int, tuple[socket.socket, tuple, float]] = OrderedDict()
+        # fd -> (socket, peer, deadline, port) of trusted connections whose
+        # PROXY header has not arrived yet; arrival order is deadline order.
+        self._awaiting: OrderedDict[int, tuple[socket.socket, tuple, float, Port]] = OrderedDict()
         self._peek = bytearray(proxyproto.MAX_HEADER)
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -161,37 +176,68 @@ class Listener:
         self._bad_proxy = _Cause(pb.BAD_REQUEST, "no valid PROXY protocol header", metrics,
                                  "PROXY_HEADER")
         self._sndbuf = config.sndbuf_bytes
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self._sock: socket.socket | None = socket.create_server(
-            (config.host, config.port), family=family, backlog=4096,
-            reuse_port=bool(config.reuse_port))
-        self._sock.setblocking(False)
-        self._shed = SynShed(self._sock, loop, threshold=config.shed_after_refusals,
+        self._limits = dict(max_frame=c.max_frame, max_backlog_bytes=c.max_backlog_bytes,
+                            max_backlog_frames=c.max_backlog_frames)
+        self.ports: list[Port] = []
+        try:
+            self.ports.append(Port(self._bind(config.port), _core.TcpConnection, "tcp"))
+            if config.ws_bind_port() >= 0:
+                self.ports.append(Port(self._bind(config.ws_bind_port()), _core.WsConnection,
+                                       "ws"))
+        except OSError:
+            for port in self.ports:
+                port.sock.close()
+            raise
+        self._shed = SynShed([p.sock for p in self.ports], loop,
+                             threshold=config.shed_after_refusals,
                              seconds=config.shed_seconds, on_shed=self._on_shed)
         self._resume_timer: asyncio.TimerHandle | None = None
-        loop.add_reader(self._sock.fileno(), self._accept)
+        self._listening = True
+        for port in self.ports:
+            loop.add_reader(port.sock.fileno(), self._accept, port)
         metrics.add_gauges(self._gauges)
+
+    def _bind(self, port: int) -> socket.socket:
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.create_server((config.host, port), family=family, backlog=4096,
+                                    reuse_port=bool(config.reuse_port))
+        sock.setblocking(False)
+        return sock
+
+    def _bound(self, name: str) -> tuple[str, int] | None:
+        for port in self.ports:
+            if port.name == name:
+                host, number = port.sock.getsockname()[:2]
+                return host, number
+        return None
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._sock.getsockname()[:2]
-        return host, port
+        """The client port's ``(host, port)``."""
+        return self._bound("tcp")
+
+    @property
+    def ws_address(self) -> tuple[str, int] | None:
+        """The WebSocket port's ``(host, port)``, or None when it is off."""
+        return self._bound("ws")
 
     def close(self) -> None:
         """Stop accepting; idempotent. (The drain that calls it closes the
         connections already admitted.)"""
-        if self._sock is None:
+        if not self._listening:
             return
+        self._listening = False
         if self._resume_timer is not None:
             self._resume_timer.cancel()
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
         self._shed.close()
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        self._sock = None
-        for fd, (sock, _, _) in list(self._awaiting.items()):
+        for port in self.ports:
+            self._loop.remove_reader(port.sock.fileno())
+            port.sock.close()
+        for fd, (sock, _, _, _) in list(self._awaiting.items()):
             self._loop.remove_reader(fd)
             _reset(sock)
         self._awaiting.clear()
@@ -214,10 +260,10 @@ class Listener:
 
     # ---------------------------------------------------------------- accept
 
-    def _accept(self) -> None:
+    def _accept(self, port: Port) -> None:
         for _ in range(ACCEPTS_PER_WAKE):
             try:
-                sock, peer = self._sock.accept()
+                sock, peer = port.sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -231,9 +277,9 @@ class Listener:
                 self._refuse(sock, peer[0], self._fds)
             elif self._trusted and self._is_trusted(peer[0]):
                 if self._configure(sock):
-                    self._await_header(sock, peer)
+                    self._await_header(sock, peer, port)
             else:
-                self._admit(sock, peer)
+                self._admit(sock, peer, port)
 
     def _configure(self, sock: socket.socket) -> bool:
         # Only for sockets the node keeps: under a connect flood most are
@@ -248,7 +294,8 @@ class Listener:
             return False
         return True
 
-    def _admit(self, sock: socket.socket, peer: tuple, configured: bool = False) -> None:
+    def _admit(self, sock: socket.socket, peer: tuple, port: Port,
+               configured: bool = False) -> None:
         ip = peer[0]
         key = address_key(ip)
         slots = self._slots
@@ -275,10 +322,7 @@ class Listener:
             return
         if slots.unauthenticated_full:
             self._evict_oldest()
-        cfg = self.config
-        conn = _core.TcpConnection(sock.detach(), self._loop, max_frame=cfg.max_frame,
-                                   max_backlog_bytes=cfg.max_backlog_bytes,
-                                   max_backlog_frames=cfg.max_backlog_frames)
+        conn = port.kind(sock.detach(), self._loop, **self._limits)
         owner = self._on_connection(conn, peer)
         deadline = now + self._auth_timeout
         slots.add(owner, key, deadline)
@@ -328,13 +372,13 @@ class Listener:
 
     # ---------------------------------------------------------------- PROXY protocol
 
-    def _await_header(self, sock: socket.socket, peer: tuple) -> None:
+    def _await_header(self, sock: socket.socket, peer: tuple, port: Port) -> None:
         if len(self._awaiting) >= self.config.max_unauthenticated:
             self._refuse(sock, peer[0], self._full)
             return
         fd = sock.fileno()
         deadline = self._loop.time() + PROXY_HEADER_TIMEOUT
-        self._awaiting[fd] = (sock, peer, deadline)
+        self._awaiting[fd] = (sock, peer, deadline, port)
         self._loop.add_reader(fd, self._header_readable, fd)
         self._wake_at(deadline)
 
@@ -342,7 +386,7 @@ class Listener:
         entry = self._awaiting.get(fd)
         if entry is None:
             return
-        sock, peer, _ = entry
+        sock, peer, _, port = entry
         try:
             # Peek, so nothing past the header leaves the socket: the core
             # connection reads the client's first frame from it.
@@ -373,7 +417,7 @@ class Listener:
         except OSError:
             _reset(sock)
             return
-        self._admit(sock, header.source or peer, configured=True)
+        self._admit(sock, header.source or peer, port, configured=True)
 
     def _repoll(self, fd: int) -> None:
         if fd in self._awaiting:
@@ -419,7 +463,7 @@ class Listener:
             awaiting = self._awaiting
             while awaiting:
                 fd = next(iter(awaiting))
-                sock, peer, deadline = awaiting[fd]
+                sock, peer, deadline, _ = awaiting[fd]
                 if deadline > now:
                     break
                 self._drop_awaiting(fd)
@@ -439,13 +483,15 @@ class Listener:
         self._metrics.connections_refused.labels("EMFILE").inc()
         self._throttled.warning("accept", "accept paused for %d ms: %s (%d connections open)",
                                 EMFILE_PAUSE * 1000, exc, self._count())
-        self._loop.remove_reader(self._sock.fileno())
+        for port in self.ports:
+            self._loop.remove_reader(port.sock.fileno())
         self._resume_timer = self._loop.call_later(EMFILE_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._resume_timer = None
-        if self._sock is not None:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+        if self._listening:
+            for port in self.ports:
+                self._loop.add_reader(port.sock.fileno(), self._accept, port)
 
     def _on_shed(self, ip: str, refusals: int) -> None:
         self._throttled.warning("shed", "connection flood from %s (%d refusals in a second): its "

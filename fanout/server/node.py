@@ -94,6 +94,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, metrics: NodeMetrics, bus: Bus,
                  logic: Logic) -> None:
         self.config = config
+        self.ws_origins = config.allowed_origins()
         self.metrics = metrics
         self.bus = bus
         self.logic = logic
@@ -213,6 +214,11 @@ class Node:
     @property
     def address(self) -> tuple[str, int]:
         return self.listener.address
+
+    @property
+    def ws_address(self) -> tuple[str, int] | None:
+        """The WebSocket port's ``(host, port)``; None when it is off."""
+        return self.listener.ws_address
 
     @property
     def degradation_level(self) -> int:

@@ -27,7 +27,7 @@ from ..logic.base import Logic, Rejected, check_room_name
 from ..protocol import fanout_pb2 as pb
 from ..protocol.auth import AuthError, Claims, verify
 from ..protocol.wire import FrameType
-from . import eager
+from . import eager, wsupgrade
 from .config import NodeConfig
 from .logutil import ThrottledLog
 from .rooms import RoomTable
@@ -71,6 +71,7 @@ class SessionHost(Protocol):
     rooms: RoomTable
     metrics: object          # NodeMetrics: protocol_errors, kicks, slow_consumers
     throttled: ThrottledLog
+    ws_origins: frozenset[str] | None   # allowed browser origins (None: any)
 
     def kick(self, session_id: str, reason: int, message: str) -> bool:
         """Kick another session of this node (a replaced login)."""
@@ -87,6 +88,20 @@ class SessionHost(Protocol):
 
     def session_closed(self, session: "Session") -> None:
         """The session's connection is gone; forget it."""
+
+
+# The item type of a WebSocket connection's request head in read()'s output.
+_UPGRADE = _core.UPGRADE_REQUEST
+# The HTTP status a browser gets when the node refuses it during the
+# handshake (bad request otherwise).
+_HTTP_STATUS = {pb.AUTH_TIMEOUT: 408, pb.CONNECTION_LIMIT: 503, pb.ADDRESS_LIMIT: 429,
+                pb.CONNECTION_RATE_LIMITED: 429, pb.SERVER_SHUTDOWN: 503, pb.TOO_MANY_REQUESTS: 429}
+
+
+class _RawHead:
+    """The request head is handed to its handler as the bytes it is."""
+
+    FromString = staticmethod(bytes)
 
 
 def _frame(ftype: int, msg) -> bytes:
@@ -180,7 +195,7 @@ class Session:
             except DecodeError as exc:
                 self.fail(pb.BAD_PROTOBUF, f"{message_type.__name__} does not decode: {exc}")
                 return False
-            if self.user is None and ftype != FrameType.HELLO:
+            if self.user is None and ftype != FrameType.HELLO and ftype != _UPGRADE:
                 self.fail(pb.AUTH_REQUIRED, "the first frame must be Hello")
                 return False
             try:
@@ -449,7 +464,8 @@ class Session:
         name = pb.Reason.Name(reason)
         self.host.metrics.protocol_errors.labels(name).inc()
         self.host.throttled.log(logging.INFO, name, "%s: closing, %s: %s", self, name, message)
-        self._close_with(_frame(FrameType.ERROR, pb.Error(reason=reason, message=message)))
+        self._close_with(_frame(FrameType.ERROR, pb.Error(reason=reason, message=message)),
+                         reason=reason, message=message)
 
     def kick(self, reason: int, message: str, reconnect_after_ms: int = 0,
              drop_queued: bool = True) -> None:
@@ -465,17 +481,30 @@ class Session:
         self.end_reason = reason
         log.debug("%s: kicked, %s: %s", self, pb.Reason.Name(reason), message)
         self._close_with(_frame(FrameType.KICK, pb.Kick(
-            reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued)
+            reason=reason, message=message, reconnect_after_ms=reconnect_after_ms)), drop_queued,
+            reason=reason, message=message)
 
-    def _close_with(self, frame: bytes, drop_queued: bool = True) -> None:
-        if self.conn.closing:
+    def _close_with(self, frame: bytes, drop_queued: bool = True, *, reason: int = 0,
+                    message: str = "") -> None:
+        conn = self.conn
+        if conn.closing:
             return
         self._detach()
-        self.conn.close_after(frame, drop_queued)
-        if self.conn.closed or not drop_queued:
-            return
-        grace = self.host.config.close_grace_ms / 1000
-        self._hard_close = self.host.loop.call_later(grace, self.conn.close)
+        if getattr(conn, "upgraded", True):
+            conn.close_after(frame, drop_queued, reason)
+        else:
+            # A browser still in its opening handshake reads HTTP, not frames.
+            conn.refuse_upgrade(wsupgrade.refusal(
+                _HTTP_STATUS.get(reason, 400), f"{pb.Reason.Name(reason)}: {message}"))
+        if drop_queued:
+            self._close_later()
+
+    def _close_later(self) -> None:
+        # The closing words get close_grace_ms to go out and the peer to
+        # close; then the socket closes anyway.
+        if not self.conn.closed:
+            grace = self.host.config.close_grace_ms / 1000
+            self._hard_close = self.host.loop.call_later(grace, self.conn.close)
 
     def _detach(self) -> None:
         """Stop receiving broadcasts and give up the login; idempotent."""
@@ -485,6 +514,23 @@ class Session:
             self._logged_in = False
             eager.spawn(self.host.logic.logout(self.user, self.device_class, self.id),
                         f"{self}: logout", log)
+
+    def _upgrade(self, head: bytes) -> None:
+        # A WebSocket connection's opening handshake: the first item its
+        # core connection reads (websocket.pxd).
+        host = self.host
+        try:
+            response = wsupgrade.check(head, path=host.config.ws_path,
+                                       origins=host.ws_origins)
+        except wsupgrade.Refused as exc:
+            host.metrics.protocol_errors.labels(exc.key).inc()
+            host.throttled.log(logging.INFO, exc.key, "%s: WebSocket upgrade refused, %d: %s",
+                               self, exc.status, exc.message)
+            self.conn.refuse_upgrade(exc.response())
+            self._close_later()
+            return
+        if not self.conn.accept_upgrade(response):
+            self.conn.abort()
 
     # ---------------------------------------------------------------- core callbacks
 
@@ -538,4 +584,6 @@ _HANDLERS: dict[int, tuple[Callable, type]] = {
     FrameType.CHAT: (Session._chat, pb.Chat),
     FrameType.PING: (Session._ping, pb.Ping),
     FrameType.REFRESH: (Session._refresh, pb.Refresh),
+    # Not a wire frame: a WebSocket connection's request head (websocket.pxd).
+    _UPGRADE: (Session._upgrade, _RawHead),
 }

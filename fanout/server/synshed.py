@@ -70,17 +70,18 @@ def attach(sock: socket.socket, program: bytes) -> None:
 
 
 class SynShed:
-    """:param sock: the listening socket.
+    """:param socks: the listening sockets (every client port: a flooding
+        address is shed from all of them).
     :param threshold: refusals of one address within a second that shed it
         (0: never shed).
     :param seconds: how long an address stays shed.
     :param on_shed: ``on_shed(ip, count)`` when an address is shed.
     """
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, *,
+    def __init__(self, socks: list[socket.socket], loop: asyncio.AbstractEventLoop, *,
                  threshold: int, seconds: float,
                  on_shed: Callable[[str, int], object] | None = None) -> None:
-        self._sock = sock
+        self._socks = socks
         self._loop = loop
         self.threshold = threshold
         self.seconds = seconds
@@ -125,10 +126,12 @@ class SynShed:
 
     def _rebuild(self) -> None:
         try:
-            if self.shed:
-                attach(self._sock, filter_program(list(self.shed)))
-            else:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            program = filter_program(list(self.shed)) if self.shed else None
+            for sock in self._socks:
+                if program is not None:
+                    attach(sock, program)
+                else:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         except OSError as exc:
             # No filter (a kernel without it, a closed socket): the caps
             # still hold, only without the kernel's help.

@@ -5,8 +5,9 @@
 #   TcpConnection (tcp.pyx)          frames as they are; fanout framing on input
 #   PrefixConnection (prefixed.pyx)  a fixed header before every frame: the
 #                                    seam's second kind, used by the tests
-#   (a WebSocket kind: a frame header written once per flush into the
-#    frame's headroom, masked client frames undone in C)
+#   WsConnection (websocket.pyx)     RFC 6455: a frame header written once per
+#                                    frame into its headroom, masked client
+#                                    frames undone in C
 #
 # Exactly one writer per socket: every byte a client receives, control
 # replies included, goes through send_frame(), so frames never interleave.
@@ -170,6 +171,9 @@ cdef class Connection:
 
     # what a kind overrides
     cdef Py_ssize_t _write_prefix(self, char* end, Py_ssize_t wire_len) except -1
+    # queued after close_after()'s last frame: a kind's own closing words
+    # (WebSocket: a Close carrying the reason); nothing for plain kinds
+    cdef int _last_words(self, int reason) except -1
     # (_parse: complete frames off data into out, at most max_frames in out
     # in all; returns the bytes consumed. _need: the bytes the frame starting
     # at data needs in all, as far as the n bytes there tell. Both raise

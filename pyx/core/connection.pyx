@@ -270,6 +270,9 @@ cdef class Connection:
         # bytes so that it ends at `end`, and returns its length.
         raise NotImplementedError("a kind with a prefix tag must write its prefix")
 
+    cdef int _last_words(self, int reason) except -1:
+        return 0
+
     cdef int _queue(self, bytes frame) except -1:
         # The whole frame (this kind's bytes of it) behind the backlog, past
         # its bound: for frames the node bounds itself (replays, a last word).
@@ -624,9 +627,10 @@ cdef class Connection:
             self._report(st)
         return st
 
-    def close_after(self, bytes frame, bint drop_queued=True):
+    def close_after(self, bytes frame, bint drop_queued=True, int reason=0):
         """Send the core ``frame`` as the last thing on this connection,
-        then close.
+        then close. ``reason`` (the frame's Reason, 0 for none) is for a
+        kind that says it in its own closing words (a WebSocket Close).
 
         With ``drop_queued`` (a slow consumer, bad input), queued frames not
         yet started are dropped; a frame already partly written is finished
@@ -645,6 +649,7 @@ cdef class Connection:
         if drop_queued:
             self._drop_unstarted()
         self._queue(frame)
+        self._last_words(reason)
         self.resume_reading()          # in discard mode: see the peer's close
         _on_writable(self)
         if self._bl_len:
