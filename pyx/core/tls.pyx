@@ -76,7 +76,8 @@ cdef class TlsContext:
         if SSL_CTX_use_certificate_chain_file(ctx, certfile.encode()) != 1:
             raise ValueError(f"TLS certificate {certfile}: {_last_error()}")
         if SSL_CTX_use_PrivateKey_file(ctx, keyfile.encode(), SSL_FILETYPE_PEM) != 1:
-            raise ValueError(f"TLS key {keyfile}: {_last_error()}")
+            raise ValueError(f"TLS key {keyfile} is not a PEM key, or does not match "
+                             f"certificate {certfile}: {_last_error()}")
         if SSL_CTX_check_private_key(ctx) != 1:
             raise ValueError(f"TLS key {keyfile} does not match certificate {certfile}: "
                              f"{_last_error()}")
