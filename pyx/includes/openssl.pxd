@@ -21,6 +21,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     long SSL_CTX_set_mode(SSL_CTX* ctx, long mode)
     uint64_t SSL_CTX_set_options(SSL_CTX* ctx, uint64_t options)
     int SSL_CTX_set_num_tickets(SSL_CTX* ctx, size_t n)
+    int SSL_CTX_set_ciphersuites(SSL_CTX* ctx, const char* suites)
     long SSL_CTX_set_session_cache_mode(SSL_CTX* ctx, long mode)
     int SSL_CTX_use_certificate_chain_file(SSL_CTX* ctx, const char* path)
     int SSL_CTX_use_PrivateKey_file(SSL_CTX* ctx, const char* path, int filetype)
