@@ -13,6 +13,10 @@
  * OpenSSL's error queue is per thread: every call clears it first, so
  * SSL_get_error() judges this call alone.
  *
+ * OpenSSL's socket BIO writes with write(), not send(MSG_NOSIGNAL): a write
+ * to a reset peer raises SIGPIPE, which Python ignores process-wide from
+ * start-up (the writer threads block every signal besides), so it is EPIPE.
+ *
  * Kernel TLS: with SSL_OP_ENABLE_KTLS (tls.pyx, tls_mode auto) OpenSSL
  * hands the keys to the kernel after the handshake when the kernel has the
  * tls ULP; SSL_write then sends plaintext through the socket and the kernel
