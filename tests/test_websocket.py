@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import API_KEY, token
+from nodeprobe import metric
 from rawclient import RawClient, WsRawClient, upgrade_request, ws_frame
 from test_core import MAX, Owner, drain, make_pair, record
 from fanout import _core
@@ -252,8 +253,15 @@ def test_browser_and_tcp_viewers_get_the_same_messages(node):
     assert got[0] == got[1] == [(pb.GIFT, b"rocket"), (pb.CHAT, b"hi from the browser")]
     ws.send(FT.PING, pb.Ping(nonce=1))
     assert ws.expect(FT.PONG, FT.PRESENCE)
+    assert metric(node, "fanout_websocket_connections") == 1
+    assert metric(node, "fanout_connections") == 2
     ws.close()
     tcp.close()
+    deadline = time.monotonic() + 5
+    while metric(node, "fanout_websocket_connections") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(node, "fanout_websocket_connections") == 0
+    assert metric(node, "fanout_websocket_upgrades_total") == 1
 
 
 def test_bad_input_closes_with_error_then_close_code(node):
@@ -348,3 +356,22 @@ async def test_writer_threads_write_websocket_members_the_same_frame():
             conn.close()
     finally:
         hub.close()
+
+
+def test_refused_at_connect_a_browser_reads_http(start_node):
+    node = start_node(env={"FANOUT_MAX_CONNS_PER_IP": "1", "FANOUT_MAX_UNAUTHENTICATED_PER_IP": "1"})
+    first = WsRawClient("127.0.0.1", node.ws_port)
+    s = socket.socket()
+    s.settimeout(5)
+    reply = b""
+    try:
+        s.connect(("127.0.0.1", node.ws_port))
+    except ConnectionResetError:
+        pass            # on loopback the RST can beat connect(); what came first is readable
+    try:
+        while chunk := s.recv(4096):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    assert reply.startswith(b"HTTP/1.1 429 ") and b"ADDRESS_LIMIT" in reply
+    first.close()

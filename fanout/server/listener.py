@@ -51,6 +51,7 @@ from ..protocol.wire import FrameType
 from . import proxyproto
 from .config import ConfigError, NodeConfig
 from .logutil import ThrottledLog
+from . import wsupgrade
 from .slots import Slots, address_key
 from .synshed import SynShed
 
@@ -123,15 +124,18 @@ def descriptor_budget(config: NodeConfig) -> tuple[int, int]:
 class _Cause:
     """One way to refuse: the reason, what the client reads, the metric."""
 
-    __slots__ = ("reason", "message", "frame", "counter", "key")
+    __slots__ = ("reason", "message", "frame", "http", "counter", "key")
 
-    def __init__(self, reason: int, message: str, metrics, label: str | None = None) -> None:
+    def __init__(self, reason: int, message: str, metrics, label: str | None = None,
+                 status: int = 503) -> None:
         self.reason = reason
         self.message = message
         self.key = label or pb.Reason.Name(reason)
         # Built once: a flood is mostly refusals, and each costs no allocation.
         self.frame = _core.wire_bytes(_core.core_frame(FrameType.ERROR, pb.Error(
             reason=reason, message=message).SerializeToString()))
+        # what a browser on the WebSocket port reads instead: it speaks HTTP yet
+        self.http = wsupgrade.refusal(status, f"{pb.Reason.Name(reason)}: {message}")
         self.counter = metrics.connections_refused.labels(self.key)
 
 
@@ -176,9 +180,10 @@ class Listener:
                            "reconnect later or elsewhere", metrics, "FD_RESERVE")
         self._address = _Cause(pb.ADDRESS_LIMIT, f"this address holds its limit of "
                                f"{c.max_conns_per_ip} connections, or of "
-                               f"{c.max_unauthenticated_per_ip} without a Hello", metrics)
+                               f"{c.max_unauthenticated_per_ip} without a Hello", metrics,
+                               status=429)
         self._rate = _Cause(pb.CONNECTION_RATE_LIMITED, f"over {c.conn_rate_per_ip:g} new "
-                            "connections/s from this address", metrics)
+                            "connections/s from this address", metrics, status=429)
         self._bad_proxy = _Cause(pb.BAD_REQUEST, "no valid PROXY protocol header", metrics,
                                  "PROXY_HEADER")
         self._sndbuf = config.sndbuf_bytes
@@ -296,7 +301,7 @@ class Listener:
                 return
             self._metrics.connections_accepted.inc()
             if sock.fileno() >= self._fd_ceiling:
-                self._refuse(sock, peer[0], self._fds)
+                self._refuse(sock, peer[0], self._fds, port)
             elif self._trusted and self._is_trusted(peer[0]):
                 if self._configure(sock):
                     self._await_header(sock, peer, port)
@@ -322,10 +327,10 @@ class Listener:
         key = address_key(ip)
         slots = self._slots
         if self._count() >= self.max_connections:
-            self._refuse(sock, ip, self._full)
+            self._refuse(sock, ip, self._full, port)
             return
         if slots.over_address_limit(key):
-            self._refuse(sock, ip, self._address)
+            self._refuse(sock, ip, self._address, port)
             if not configured:            # ip sent the packets (no proxy in between)
                 self._shed.refused(ip)
             return
@@ -336,7 +341,7 @@ class Listener:
             bucket = self._ip_buckets[key] = TokenBucket(cfg.conn_rate_per_ip,
                                                          cfg.conn_burst_per_ip, now)
         if not bucket.take(now):
-            self._refuse(sock, ip, self._rate)
+            self._refuse(sock, ip, self._rate, port)
             if not configured:
                 self._shed.refused(ip)
             return
@@ -350,13 +355,13 @@ class Listener:
         slots.add(owner, key, deadline)
         self._wake_at(deadline)
 
-    def _refuse(self, sock: socket.socket, ip: str, cause: _Cause) -> None:
+    def _refuse(self, sock: socket.socket, ip: str, cause: _Cause, port: Port) -> None:
         cause.counter.inc()
         self._throttled.warning(cause.key, "refused connection from %s: %s", ip, cause.message)
         try:
             # Best effort: the reason, if the send buffer takes it now. The
             # RST that follows may overtake it (the client then sees a reset).
-            sock.send(cause.frame, socket.MSG_DONTWAIT)
+            sock.send(cause.http if port.name == "ws" else cause.frame, socket.MSG_DONTWAIT)
         except OSError:
             pass
         _reset(sock)
@@ -396,7 +401,7 @@ class Listener:
 
     def _await_header(self, sock: socket.socket, peer: tuple, port: Port) -> None:
         if len(self._awaiting) >= self.config.max_unauthenticated:
-            self._refuse(sock, peer[0], self._full)
+            self._refuse(sock, peer[0], self._full, port)
             return
         fd = sock.fileno()
         deadline = self._loop.time() + PROXY_HEADER_TIMEOUT

@@ -35,7 +35,9 @@ class NodeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.connections_accepted = Counter(
-            "fanout_connections_accepted", "TCP connections accepted", registry=r)
+            "fanout_connections_accepted", "TCP connections accepted, every port", registry=r)
+        self.websocket_upgrades = Counter(
+            "fanout_websocket_upgrades", "WebSocket opening handshakes accepted", registry=r)
         self.connections_refused = Counter(
             "fanout_connections_refused", "Connections refused at accept, by reason",
             ["reason"], registry=r)

@@ -95,6 +95,7 @@ class Node:
                  logic: Logic) -> None:
         self.config = config
         self.ws_origins = config.allowed_origins()
+        self.websocket_sessions = 0              # sessions past their WebSocket handshake
         self.metrics = metrics
         self.bus = bus
         self.logic = logic
@@ -372,9 +373,15 @@ class Node:
                                    "device_class": session.device_class,
                                    "peer": session.peer_host})
 
+    def websocket_upgraded(self) -> None:
+        self.websocket_sessions += 1
+        self.metrics.websocket_upgrades.inc()
+
     def session_closed(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.listener.release(session)
+            if getattr(session.conn, "upgraded", False):
+                self.websocket_sessions -= 1
             if session.user is not None:
                 if session.end_reason:
                     self.bus.event("kick", {"user": session.user, "session": session.id,
@@ -707,6 +714,8 @@ class Node:
         if self.hub is None:
             return
         yield "fanout_connections", "Open client connections", len(self.sessions)
+        yield ("fanout_websocket_connections", "Open client connections over WebSocket (in "
+               "fanout_connections too)", self.websocket_sessions)
         yield "fanout_rooms", "Rooms held by this node", len(self.hub.rooms)
         yield ("fanout_write_backlog_bytes", "Unsent bytes queued across all connections",
                self.write_backlog_bytes())

@@ -89,6 +89,9 @@ class SessionHost(Protocol):
     def session_closed(self, session: "Session") -> None:
         """The session's connection is gone; forget it."""
 
+    def websocket_upgraded(self) -> None:
+        """A session's WebSocket handshake succeeded (counted until it closes)."""
+
 
 # The item type of a WebSocket connection's request head in read()'s output.
 _UPGRADE = _core.UPGRADE_REQUEST
@@ -529,7 +532,9 @@ class Session:
             self.conn.refuse_upgrade(exc.response())
             self._close_later()
             return
-        if not self.conn.accept_upgrade(response):
+        if self.conn.accept_upgrade(response):
+            host.websocket_upgraded()
+        else:
             self.conn.abort()
 
     # ---------------------------------------------------------------- core callbacks
