@@ -225,6 +225,31 @@ def test_plaintext_to_the_tls_port_is_closed_clearly(tls_node, certs):
     c.close()
 
 
+def test_refused_at_accept_on_a_tls_port_is_a_bare_reset(start_node, certs):
+    """Refused at accept (here: the connection rate), a TLS port sends no
+    plaintext Error the client could not read: the handshake just fails on
+    the reset, and the refusal is counted as on the plaintext ports."""
+    node = start_node(*tls_flags(certs, "--conn-rate-per-ip", "0.01", "--conn-burst-per-ip",
+                                 "1"))
+    first = tls_client(node, certs / "ca.pem")
+    try:
+        # (on loopback the RST can fail connect() itself)
+        with socket.create_connection(("127.0.0.1", node.tls_port), timeout=10) as raw:
+            data = raw.recv(4096)
+    except ConnectionResetError:
+        data = b""
+    assert data == b""
+    # (wrap_socket would skip the handshake of a socket already reset)
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with pytest.raises(OSError):                  # a reset, or ENOTCONN once it arrived
+        with socket.create_connection(("127.0.0.1", node.tls_port), timeout=10) as s:
+            ctx.wrap_socket(s, server_hostname="localhost",
+                            do_handshake_on_connect=False).do_handshake()
+    assert "refused connection" in node.log()
+    assert isinstance(first.hello(token("first")), pb.AuthOk)
+    first.close()
+
+
 def test_silent_connections_meet_the_handshake_deadline(start_node, certs):
     """A client that connects to a TLS port and sends nothing (no TLS
     handshake) is closed at auth_timeout_ms like any other, on both ports."""

@@ -358,12 +358,13 @@ class Listener:
     def _refuse(self, sock: socket.socket, ip: str, cause: _Cause, port: Port) -> None:
         cause.counter.inc()
         self._throttled.warning(cause.key, "refused connection from %s: %s", ip, cause.message)
-        try:
-            # Best effort: the reason, if the send buffer takes it now. The
-            # RST that follows may overtake it (the client then sees a reset).
-            sock.send(cause.http if port.name == "ws" else cause.frame, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+        if port.tls is None:              # a TLS client could not read it: the RST alone
+            try:
+                # Best effort: the reason, if the send buffer takes it now. The
+                # RST that follows may overtake it (the client then sees a reset).
+                sock.send(cause.http if port.name == "ws" else cause.frame, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
         _reset(sock)
 
     def _evict_oldest(self) -> None:
