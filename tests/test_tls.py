@@ -149,6 +149,23 @@ def test_large_room_written_by_writer_threads_to_tls_members(start_node, certs):
         c.close()
 
 
+def test_tls_behind_a_proxy_protocol_balancer(start_node, certs):
+    """A TCP balancer that passes TLS through, with a PROXY header first:
+    the header is read in plaintext before the core connection exists, then
+    the handshake runs, and the client's address is the header's."""
+    node = start_node(*tls_flags(certs, "--proxy-protocol-from", "127.0.0.1/32",
+                                 "--log-level", "DEBUG"))
+    c = RawClient("127.0.0.1", node.tls_port)
+    c.sock.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 7443\r\n")
+    wrap(c, certs / "ca.pem")
+    assert isinstance(c.hello(token("behind-lb")), pb.AuthOk)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "203.0.113.7" not in node.log():
+        time.sleep(0.05)
+    assert "203.0.113.7" in node.log()
+    c.close()
+
+
 async def test_sdk_over_tls(tls_node, certs):
     """The Python SDK with tls/ca: connect, join, receive, chat."""
     node = tls_node
