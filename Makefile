@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.installed
 BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
 NODE_PEERS := bench/peers/node/node_modules/.installed
+JS_DEPS := clients/js/node_modules/.installed
+# Debian's chromium and its driver, for tests/test_browser.py (rule below).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers ssl-headers
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps browser ssl-headers
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -20,7 +23,7 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(VENV)/bin/fanout cluster
 
-test: $(STAMP) test-debug $(NODE_PEERS)
+test: $(STAMP) test-debug $(NODE_PEERS) $(JS_DEPS) $(BROWSER)
 	$(PY) -m pytest
 
 # The core's tests against a debug build (C asserts on, bounds checks; see
@@ -74,6 +77,23 @@ node-peers: $(NODE_PEERS)
 $(NODE_PEERS): bench/peers/node/package.json bench/peers/node/package-lock.json
 	cd bench/peers/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_PEERS)
+
+# The JavaScript client SDK's dependencies (clients/js: protobufjs; for its
+# tests and builds ws, esbuild, protobufjs-cli), from its package-lock.json.
+# `make test` needs them for tests/test_js_sdk.py.
+js-deps: $(JS_DEPS)
+$(JS_DEPS): clients/js/package.json clients/js/package-lock.json
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_DEPS)
+
+# The browser tests' browser (tests/test_browser.py): Debian's chromium and
+# its chromedriver, from apt when either is missing (CI runs as root on a
+# fresh Debian machine; elsewhere through sudo). Nothing is downloaded at
+# test time: the tests name both paths.
+browser: $(BROWSER)
+$(BROWSER) &:
+	$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q chromium chromium-driver'
 
 # Benchmarks (bench/README.md). The release build in $(STAMP) already has
 # the `bench` extra (pyperf, pytest-benchmark).

@@ -10,6 +10,7 @@
     fanout say ROOM TEXT [--kind chat] [--tls --ca FILE]
     fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
     fanout drain [--admin-host H --admin-port N --api-key KEY]
+    fanout demo [--http-port 7080] [--room lobby] [--no-bot]   (a live room in the browser)
     fanout load [--viewers N --rooms R --rate MSGS --duration S --json FILE] ...
 """
 
@@ -134,7 +135,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the node's admin API key (default $FANOUT_API_KEY, else the key "
                         "file a node on loopback wrote for that port)")
     _load_parser(sub)
+    _demo_parser(sub)
     return parser
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="a live room in the browser: an embedded node, the demo page, a bot",
+        description="Start an embedded node with its WebSocket port on, serve the demo page "
+                    "and the JavaScript SDK over HTTP, and print the URL to open. Node "
+                    "settings beyond these flags come from --config and FANOUT_* variables.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address of every port (default 127.0.0.1; the dev secret and "
+                        "the /token endpoint are for loopback only)")
+    p.add_argument("--http-port", type=int, default=7080,
+                   help="the page's port (default 7080, 0: any free port)")
+    p.add_argument("--port", type=int, default=7000, help="node TCP client port (default 7000)")
+    p.add_argument("--ws-port", type=int, default=None,
+                   help="node WebSocket port (default: --port + 2, so 7002)")
+    p.add_argument("--admin-port", type=int, default=7001, help="admin API port (default 7001)")
+    p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
+                   help="admin API key (default $FANOUT_API_KEY, else generated)")
+    p.add_argument("--secret", default=None,
+                   help="token secret (default $FANOUT_SECRET, else the dev secret)")
+    p.add_argument("--config", metavar="FILE", help="node settings (TOML, as for fanout node)")
+    p.add_argument("--room", default="lobby", help="the page's room (default lobby)")
+    p.add_argument("--user", default="",
+                   help="the user every page gets a token for (default: a random one each)")
+    p.add_argument("--bot", action=argparse.BooleanOptionalAction, default=True,
+                   help="publish chat and gifts through the admin API (default on)")
+    p.add_argument("--bot-rate", type=float, default=2.0,
+                   help="bot messages per second (default 2)")
+    p.add_argument("--bot-viewers", type=int, default=5,
+                   help="TCP viewers the bot keeps in the room (default 5)")
+    p.add_argument("--open-tokens", action="store_true",
+                   help="hand out /token to any address, not only loopback")
+    p.add_argument("--sdk", default="", help="the SDK's browser build "
+                   "(default clients/js/dist/fanout.browser.js in the checkout)")
+    p.add_argument("--loop", default="uvloop", help="uvloop or asyncio")
+    p.add_argument("--log-level", default="WARNING")
 
 
 def _load_parser(sub) -> None:
@@ -372,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return _drain(args)
     if args.command == "cert":
         return _cert(args)
+    if args.command == "demo":
+        from .demo.run import run as run_demo
+        return run_demo(args)
     if args.command == "load":
         from .load.cli import main as load_main
 

@@ -23,6 +23,8 @@ ALLOWED = {
     "client": {"protocol"},
     "server": {"protocol", "bus", "logic", "cluster", "_core"},
     "load": {"protocol", "_loadgen", "_core"},
+    # A tool on top of everything: it embeds a node and a client; nothing imports it.
+    "demo": {"protocol", "client", "server"},
 }
 
 
