@@ -13,7 +13,7 @@ JS_DEPS := clients/js/node_modules/.installed
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.pxi pyx/*/*.h fanout/*.pxd fanout/protocol/*.proto)
 
-.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps browser
+.PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps browser ssl-headers
 
 run: $(STAMP)
 	$(VENV)/bin/fanout node
@@ -31,16 +31,22 @@ test: $(STAMP) test-debug $(NODE_PEERS) $(JS_DEPS) $(BROWSER)
 # package in $(DEBUG_LIB); running from there puts it first on sys.path,
 # ahead of the release build in ./fanout (the editable install), which it
 # leaves alone. setup.py rebuilds only what changed since the last run.
-test-debug: $(STAMP) $(BUILD_TOOLS)
+test-debug: $(STAMP) $(BUILD_TOOLS) | ssl-headers
 	FANOUT_DEBUG=1 $(PY) setup.py -q build --build-base build/debug --build-lib $(DEBUG_LIB)
 	cd $(DEBUG_LIB) && $(CURDIR)/$(PY) -c 'import fanout._core as c; print("core:", c.__file__); \
 	    assert c.__file__.startswith("$(CURDIR)/$(DEBUG_LIB)/"), "not the debug build"; \
 	    assert b"__assert_fail" in open(c.__file__, "rb").read(), "no C asserts in it"'
 	cd $(DEBUG_LIB) && $(CURDIR)/$(PY) -m pytest --rootdir $(CURDIR) -p no:cacheprovider \
 	    $(CURDIR)/tests/test_core.py $(CURDIR)/tests/test_write_rounds.py \
-	    $(CURDIR)/tests/test_websocket.py -k "not node"
+	    $(CURDIR)/tests/test_websocket.py $(CURDIR)/tests/test_tls_core.py -k "not node"
 
 build: $(STAMP)
+
+# The core links OpenSSL (its TLS layer, pyx/core/tls.pyx): the headers come
+# from Debian's libssl-dev, installed when missing (CI runs as root).
+ssl-headers:
+	@test -f /usr/include/openssl/ssl.h || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev; }
 
 # Debug build: Cython linetrace/profile hooks, bounds checks, -O0 -g,
 # FANOUT_DEBUG C macro, and HTML annotation in build/cython-debug/.
@@ -52,7 +58,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) $(SOURCES)
+$(STAMP): $(PY) $(SOURCES) | ssl-headers
 	$(PY) -m pip install -q -e '.[test,bench,cluster]'
 	touch $(STAMP)
 

@@ -81,6 +81,8 @@ def extensions():
     # that uses them; `depends` rebuilds the module when one changes.
     exts = [Extension(name, [src], include_dirs=["pyx/includes", str(pathlib.Path(src).parent)],
                       depends=[str(h) for h in (HERE / src).parent.glob("*.h")],
+                      # the core's TLS layer (pyx/core/tls.pyx, tlsio.h): OpenSSL
+                      libraries=["ssl", "crypto"],
                       define_macros=macros, extra_compile_args=cflags)
             for name, src in modules.items() if (HERE / src).exists()]
     # cythonize regenerates a .c only when it is older than its sources, not

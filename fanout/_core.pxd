@@ -32,6 +32,7 @@
 # it are returned and the error waits in read_error (connection.pxd).
 
 include "frame.pxd"
+include "tls.pxd"
 include "connection.pxd"
 include "tcp.pxd"
 include "prefixed.pxd"

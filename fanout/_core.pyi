@@ -9,6 +9,20 @@ from fanout.protocol.wire import WireError as FrameError
 
 STATUS_SLOW: int
 STATUS_DEAD: int
+STATUS_TLS: int                     # TLS handshake failed (Connection.tls_error)
+
+TLS_MODES: tuple[str, ...]
+TLS13_SUITES: bytes                 # TLS 1.3 suites offered, in the server's order
+def tls_stats() -> dict[str, int]: ...
+def openssl_version() -> str: ...
+def ktls_built() -> bool: ...
+
+class TlsContext:
+    """A server certificate chain and key (PEM) for the core's TLS."""
+    mode: str                       # "auto" (kernel TLS when it can) or "core"
+    certfile: str
+    keyfile: str
+    def __init__(self, certfile: str, keyfile: str, mode: str = "auto") -> None: ...
 
 def core_frame(ftype: int, body: Buffer, compress_min: int = 0, level: int = 0,
                dict_id: int = 0) -> bytes: ...
@@ -39,8 +53,17 @@ class Connection:
     frames_sent: int
     bytes_sent: int
     bytes_received: int
+    tls_kernel: bool                    # the kernel encrypts this connection's writes
+    tls_error: str | None               # why its TLS handshake failed
     def __init__(self, fd: int, loop: AbstractEventLoop, *, max_frame: int = 65536,
-                 max_backlog_bytes: int = 1048576, max_backlog_frames: int = 1024) -> None: ...
+                 max_backlog_bytes: int = 1048576, max_backlog_frames: int = 1024,
+                 tls: TlsContext | None = None) -> None: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def tls_mode(self) -> str | None: ...      # "kernel" or "core" after the handshake
+    @property
+    def tls_version(self) -> tuple[str, str] | None: ...
     @property
     def backlog_frames(self) -> int: ...
     @property
@@ -63,7 +86,8 @@ class TcpConnection(Connection): ...
 class PrefixConnection(TcpConnection):
     prefix: bytes
     def __init__(self, fd: int, loop: AbstractEventLoop, *, prefix: bytes, max_frame: int = 65536,
-                 max_backlog_bytes: int = 1048576, max_backlog_frames: int = 1024) -> None: ...
+                 max_backlog_bytes: int = 1048576, max_backlog_frames: int = 1024,
+                 tls: TlsContext | None = None) -> None: ...
 
 class Room:
     name: str

@@ -6,8 +6,9 @@
     fanout cluster [--nodes 3]                              (a local cluster to try)
     fanout events --nats nats://HOST:4222                   (tail the event log)
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
-    fanout listen ROOM [--host H --port N]
-    fanout say ROOM TEXT [--kind chat]
+    fanout listen ROOM [--host H --port N] [--tls --ca FILE]
+    fanout say ROOM TEXT [--kind chat] [--tls --ca FILE]
+    fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
     fanout drain [--admin-host H --admin-port N --api-key KEY]
     fanout demo [--http-port 7080] [--room lobby] [--no-bot]   (a live room in the browser)
     fanout load [--viewers N --rooms R --rate MSGS --duration S --json FILE] ...
@@ -66,6 +67,13 @@ def _client_args(p) -> None:
     p.add_argument("--token", help="JWT; default: mint one with --user and the node secret")
     p.add_argument("--user", default=f"cli-{os.getpid()}")
     p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS (to the node's tls_port), verifying its certificate")
+    p.add_argument("--ca", metavar="FILE", default=os.environ.get("FANOUT_CA") or None,
+                   help="CA file (PEM) to trust for --tls instead of the system's; implies "
+                        "--tls (e.g. ca.pem from `fanout cert`)")
+    p.add_argument("--server-name", default=None,
+                   help="host name to verify the certificate against (default: --host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("room")
     p.add_argument("text")
     _client_args(p)
+
+    p = sub.add_parser("cert", help="make a development CA and a certificate for trying TLS",
+                       description="Write ca.pem, ca-key.pem, cert.pem and key.pem to --dir: a "
+                                   "new CA and a certificate it signed for localhost, 127.0.0.1 "
+                                   "and ::1 (and every --name). For trying TLS locally only.")
+    p.add_argument("--dir", default="fanout-tls", help="where to write (default ./fanout-tls)")
+    p.add_argument("--name", action="append", default=[], metavar="HOST",
+                   help="another host name or IP address for the certificate (repeatable)")
+    p.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
 
     p = sub.add_parser("drain", help="gracefully drain a node through its admin API",
                        description="Ask a node to drain: it stops taking clients and "
@@ -236,11 +253,17 @@ def _refresher(args):
     return None if args.token else (lambda: mint(args.secret, args.user))
 
 
+def _tls_options(args) -> dict:
+    if not (args.tls or args.ca):
+        return {}
+    return {"tls": True, "ca": args.ca, "server_hostname": args.server_name}
+
+
 async def _listen(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      token_refresher=_refresher(args)) as client:
+                      token_refresher=_refresher(args), **_tls_options(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
         seen = 0
@@ -261,10 +284,33 @@ async def _say(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      reconnect=False) as client:
+                      reconnect=False, **_tls_options(args)) as client:
         await client.join(args.room)
         ack = await client.say(args.room, args.text.encode("utf-8"))
         print(f"sent to {args.room} as seq {ack.seq}", flush=True)
+    return 0
+
+
+def _cert(args) -> int:
+    from . import devcert
+
+    try:
+        made = devcert.make(args.dir, [*devcert.DEFAULT_NAMES, *args.name], days=args.days)
+    except OSError as exc:
+        print(f"fanout cert: cannot write to {args.dir}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a development CA and a certificate for "
+          f"{', '.join(dict.fromkeys([*devcert.DEFAULT_NAMES, *args.name]))}:\n"
+          f"  {made.ca}       the CA: clients trust this\n"
+          f"  {made.cert}     the node's certificate (tls_cert)\n"
+          f"  {made.key}      its key (tls_key)\n"
+          f"  {made.ca_key}   the CA's key (keep it, or delete it)\n"
+          f"try it:\n"
+          f"  fanout node --tls-port 7443 --wss-port 7444 --tls-cert {made.cert} "
+          f"--tls-key {made.key}\n"
+          f"  fanout listen lobby --port 7443 --ca {made.ca}\n"
+          f"development only: anyone with ca-key.pem can sign certificates this CA vouches for",
+          flush=True)
     return 0
 
 
@@ -370,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "drain":
         return _drain(args)
+    if args.command == "cert":
+        return _cert(args)
     if args.command == "demo":
         from .demo.run import run as run_demo
         return run_demo(args)

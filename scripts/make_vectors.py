@@ -264,6 +264,47 @@ def build() -> dict:
         ),
         "valid": vectors,
         "invalid": invalid,
+        "websocket": websocket(),
+    }
+
+
+# RFC 6455 mapping (docs/protocol.md section 1.1): the lengths where the
+# server's header changes form, one complete message, one masked client
+# message with a fixed key, and the Close after an Error.
+WS_LENGTHS = [8, 125, 126, 65535, 65536, 1 << 20]
+WS_MASK_KEY = bytes.fromhex("37fa213d")
+
+
+def ws_header(n: int) -> bytes:
+    if n < 126:
+        return bytes([0x82, n])
+    if n <= 0xFFFF:
+        return bytes([0x82, 126]) + n.to_bytes(2, "big")
+    return bytes([0x82, 127]) + n.to_bytes(8, "big")
+
+
+def websocket() -> dict:
+    pong = wire.encode_frame(FrameType.PONG, pb.Pong(nonce=7))
+    ping = wire.encode_frame(FrameType.PING, pb.Ping(nonce=7))
+    masked = bytes(b ^ WS_MASK_KEY[i & 3] for i, b in enumerate(ping))
+    code = 4000 + pb.AUTH_INVALID
+    return {
+        "description": (
+            "The WebSocket mapping (RFC 6455): 'server_headers' is the header of the "
+            "binary message carrying a wire frame of 'frame_length' bytes; "
+            "'server_message' is a whole message; 'client_message' is a wire frame "
+            "masked with 'mask_key_hex'; 'close' is the Close after an Error with "
+            "'reason' (code 4000 + reason, then the Reason's name)."),
+        "server_headers": [{"frame_length": n, "header_hex": ws_header(n).hex()}
+                           for n in WS_LENGTHS],
+        "server_message": {"frame_hex": pong.hex(),
+                           "message_hex": (ws_header(len(pong)) + pong).hex()},
+        "client_message": {"frame_hex": ping.hex(), "mask_key_hex": WS_MASK_KEY.hex(),
+                           "message_hex": (bytes([0x82, 0x80 | len(ping)]) + WS_MASK_KEY
+                                           + masked).hex()},
+        "close": {"reason": "AUTH_INVALID", "code": code,
+                  "message_hex": (bytes([0x88, 2 + len("AUTH_INVALID")]) + code.to_bytes(2, "big")
+                                  + b"AUTH_INVALID").hex()},
     }
 
 

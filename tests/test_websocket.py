@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -375,3 +376,36 @@ def test_refused_at_connect_a_browser_reads_http(start_node):
         pass
     assert reply.startswith(b"HTTP/1.1 429 ") and b"ADDRESS_LIMIT" in reply
     first.close()
+
+
+WS_VECTORS = json.loads((Path(__file__).parent / "vectors" / "frames.json").read_text())["websocket"]
+
+
+@pytest.mark.parametrize("vector", WS_VECTORS["server_headers"], ids=lambda v: str(v["frame_length"]))
+async def test_core_writes_the_vector_headers(vector):
+    loop = asyncio.get_running_loop()
+    conn, peer = make_ws(loop, max_backlog_bytes=1 << 22)
+    n = vector["frame_length"]
+    frame = _core.core_frame(FT.BATCH, os.urandom(n - 8))      # uncompressed: random
+    assert len(_core.wire_bytes(frame)) == n
+    conn.send(frame)
+    header = bytes.fromhex(vector["header_hex"])
+    got = await drain(peer, len(header) + n)
+    assert got[:len(header)] == header and got[len(header):] == _core.wire_bytes(frame)
+    conn.close()
+
+
+async def test_core_reads_the_vector_client_message_and_writes_the_close():
+    loop = asyncio.get_running_loop()
+    conn, peer = make_ws(loop)
+    client = WS_VECTORS["client_message"]
+    peer.sendall(bytes.fromhex(client["message_hex"]))
+    await asyncio.sleep(0.01)
+    [(ftype, flags, body)] = conn.read()
+    assert wire.encode_frame(ftype, pb.Ping.FromString(body)) == bytes.fromhex(client["frame_hex"])
+    close = WS_VECTORS["close"]
+    err = _core.core_frame(FT.ERROR, pb.Error(reason=pb.AUTH_INVALID).SerializeToString())
+    conn.close_after(err, reason=pb.Reason.Value(close["reason"]))
+    got = await drain(peer, 100)
+    assert got.endswith(bytes.fromhex(close["message_hex"]))
+    conn.close()

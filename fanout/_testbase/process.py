@@ -17,6 +17,8 @@ from pathlib import Path
 LISTEN_RE = r"fanout node listening on (\S+):(\d+)"
 ADMIN_RE = r"fanout admin API listening on (\S+):(\d+)"
 WS_RE = r"fanout node WebSocket on ws://(\S+):(\d+)(/\S*)"
+TLS_RE = r"fanout node TLS on (\S+):(\d+)"
+WSS_RE = r"fanout node WebSocket over TLS on wss://(\S+):(\d+)(/\S*)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -169,6 +171,10 @@ class NodeProcess:
         ws = next(filter(None, (re.search(WS_RE, line) for line in self.proc.lines)), None)
         self.ws_port = int(ws.group(2)) if ws else None
         self.ws_path = ws.group(3) if ws else None
+        tls = next(filter(None, (re.search(TLS_RE, line) for line in self.proc.lines)), None)
+        self.tls_port = int(tls.group(2)) if tls else None
+        wss = next(filter(None, (re.search(WSS_RE, line) for line in self.proc.lines)), None)
+        self.wss_port = int(wss.group(2)) if wss else None
 
     @property
     def log_path(self) -> Path | None:

@@ -38,6 +38,7 @@ import inspect
 import json
 import logging
 import random
+import ssl
 import time
 from typing import Awaitable, Callable
 
@@ -229,6 +230,13 @@ class Client:
     :param connect_timeout: seconds for TCP connect plus the Hello/AuthOk
         exchange.
     :param client_name: sent in ``Hello.client`` for the node's logs.
+    :param tls: connect with TLS (the node's ``tls_port``): ``True`` for a
+        default context that verifies the node's certificate and host name
+        (against ``ca`` if given, else the system's CAs), or an
+        :class:`ssl.SSLContext` of your own.
+    :param ca: a CA file (PEM) to trust; implies ``tls=True``.
+    :param server_hostname: the name the certificate must carry (default:
+        the host connected to).
     :param token_refresher: returns a new token for the same user (a plain or
         a coroutine function). With it the client refreshes the live
         connection's token before it expires, and gets a new token instead
@@ -259,6 +267,9 @@ class Client:
         client_name: str = "fanout-py",
         token_refresher: TokenRefresher | None = None,
         endpoints: list[tuple[str, int]] | None = None,
+        tls: bool | ssl.SSLContext = False,
+        ca: str | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if not 0 < backoff_min <= backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
@@ -280,6 +291,13 @@ class Client:
         self.connect_timeout = connect_timeout
         self.client_name = client_name
         self.token_refresher = token_refresher
+        if isinstance(tls, ssl.SSLContext):
+            self.ssl: ssl.SSLContext | None = tls
+        elif tls or ca:
+            self.ssl = ssl.create_default_context(cafile=ca)
+        else:
+            self.ssl = None
+        self.server_hostname = server_hostname
         # Server clock minus ours, seconds, from the last AuthOk: token
         # times are the node's.
         self._clock_offset = 0.0
@@ -491,7 +509,12 @@ class Client:
         return await asyncio.wait_for(self._handshake(), self.connect_timeout)
 
     async def _handshake(self) -> _Connection:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        if self.ssl is not None:
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl,
+                server_hostname=self.server_hostname or self.host)
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         conn = _Connection(reader, writer, asyncio.get_running_loop().time())
         self._auth = None
         try:

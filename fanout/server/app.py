@@ -180,6 +180,13 @@ async def _serve(config: NodeConfig) -> int:
         host, port = app.node.ws_address
         print(f"fanout node WebSocket on ws://{_url_host(host)}:{port}{config.ws_path}",
               flush=True)
+    if app.node.tls_address is not None:
+        host, port = app.node.tls_address
+        print(f"fanout node TLS on {host}:{port}", flush=True)
+    if app.node.wss_address is not None:
+        host, port = app.node.wss_address
+        print(f"fanout node WebSocket over TLS on wss://{_url_host(host)}:{port}"
+              f"{config.ws_path}", flush=True)
     host, port = app.node.address
     print(f"fanout node listening on {host}:{port}", flush=True)
     loop = asyncio.get_running_loop()

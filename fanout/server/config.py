@@ -133,6 +133,15 @@ class NodeConfig:
     fd_reserve: int = _field(256, "file descriptors client sockets never take (admin API, probes, logs)", minimum=16)
     sndbuf_bytes: int = _field(262_144, "SO_SNDBUF of client sockets, bounding kernel memory per slow client (0: kernel default)", minimum=0)
     proxy_protocol_from: str = _field("", "comma-separated networks (CIDR) whose connections must start with a PROXY v1/v2 header ('': none)")
+    # TLS (docs/operations.md, "TLS"): its own ports, beside the plaintext ones
+    tls_port: int = _field(-1, "TCP+TLS client port on host (-1: off, 0: any free port)", minimum=-1)
+    wss_port: int = _field(-1, "WebSocket over TLS client port on host, wss://HOST:PORT/ws "
+                           "(-1: off, 0: any free port)", minimum=-1)
+    tls_cert: str = _field("", "PEM file: the certificate chain tls_port and wss_port serve "
+                           "(fanout cert makes one for trying it)")
+    tls_key: str = _field("", "PEM file: the private key of tls_cert")
+    tls_mode: str = _field("auto", "auto: kernel TLS where the kernel and OpenSSL allow it, "
+                           "else the core's OpenSSL; core: always the core's OpenSSL")
     admin_max_connections: int = _field(128, "admin API connections at once (over it the oldest is closed)", minimum=1)
     admin_header_timeout_ms: int = _field(5_000, "close an admin API connection without complete request headers after this", minimum=100)
     presence_interval_ms: int = _field(10_000, "how often members get the room's online count (0: never)", minimum=0)
@@ -219,6 +228,7 @@ class NodeConfig:
         self.allowed_origins()
         self.trusted_proxies()
         self.gc_threshold_values()
+        self._validate_tls()
         return self
 
     def ws_bind_port(self) -> int:
@@ -240,6 +250,23 @@ class NodeConfig:
                 raise ConfigError(f"ws_origins: {part!r} is not an origin "
                                   "(write https://live.example.com or http://127.0.0.1:8000)")
         return frozenset(parts)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_port >= 0 or self.wss_port >= 0
+
+    def _validate_tls(self) -> None:
+        if self.tls_mode not in ("auto", "core"):
+            raise ConfigError(f"tls_mode must be 'auto' or 'core', got {self.tls_mode!r}")
+        if not self.tls_enabled:
+            return
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if not path:
+                raise ConfigError(f"tls_port/wss_port need {name} (a PEM file; `fanout cert` "
+                                  "makes a development one)")
+            if not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r} is not a readable file")
 
     def weak_credentials(self) -> list[str]:
         """Names of the configured secrets shorter than :data:`MIN_SECRET_BYTES`."""

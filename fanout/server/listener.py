@@ -4,7 +4,9 @@ descriptors kept back for the admin API.
 
 The node listens on the client port (wire frames over TCP) and, unless it is
 off, the WebSocket port (``ws_port``); both admit through the same rules and
-budgets, and differ only in the core connection kind a socket becomes.
+budgets, and differ only in the core connection kind a socket becomes. The
+TLS ports (``tls_port``, ``wss_port``; off by default) are the same two kinds
+made with the node's TlsContext: the core handshakes, then encrypts.
 
 Admission, in order, at accept (each O(1)):
 
@@ -65,12 +67,14 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 class Port:
     """One listening socket and the core connection kind its sockets become."""
 
-    __slots__ = ("sock", "kind", "name")
+    __slots__ = ("sock", "kind", "name", "tls")
 
-    def __init__(self, sock: socket.socket, kind: type, name: str) -> None:
+    def __init__(self, sock: socket.socket, kind: type, name: str,
+                 tls: _core.TlsContext | None = None) -> None:
         self.sock = sock
         self.kind = kind
         self.name = name
+        self.tls = tls
 
 
 class Admitted(Protocol):
@@ -142,11 +146,13 @@ class Listener:
         the node later reports through :meth:`authenticated` and :meth:`release`.
     :param connection_count: how many connections the node holds now.
     :param metrics: ``connections_accepted``, ``connections_refused``, gauges.
+    :param tls: the node's TlsContext, for ``tls_port`` and ``wss_port``.
     """
 
     def __init__(self, config: NodeConfig, loop: asyncio.AbstractEventLoop, *,
                  on_connection: Callable[[_core.Connection, tuple], Admitted],
-                 connection_count: Callable[[], int], metrics, throttled: ThrottledLog) -> None:
+                 connection_count: Callable[[], int], metrics, throttled: ThrottledLog,
+                 tls: _core.TlsContext | None = None) -> None:
         self.config = config
         self._loop = loop
         self._on_connection = on_connection
@@ -189,6 +195,12 @@ class Listener:
             if config.ws_bind_port() >= 0:
                 self.ports.append(Port(self._bind(config.ws_bind_port()), _core.WsConnection,
                                        "ws"))
+            if tls is not None and config.tls_port >= 0:
+                self.ports.append(Port(self._bind(config.tls_port), _core.TcpConnection,
+                                       "tls", tls))
+            if tls is not None and config.wss_port >= 0:
+                self.ports.append(Port(self._bind(config.wss_port), _core.WsConnection,
+                                       "wss", tls))
         except OSError:
             for port in self.ports:
                 port.sock.close()
@@ -226,6 +238,16 @@ class Listener:
     def ws_address(self) -> tuple[str, int] | None:
         """The WebSocket port's ``(host, port)``, or None when it is off."""
         return self._bound("ws")
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """The TCP+TLS port's ``(host, port)``, or None when it is off."""
+        return self._bound("tls")
+
+    @property
+    def wss_address(self) -> tuple[str, int] | None:
+        """The WebSocket-over-TLS port's ``(host, port)``, or None when it is off."""
+        return self._bound("wss")
 
     def close(self) -> None:
         """Stop accepting; idempotent. (The drain that calls it closes the
@@ -327,7 +349,7 @@ class Listener:
             return
         if slots.unauthenticated_full:
             self._evict_oldest()
-        conn = port.kind(sock.detach(), self._loop, **self._limits)
+        conn = port.kind(sock.detach(), self._loop, tls=port.tls, **self._limits)
         owner = self._on_connection(conn, peer)
         deadline = now + self._auth_timeout
         slots.add(owner, key, deadline)
@@ -336,12 +358,13 @@ class Listener:
     def _refuse(self, sock: socket.socket, ip: str, cause: _Cause, port: Port) -> None:
         cause.counter.inc()
         self._throttled.warning(cause.key, "refused connection from %s: %s", ip, cause.message)
-        try:
-            # Best effort: the reason, if the send buffer takes it now. The
-            # RST that follows may overtake it (the client then sees a reset).
-            sock.send(cause.http if port.name == "ws" else cause.frame, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+        if port.tls is None:              # a TLS client could not read it: the RST alone
+            try:
+                # Best effort: the reason, if the send buffer takes it now. The
+                # RST that follows may overtake it (the client then sees a reset).
+                sock.send(cause.http if port.name == "ws" else cause.frame, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
         _reset(sock)
 
     def _evict_oldest(self) -> None:

@@ -31,7 +31,7 @@ from ..logic.revocations import covers
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
 from ..protocol.wire import KIND_CODES, KIND_NAMES, record_json
-from . import eager
+from . import eager, tlsconf
 from .config import NodeConfig
 from .listener import Listener
 from .logutil import ThrottledLog
@@ -140,6 +140,8 @@ class Node:
         self._presence_per_step = 1                 # rooms per step, and the time between steps
         self._presence_gap = 0.0
         metrics.add_gauges(self._gauges)
+        if config.tls_enabled:
+            tlsconf.export_metrics(metrics)
         # The other nodes reach this one through the bus (no-ops alone).
         bus.on_control = self._control
         bus.on_presence_query = self._presence_page
@@ -165,7 +167,7 @@ class Node:
         self.rooms = RoomTable(self.hub, self.bus, self.logic, ring_size=cfg.ring_size)
         self.listener = Listener(cfg, loop, on_connection=self._accepted,
                                  connection_count=self.sessions.__len__, metrics=self.metrics,
-                                 throttled=self.throttled)
+                                 throttled=self.throttled, tls=tlsconf.make_context(cfg))
         self._stopped = loop.create_future()
         # Timers start last: start-up work must not read as event-loop lag.
         self._every(SWEEP_INTERVAL, self._sweep)
@@ -220,6 +222,16 @@ class Node:
     def ws_address(self) -> tuple[str, int] | None:
         """The WebSocket port's ``(host, port)``; None when it is off."""
         return self.listener.ws_address
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """The TCP+TLS port's ``(host, port)``; None when it is off."""
+        return self.listener.tls_address
+
+    @property
+    def wss_address(self) -> tuple[str, int] | None:
+        """The WebSocket-over-TLS port's ``(host, port)``; None when it is off."""
+        return self.listener.wss_address
 
     @property
     def degradation_level(self) -> int:

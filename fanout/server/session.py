@@ -555,6 +555,14 @@ class Session:
             self._detach()
             self.conn.abort(_frame(FrameType.KICK, pb.Kick(
                 reason=pb.SLOW_CONSUMER, message="write backlog over its bound")))
+        elif status == _core.STATUS_TLS:
+            # The handshake failed: nothing of this client reached the node.
+            why = self.conn.tls_error or "TLS handshake failed"
+            key = "NOT_TLS" if why.startswith("not TLS") else "TLS_HANDSHAKE"
+            self.host.metrics.protocol_errors.labels(key).inc()
+            self.host.throttled.log(logging.INFO, key, "%s: closing, TLS handshake failed: %s",
+                                    self, why)
+            self.conn.close()
         else:
             log.debug("%s: socket error, closing", self)
             self.conn.close()

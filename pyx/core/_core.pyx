@@ -9,6 +9,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from wireformat cimport *
 
 include "frame.pyx"
+include "tls.pyx"
 include "connection.pyx"
 include "tcp.pyx"
 include "prefixed.pyx"

@@ -43,6 +43,27 @@
 # The owner answers the good frames first, in order, then fails the
 # connection with that error (a request budget overrun is one such error).
 #
+# TLS (tls.pxd) is a property of the base, whatever the kind: a connection
+# made with a TlsContext holds an SSL object (_ssl) and does every write
+# and read through it (tlsio.h), its kind's framing inside the TLS stream.
+#   * handshake first (_tls_state TLS_HANDSHAKE), driven by readability and
+#     writability; frames sent meanwhile are queued, the owner's read
+#     callback is not called, and a write round queues it like a backlog.
+#     A failure (or plaintext on the port) reports SEND_TLS to the owner with
+#     the reason in tls_error, then closes; a fanout frame sent in plaintext
+#     gets a plaintext Error(BAD_REQUEST) first, so that client sees why.
+#   * one thread per SSL object: while the connection is in a write round a
+#     writer thread may be in SSL_write, so its reads wait (the reader is
+#     removed, _tls_read_deferred) until _after_round; a closing connection
+#     discards input with recv() on the socket, never through SSL.
+#   * a write that came back short left a record half sent inside OpenSSL:
+#     _tls_retry says the backlog's head must be written next, from its
+#     offset, even if no byte of it was counted yet (_drop_unstarted keeps
+#     it). The backlog drains with SSL_write per frame (no writev).
+#   * data OpenSSL decrypted but read() left (its per-wake budget) is read on
+#     a later loop turn (_tls_reread), the socket being readable or not.
+#   * bytes_sent/bytes_received count the plaintext stream.
+#
 # Closing: a closing connection reads and discards input to see the peer's
 # close, at most MAX_READS_PER_WAKE reads per wake and MAX_DISCARD bytes in
 # all; past that it is aborted (RST).
@@ -56,6 +77,13 @@ cdef enum SendStatus:
     SEND_SLOW = 2        # backlog over its bound: cut this consumer
     SEND_DEAD = 3        # socket error (peer gone)
     SEND_CLOSED = 4      # connection closing/closed: frame dropped by design
+
+    SEND_TLS = 5         # TLS handshake failed (tls_error says why); closing
+
+cdef enum TlsState:
+    TLS_NONE = 0         # a plaintext connection
+    TLS_HANDSHAKE = 1
+    TLS_OPEN = 2
 
 cdef enum ConnState:
     CONN_OPEN = 0
@@ -89,6 +117,17 @@ cdef class Connection:
     cdef bint _in_round
     cdef int _deferred_fd             # fd close() left open for the round, or -1
 
+    # TLS (see above); _ssl NULL for plaintext
+    cdef SSL* _ssl
+    cdef SSL* _deferred_ssl           # freed with _deferred_fd, after the round
+    cdef readonly uint8_t _tls_state
+    cdef bint _tls_retry
+    cdef bint _tls_read_deferred
+    cdef bint _tls_reread
+    cdef bint _tls_peeked             # first byte checked: TLS, not plaintext
+    cdef readonly bint tls_kernel     # the kernel encrypts this connection's writes
+    cdef readonly object tls_error    # why the handshake failed, or None
+
     # read side
     cdef char* _carry
     cdef Py_ssize_t _carry_len
@@ -113,6 +152,12 @@ cdef class Connection:
                           ssize_t result) except -1
     cdef void _close_deferred(self) noexcept
     cdef int _drain(self) except -1
+    cdef int _drain_tls(self) except -1
+    cdef int _tls_step(self) except -1
+    cdef void _tls_failed(self, str why, bint plaintext) except *
+    cdef void _tls_schedule_reread(self) except *
+    cdef void _pop_head(self) noexcept
+    cdef void _resume_deferred(self) noexcept
     cdef void _arm_writer(self) except *
     cdef void _disarm_writer(self) except *
     cdef void _release_backlog(self) noexcept

@@ -17,8 +17,10 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from system cimport c_send, c_recv, c_shutdown, c_writev, c_close, iovec, \
     MSG_NOSIGNAL, MSG_DONTWAIT, SHUT_WR
+from openssl cimport SSL_free, SSL_pending, SSL_get_version, SSL_get_cipher_name
 
 cdef extern from "<sys/socket.h>" nogil:
+    enum: MSG_PEEK
     struct linger:
         int l_onoff
         int l_linger
@@ -84,6 +86,14 @@ cdef uint8_t prefix_tag(object key) except 0:
 # Status codes, exported for the control layer.
 STATUS_SLOW = SEND_SLOW
 STATUS_DEAD = SEND_DEAD
+STATUS_TLS = SEND_TLS
+
+# What a TLS port answers a client that sent a fanout frame in plaintext,
+# in plaintext (it could read nothing else): Error(BAD_REQUEST).
+_NOT_TLS_MESSAGE = b"this port speaks TLS: connect with TLS (fanout listen --tls)"
+_NOT_TLS_FRAME = pack_frame(FT_ERROR, bytes([0x08, R_BAD_REQUEST, 0x12, len(_NOT_TLS_MESSAGE)])
+                            + _NOT_TLS_MESSAGE, 0)
+TLS_RECORD_HANDSHAKE = 0x16       # the first byte of every TLS ClientHello
 
 
 def prefix_copies():
@@ -92,7 +102,11 @@ def prefix_copies():
 
 
 cdef void _on_writable(Connection conn) except *:
-    cdef int st = conn._drain()
+    cdef int st
+    if conn._tls_state == TLS_HANDSHAKE:
+        conn._tls_step()
+        return
+    st = conn._drain()
     if st == SEND_DEAD:
         if conn.state == CONN_CLOSING:
             conn.close()
@@ -108,7 +122,24 @@ def _readable_cb(Connection conn):
     if conn.state == CONN_CLOSING:
         conn._discard_input()
     elif conn.state == CONN_OPEN:
+        if conn._ssl != NULL:
+            if conn._tls_state == TLS_HANDSHAKE:
+                conn._tls_step()
+                return
+            if conn._in_round:
+                # A writer thread may be in SSL_write on this SSL object:
+                # read once the round is back (WriteRound.release).
+                conn._loop.remove_reader(conn.fd)
+                conn._reading = False
+                conn._tls_read_deferred = True
+                return
         conn._read_cb()
+
+
+def _tls_reread_cb(Connection conn):
+    conn._tls_reread = False
+    if conn._reading:
+        _readable_cb(conn)
 
 
 cdef inline Py_ssize_t _wire_start(Connection conn, object frame) noexcept:
@@ -138,7 +169,7 @@ cdef class Connection:
 
     def __init__(self, int fd, loop, *, Py_ssize_t max_frame=65536,
                   Py_ssize_t max_backlog_bytes=1 << 20,
-                  Py_ssize_t max_backlog_frames=1024):
+                  Py_ssize_t max_backlog_frames=1024, TlsContext tls=None):
         if type(self) is Connection:
             raise TypeError("Connection is the base of the connection kinds; "
                             "use TcpConnection")
@@ -148,12 +179,18 @@ cdef class Connection:
         self.max_backlog_bytes = max_backlog_bytes
         self._max_backlog_frames = max_backlog_frames
         self.last_recv = loop.time()
+        if tls is not None and self._ssl == NULL:
+            self._ssl = tls._new_ssl(self.fd)
+            self._tls_state = TLS_HANDSHAKE
 
     def __dealloc__(self):
         self._release_backlog()
         free(self._bl)
         free(self._carry)
         self._close_deferred()
+        if self._ssl != NULL:
+            SSL_free(self._ssl)
+            self._ssl = NULL
         if self.fd >= 0:
             c_close(self.fd)
 
@@ -166,6 +203,7 @@ cdef class Connection:
         cdef PyObject* obj = <PyObject*>frame
         cdef Py_ssize_t start = HEADROOM, n
         cdef ssize_t w
+        cdef int err = 0
         if self.state != CONN_OPEN:
             return SEND_CLOSED
         FANOUT_SLOWDOWN()
@@ -173,25 +211,34 @@ cdef class Connection:
             obj = self._prefixed(frame)
             start -= (<const uint8_t*>PyBytes_AS_STRING(<object>obj))[HR_LEN]
         n = PyBytes_GET_SIZE(<object>obj) - start
-        if self._bl_len or self._in_round:
-            # Behind a backlog, or a writer thread's round: queue in order
-            # (one writer), or give up on a consumer that cannot keep up
-            # rather than buffer without bound.
+        if self._bl_len or self._in_round or self._tls_state == TLS_HANDSHAKE:
+            # Behind a backlog, a writer thread's round or a TLS handshake:
+            # queue in order (one writer), or give up on a consumer that
+            # cannot keep up rather than buffer without bound.
             if (self.backlog_bytes + n > self.max_backlog_bytes
                     or self._bl_len >= self._max_backlog_frames):
                 return SEND_SLOW
             self._enqueue(<bytes>obj, start)
             return SEND_OK
-        w = c_send(self.fd, PyBytes_AS_STRING(<object>obj) + start, <size_t>n,
-                   MSG_NOSIGNAL | MSG_DONTWAIT)
+        if self._ssl == NULL:
+            w = c_send(self.fd, PyBytes_AS_STRING(<object>obj) + start, <size_t>n,
+                       MSG_NOSIGNAL | MSG_DONTWAIT)
+            if w < 0:
+                err = errno
+        else:
+            w = fo_tls_send(self._ssl, PyBytes_AS_STRING(<object>obj) + start, <size_t>n)
+            if w < 0:
+                err = <int>-w
         if w == n:
             self.frames_sent += 1
             self.bytes_sent += <unsigned long long>n
             return SEND_OK
         if w < 0:
-            if errno != EAGAIN and errno != EINTR:
+            if err != EAGAIN and err != EINTR:
                 return SEND_DEAD
             w = 0
+        if self._ssl != NULL:
+            self._tls_retry = True        # a record is half sent: this frame goes next
         self.bytes_sent += <unsigned long long>w
         self._enqueue(<bytes>obj, start + w)
         self._arm_writer()
@@ -290,6 +337,8 @@ cdef class Connection:
             self.frames_sent += 1
             self.bytes_sent += <unsigned long long>n
         elif result >= 0 or result == -EAGAIN:
+            if self._ssl != NULL:
+                self._tls_retry = True    # the writer thread left a record half sent
             if result > 0:
                 self.bytes_sent += <unsigned long long>result
                 start += result
@@ -319,6 +368,9 @@ cdef class Connection:
         return SEND_QUEUED
 
     cdef void _close_deferred(self) noexcept:
+        if self._deferred_ssl != NULL:
+            SSL_free(self._deferred_ssl)
+            self._deferred_ssl = NULL
         if self._deferred_fd >= 0:
             c_close(self._deferred_fd)
             self._deferred_fd = -1
@@ -333,6 +385,8 @@ cdef class Connection:
             # a writer thread owns the socket; the round's end drains it
             self._disarm_writer()
             return SEND_QUEUED
+        if self._ssl != NULL:
+            return self._drain_tls()
         while self._bl_len:
             cnt = <int>(self._bl_len if self._bl_len < MAX_IOV else MAX_IOV)
             for i in range(cnt):
@@ -374,6 +428,160 @@ cdef class Connection:
             # can destroy the Kick/Error the client has not read yet.
             c_shutdown(self.fd, SHUT_WR)
         return SEND_OK
+
+    cdef int _drain_tls(self) except -1:
+        # The backlog through SSL_write, a frame at a time (there is no
+        # writev of records). A short write leaves the head's rest as the
+        # next write, as OpenSSL requires.
+        cdef ssize_t w
+        cdef Py_ssize_t n
+        cdef PyObject* head
+        if self._tls_state != TLS_OPEN:
+            return SEND_QUEUED            # the handshake's end drains it
+        while self._bl_len:
+            head = self._bl[self._bl_head]
+            n = PyBytes_GET_SIZE(<object>head) - self._bl_offset
+            FANOUT_ASSERT(n > 0)
+            w = fo_tls_send(self._ssl, PyBytes_AS_STRING(<object>head) + self._bl_offset,
+                            <size_t>n)
+            if w < 0:
+                if w == -EAGAIN:
+                    self._tls_retry = True
+                    return SEND_QUEUED
+                return SEND_DEAD
+            self.bytes_sent += <unsigned long long>w
+            self.backlog_bytes -= w
+            if w < n:
+                self._bl_offset += w
+                self._tls_retry = True
+                return SEND_QUEUED
+            self._tls_retry = False
+            self._pop_head()
+        FANOUT_ASSERT(self.backlog_bytes == 0 and self._bl_offset == 0)
+        self._disarm_writer()
+        if self.state == CONN_CLOSING:
+            # As _drain: the last frame is out; close_notify, then half-close.
+            fo_tls_close_notify(self._ssl)
+            c_shutdown(self.fd, SHUT_WR)
+        return SEND_OK
+
+    cdef void _pop_head(self) noexcept:
+        # The head frame is fully written: drop it.
+        cdef PyObject* head = self._bl[self._bl_head]
+        self._bl[self._bl_head] = NULL
+        Py_DECREF(<object>head)
+        self._bl_head = (self._bl_head + 1) % self._bl_cap
+        self._bl_len -= 1
+        self._bl_offset = (_wire_start(self, <object>self._bl[self._bl_head])
+                           if self._bl_len else 0)
+        self.frames_sent += 1
+
+    # ---------------------------------------------------------------- TLS
+
+    cdef int _tls_step(self) except -1:
+        # One step of the handshake, on readability or writability.
+        cdef char why[256]
+        cdef unsigned char first
+        cdef ssize_t p
+        cdef int r
+        global _tls_count_kernel, _tls_count_core
+        if not self._tls_peeked:
+            # A TLS client's first byte opens a handshake record; anything
+            # else is a client speaking plaintext to a TLS port.
+            p = c_recv(self.fd, &first, 1, MSG_PEEK | MSG_DONTWAIT)
+            if p < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                self.tls_error = "socket error before the handshake"
+                self._report(SEND_DEAD)
+                if self.state != CONN_CLOSED:
+                    self.close()
+                return 0
+            if p == 0:
+                self.tls_error = "closed before the handshake"
+                self._report(SEND_DEAD)
+                if self.state != CONN_CLOSED:
+                    self.close()
+                return 0
+            self._tls_peeked = True
+            if first != TLS_RECORD_HANDSHAKE:
+                if first == WIRE_VERSION:
+                    # a fanout client without TLS: tell it, best effort
+                    c_send(self.fd, PyBytes_AS_STRING(_NOT_TLS_FRAME),
+                           <size_t>PyBytes_GET_SIZE(_NOT_TLS_FRAME), MSG_NOSIGNAL | MSG_DONTWAIT)
+                self._tls_failed(f"not TLS (plaintext on a TLS port, first byte 0x{first:02x})",
+                                 True)
+                return 0
+        r = fo_tls_handshake(self._ssl, why, sizeof(why))
+        if r == FO_TLS_WANT_READ:
+            self._disarm_writer()
+            return 0
+        if r == FO_TLS_WANT_WRITE:
+            self._arm_writer()
+            return 0
+        if r == FO_TLS_FAILED:
+            self._tls_failed(why.decode("utf-8", "replace"), False)
+            return 0
+        self._tls_state = TLS_OPEN
+        self.tls_kernel = fo_tls_ktls_send(self._ssl) != 0
+        if self.tls_kernel:
+            _tls_count_kernel += 1
+        else:
+            _tls_count_core += 1
+        self._disarm_writer()
+        if self._bl_len:
+            _on_writable(self)            # what was sent during the handshake
+            if self._bl_len and self.state != CONN_CLOSED:
+                self._arm_writer()
+        if self.state == CONN_OPEN and SSL_pending(self._ssl) > 0:
+            self._tls_schedule_reread()   # a request that came with the Finished
+        return 0
+
+    cdef void _tls_failed(self, str why, bint plaintext) except *:
+        # The owner hears why (tls_error) and closes; close anyway.
+        global _tls_count_failed, _tls_count_plaintext
+        _tls_count_failed += 1
+        if plaintext:
+            _tls_count_plaintext += 1
+        self.tls_error = why
+        self._report(SEND_TLS)
+        if self.state != CONN_CLOSED:
+            self.close()
+
+    cdef void _tls_schedule_reread(self) except *:
+        if not self._tls_reread:
+            self._tls_reread = True
+            self._loop.call_soon(_tls_reread_cb, self)
+
+    cdef void _resume_deferred(self) noexcept:
+        # After a write round: the reads a TLS connection put off for it.
+        if self._tls_read_deferred:
+            self._tls_read_deferred = False
+            try:
+                self.resume_reading()
+            except Exception:
+                pass                      # the loop is closed: nothing to read for
+
+    @property
+    def tls(self):
+        """True for a TLS connection (handshaking or not)."""
+        return self._tls_state != TLS_NONE
+
+    @property
+    def tls_mode(self):
+        """``"kernel"`` or ``"core"``: who encrypts this connection's
+        writes, once its handshake is done; None before, and for plaintext."""
+        if self._tls_state != TLS_OPEN:
+            return None
+        return "kernel" if self.tls_kernel else "core"
+
+    @property
+    def tls_version(self):
+        """The TLS version and cipher agreed (``("TLSv1.3", "TLS_AES_256_GCM_SHA384")``),
+        or None."""
+        if self._tls_state != TLS_OPEN or self._ssl == NULL:
+            return None
+        return (SSL_get_version(self._ssl).decode(), SSL_get_cipher_name(self._ssl).decode())
 
     cdef void _arm_writer(self) except *:
         if not self._writer_armed and self.fd >= 0 and not self._in_round:
@@ -433,6 +641,9 @@ cdef class Connection:
         _check_core_frame(frame)
         if self.state != CONN_OPEN:
             return
+        if self._tls_state == TLS_HANDSHAKE:
+            self.close()                  # nothing can be sent before the handshake
+            return
         self.state = CONN_CLOSING
         self._free_carry()             # no more input is parsed
         if drop_queued:
@@ -450,7 +661,8 @@ cdef class Connection:
         cdef PyObject* obj
         cdef Py_ssize_t started
         if self._bl_len:
-            started = self._bl_offset > _wire_start(self, <object>self._bl[self._bl_head])
+            started = (self._bl_offset > _wire_start(self, <object>self._bl[self._bl_head])
+                       or self._tls_retry)
             while self._bl_len > (1 if started else 0):
                 obj = self._bl[(self._bl_head + self._bl_len - 1) % self._bl_cap]
                 self.backlog_bytes -= (PyBytes_GET_SIZE(<object>obj)
@@ -496,12 +708,18 @@ cdef class Connection:
         self.unsent_at_close = self.backlog_bytes     # what the owner may need to report lost
         self._release_backlog()
         self._free_carry()
+        self._tls_read_deferred = False
         if self._in_round:
             # A writer thread may still write to fd: closing it now would let
             # a new socket take the number and receive this room's frame.
+            # (And it may be in SSL_write on _ssl: that waits too.)
             self._deferred_fd = self.fd
+            self._deferred_ssl = self._ssl
         else:
+            if self._ssl != NULL:
+                SSL_free(self._ssl)
             c_close(self.fd)
+        self._ssl = NULL
         self.fd = -1
         self._read_cb = None
         owner = self.owner
@@ -554,6 +772,8 @@ cdef class Connection:
         """Stop calling the read callback until :meth:`resume_reading`: the
         owner is busy with input already read, and the socket backs up. A
         closing connection keeps reading (to see the peer's close)."""
+        if self.state == CONN_OPEN:
+            self._tls_read_deferred = False
         if self._reading and self.state == CONN_OPEN:
             self._reading = False
             self._loop.remove_reader(self.fd)
@@ -562,6 +782,9 @@ cdef class Connection:
         if not self._reading and self.state != CONN_CLOSED and self._read_cb is not None:
             self._loop.add_reader(self.fd, _readable_cb, self)
             self._reading = True
+            if (self._tls_state == TLS_OPEN and self.state == CONN_OPEN
+                    and SSL_pending(self._ssl) > 0):
+                self._tls_schedule_reread()   # decrypted already: no readability comes
 
     def read(self, Py_ssize_t max_frames=PY_SSIZE_T_MAX):
         """Read what the socket has (a bounded share of it per call) and
@@ -577,20 +800,30 @@ cdef class Connection:
         """
         cdef list out = []
         cdef ssize_t r
-        cdef int turn
+        cdef int turn, err = 0
         if self.read_error is not None:
             return out
+        if self._ssl != NULL and (self._tls_state != TLS_OPEN or self._in_round
+                                  or self.state == CONN_CLOSED):
+            return out                # see connection.pxd, TLS
         if max_frames < 0:
             max_frames = 0
         for turn in range(MAX_READS_PER_WAKE):
-            r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+            if self._ssl == NULL:
+                r = c_recv(self.fd, _scratch, SCRATCH_SIZE, MSG_DONTWAIT)
+                if r < 0:
+                    err = errno
+            else:
+                r = fo_tls_recv(self._ssl, _scratch, SCRATCH_SIZE)
+                if r < 0:
+                    err = <int>-r
             if r == 0:
                 self.eof = True
                 break
             if r < 0:
-                if errno == EINTR:
+                if err == EINTR:
                     continue
-                if errno != EAGAIN:
+                if err != EAGAIN:
                     self.eof = True   # reset by peer: same as a close for us
                 break
             self.bytes_received += <unsigned long long>r
@@ -600,8 +833,11 @@ cdef class Connection:
                 self.read_error = exc
                 self._free_carry()
                 break
-            if r < SCRATCH_SIZE:
-                break
+            if r < SCRATCH_SIZE and self._ssl == NULL:
+                break                 # (TLS gives a record per read: read on)
+        if (self._ssl != NULL and not self.eof and self.read_error is None
+                and SSL_pending(self._ssl) > 0):
+            self._tls_schedule_reread()
         if out or self.eof:
             self.last_recv = self._loop.time()
         return out

@@ -274,7 +274,7 @@ cdef class Hub:
             conn = <Connection>PyList_GET_ITEM(members, i)
             if conn.state != CONN_OPEN:
                 continue
-            if conn._bl_len or conn._in_round:
+            if conn._bl_len or conn._in_round or conn._tls_state == TLS_HANDSHAKE:
                 st = conn.send_frame(frame)
                 if st > SEND_QUEUED and st != SEND_CLOSED:
                     if troubled is None:

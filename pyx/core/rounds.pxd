@@ -4,12 +4,13 @@
 #
 #   Hub._start_round(room, frame)                      [loop thread]
 #     snapshot the room's members: every open member with an empty backlog
-#     becomes an item (fd, the frame's bytes for its kind, length), and the
+#     becomes an item (fd, SSL* or NULL, the frame's bytes for its kind,
+#     length), and the
 #     round takes a reference to it; a member with a backlog (or in another
 #     round) gets the frame queued behind it instead, as before.
 #     fo_pool_submit(round)
 #   writer threads (writers.h, no GIL)                 [writer threads]
-#     send() once per item, the result (bytes taken or -errno) in the item
+#     send() (SSL_write for TLS) once per item, the result (bytes taken or -errno) in the item
 #     the last chunk's thread puts the round on the done list, wakes the loop
 #   Hub._reconcile()                                   [loop thread]
 #     Connection._after_round(): counters; a short write or EAGAIN puts the
@@ -22,6 +23,8 @@
 #   * one writer per socket: a member is in at most one round, and while it
 #     is (Connection._in_round) nothing else writes to its socket: frames
 #     for it are queued, its backlog is not drained, its writer not armed;
+#     a TLS member is not read either (one thread per SSL object), and one
+#     still in its handshake gets the frame queued, not an item;
 #   * order per connection: a room has at most one round in flight; what a
 #     member receives meanwhile is queued behind the round's frame;
 #   * fd lifetime: the round holds a reference to every member, and a member
@@ -35,6 +38,7 @@
 cdef extern from "writers.h" nogil:
     ctypedef struct fo_write:
         int fd
+        SSL* ssl
         const char* buf
         size_t len
         ssize_t result

@@ -40,6 +40,7 @@ cdef class WriteRound:
         elif self._objs != NULL:
             self._objs[i] = NULL
         self._r.items[i].fd = conn.fd
+        self._r.items[i].ssl = conn._ssl
         self._r.items[i].buf = PyBytes_AS_STRING(<object>obj) + start
         self._r.items[i].len = <size_t>(PyBytes_GET_SIZE(<object>obj) - start)
         self._r.items[i].result = 0
@@ -62,4 +63,5 @@ cdef class WriteRound:
             self._conns[i] = NULL
             (<Connection>conn)._in_round = False
             (<Connection>conn)._close_deferred()
+            (<Connection>conn)._resume_deferred()
             Py_DECREF(<object>conn)

@@ -82,9 +82,14 @@ cdef class WsConnection(Connection):
         closes or the owner calls close()."""
         if self.state != CONN_OPEN:
             return
+        if self._tls_state == TLS_HANDSHAKE:
+            self.close()                  # no HTTP can be sent before the TLS handshake
+            return
         self._send_raw(response)
         self.state = CONN_CLOSING
         self._free_carry()
+        if self._ssl != NULL:
+            fo_tls_close_notify(self._ssl)
         c_shutdown(self.fd, SHUT_WR)
         self.resume_reading()
 
@@ -94,6 +99,12 @@ cdef class WsConnection(Connection):
         if self._bl_len or self._in_round:
             return False                  # never the case before the upgrade
         while done < n:
+            if self._ssl != NULL:         # over TLS (wss_port): after its handshake
+                w = fo_tls_send(self._ssl, PyBytes_AS_STRING(data) + done, <size_t>(n - done))
+                if w < 0:
+                    return False
+                done += w
+                continue
             w = c_send(self.fd, PyBytes_AS_STRING(data) + done, <size_t>(n - done),
                        MSG_NOSIGNAL | MSG_DONTWAIT)
             if w < 0:

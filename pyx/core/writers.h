@@ -3,8 +3,9 @@
  * Plain C with no Python API: a writer thread never takes the GIL, so the
  * event loop runs Python while the threads write. A round is an array of
  * (fd, bytes, length) items; the threads claim it in chunks of FO_CHUNK,
- * call send() on each item once and record what the kernel took (or
- * -errno) in the item. They never retry a short write and never touch an
+ * call send() on each item once (SSL_write through fo_tls_send() for a TLS
+ * member, tlsio.h) and record what the kernel took (or -errno) in the
+ * item. They never retry a short write and never touch an
  * item twice: the loop thread reconciles the results (backlogs, slow and
  * dead consumers) after the round is done.
  *
@@ -31,11 +32,14 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "tlsio.h"
+
 #define FO_CHUNK 64          /* items a thread claims at a time */
 #define FO_MAX_THREADS 64
 
 typedef struct fo_write {
     int fd;
+    SSL* ssl;                /* a TLS member's (tlsio.h), or NULL: plain send() */
     const char* buf;
     size_t len;
     ssize_t result;          /* bytes the kernel took, or -errno */
@@ -69,6 +73,10 @@ static void fo_write_items(fo_write* it, size_t n)
     size_t i;
     for (i = 0; i < n; i++) {
         ssize_t w;
+        if (it[i].ssl != NULL) {
+            it[i].result = fo_tls_send(it[i].ssl, it[i].buf, it[i].len);
+            continue;
+        }
         do {
             w = send(it[i].fd, it[i].buf, it[i].len, MSG_NOSIGNAL | MSG_DONTWAIT);
         } while (w < 0 && errno == EINTR);
