@@ -95,13 +95,16 @@ cdef enum:
     ST_RETRY = 5           # refused before joining; reconnects at its deadline
     ST_DONE = 6            # closed for good (see end)
     ST_UPGRADE = 7         # WebSocket: upgrade request sent, reading the response head
+    ST_TLS = 8             # TLS: the client handshake in progress
 
 # transports (Viewers.transport): what sits between the socket and the wire
-# frames. TLS and WSS go here next: a TLS session per viewer under the same
-# byte streams (the reads and writes in reader.pyx and lifecycle.pyx).
+# frames. TLS is a session per viewer (OpenSSL, tlsviewer.pyx) under the
+# same byte streams: every read and write goes through _io_recv/_io_send.
 cdef enum:
     T_TCP = 0              # wire frames straight on the socket
     T_WS = 1               # RFC 6455: an HTTP upgrade, then one wire frame per message
+    T_TLS = 2              # TLS, then wire frames as over TCP
+    T_WSS = 3              # TLS, then WebSocket
 
 # why a viewer ended
 cdef enum:
@@ -116,6 +119,7 @@ cdef enum:
     END_JOIN = 8           # the Join was refused (Error reason in end_code)
     END_CLOSED = 9         # closed by us (close())
     END_UPGRADE = 10       # WebSocket upgrade refused (HTTP status in end_code)
+    END_TLS = 11           # the TLS handshake failed for good (a bad certificate, ...)
 
 
 ctypedef struct Viewer:
@@ -153,6 +157,8 @@ ctypedef struct Viewer:
     uint32_t ws_mask           # WebSocket: the mask key of this viewer's Pings
     uint16_t ws_close          # WebSocket: the code of the node's Close (0: none yet)
     char ping[32]              # a Ping frame (WebSocket: in its masked message)
+    void* ssl                  # TLS: its SSL*, NULL otherwise
+    uint8_t tls_want_write     # TLS: the handshake waits for the socket to be writable
 
 
 ctypedef struct RoomRef:
@@ -178,7 +184,13 @@ cdef class Viewers:
     cdef lg_addr_t* srcs
     cdef Py_ssize_t nsrcs
     cdef int rcvbuf
-    cdef readonly int transport        # T_TCP, T_WS
+    cdef readonly int transport        # T_TCP, T_WS, T_TLS, T_WSS
+    cdef bint ws                       # WebSocket framing (T_WS, T_WSS)
+    cdef bint tls                      # a TLS session per viewer (T_TLS, T_WSS)
+    cdef void* ssl_ctx                 # TLS: the SSL_CTX every viewer's session comes from
+    cdef bytes _server_name            # TLS: SNI and the name checked (b"": none)
+    cdef bint tls_verify               # TLS: the node's certificate is checked (a CA was given)
+    cdef dict tls_errors               # TLS: why handshakes failed -> count
     cdef bytes _upgrade                # WebSocket: the upgrade request, the same for all
     cdef bytes _accept                 # ... and the Sec-WebSocket-Accept line it must get
     cdef list _hellos                  # keep the frames alive: viewers point into them
@@ -211,6 +223,7 @@ cdef class Viewers:
     cdef uint64_t lat_count, lat_negative, lat_sum_ns, lat_max_ns
     cdef uint64_t first_connect_ns, last_connected_ns, last_join_ns
     cdef uint64_t ws_closes, ws_pongs, ws_pings, upgrades, upgrade_refused
+    cdef uint64_t tls_handshakes, tls_failures
     cdef uint64_t kicks[NREASONS]
     cdef uint64_t errors[NREASONS]
     cdef dict errnos                   # connect/socket errno -> count

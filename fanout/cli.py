@@ -190,13 +190,20 @@ def _load_parser(sub) -> None:
                    help="node address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
                    help="the node's port for --transport: its client port for tcp, its "
-                        "WebSocket port for ws (default $FANOUT_PORT, else 7000)")
+                        "WebSocket port for ws, its TLS ports for tls and wss (default "
+                        "$FANOUT_PORT, else 7000)")
     # fanout.load.config.TRANSPORTS, spelled out: importing fanout.load here
     # would load the load tool for every command
-    p.add_argument("--transport", choices=("tcp", "ws"), default="tcp",
+    p.add_argument("--transport", choices=("tcp", "ws", "tls", "wss"), default="tcp",
                    help="tcp: wire frames on the client port; ws: WebSocket, one wire frame "
-                        "per message, masked requests (default tcp)")
+                        "per message, masked requests; tls, wss: the same over TLS on the "
+                        "node's tls_port / wss_port (default tcp)")
     p.add_argument("--ws-path", default="/ws", help="WebSocket endpoint path (default /ws)")
+    p.add_argument("--tls-ca", default="", metavar="PEM",
+                   help="tls/wss: check the node's certificate against this CA (default: "
+                        "not checked)")
+    p.add_argument("--tls-server-name", default="",
+                   help="tls/wss: the name sent as SNI and checked (default: --host)")
     p.add_argument("--admin-host", default="", help="admin API address (default: --host)")
     p.add_argument("--admin-port", type=int, default=int(env("FANOUT_ADMIN_PORT", "7001")),
                    help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")

@@ -50,15 +50,18 @@ def run_load_on(node, args: list[str], timeout: float, transport: str = "tcp"
     """Run ``fanout load`` against a running harness ``Node`` (its admin
     API and pid given, so the result has the node's CPU and loop lag), its
     viewers over ``transport`` (``tcp``: the client port; ``ws``: the
-    WebSocket port); returns (its JSON result, command)."""
+    WebSocket port; ``tls``, ``wss``: its TLS ports, the certificate not
+    checked); returns (its JSON result, command)."""
     if transport == "tcp":
         port = node.port
-    elif transport == "ws":
-        if not node.ws_port:
-            raise RuntimeError("the node has no WebSocket port (--ws-port -1?)")
-        port, args = node.ws_port, ["--transport", "ws", *args]
     else:
-        raise ValueError(f"unknown transport {transport!r}")
+        port = {"ws": node.ws_port, "tls": getattr(node, "tls_port", None),
+                "wss": getattr(node, "wss_port", None)}.get(transport, -1)
+        if port == -1:
+            raise ValueError(f"unknown transport {transport!r}")
+        if not port:
+            raise RuntimeError(f"the node has no port for {transport} (--{transport}-port?)")
+        args = ["--transport", transport, *args]
     load, cmd, _ = run_load(node.host, port, args, timeout,
                             admin_port=node.admin_port, node_pid=node.proc.pid)
     return load, cmd

@@ -229,7 +229,8 @@ def config_from_args(args) -> LoadConfig:
         max_retries=args.max_retries, tick=args.publish_tick_ms / 1000,
         source_addrs=args.source_addrs,
         room_prefix=args.room_prefix, progress=not args.no_progress,
-        transport=args.transport, ws_path=args.ws_path)
+        transport=args.transport, ws_path=args.ws_path, tls_ca=args.tls_ca,
+        tls_server_name=args.tls_server_name)
 
 
 def main(args) -> int:

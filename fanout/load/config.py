@@ -15,9 +15,11 @@ from ..protocol.auth import DEV_SECRET
 __all__ = ["LoadConfig", "LoadError", "MAX_PER_PROCESS", "TRANSPORTS", "numeric_host", "plan"]
 
 #: The viewers' transports (fanout._loadgen.Viewers): what each speaks on
-#: the node's port. TLS (``tls``, ``wss``) comes next, on the same seam.
+#: the node's port.
 TRANSPORTS = {"tcp": "wire frames on the client port",
-              "ws": "WebSocket (RFC 6455) on the WebSocket port, one wire frame per message"}
+              "ws": "WebSocket (RFC 6455) on the WebSocket port, one wire frame per message",
+              "tls": "TLS on the tls_port, then wire frames",
+              "wss": "TLS on the wss_port, then WebSocket"}
 
 #: Most viewers one worker process holds (the open-file limit is 20,000).
 MAX_PER_PROCESS = 19_000
@@ -43,8 +45,12 @@ class LoadConfig:
         round-robin over the rooms; 0 is the idle mode (no publisher: viewers
         only keep their connections alive with pings).
     :ivar transport: how viewers reach the node: ``"tcp"`` (its client
-        port) or ``"ws"`` (its WebSocket port, path ``ws_path``); ``port`` is
-        that transport's port. :data:`TRANSPORTS` lists them.
+        port), ``"ws"`` (its WebSocket port, path ``ws_path``), ``"tls"``
+        or ``"wss"`` (its TLS ports); ``port`` is that transport's port.
+        :data:`TRANSPORTS` lists them.
+    :ivar tls_ca: TLS: the CA (PEM) the node's certificate must chain to,
+        checked for ``tls_server_name`` (default: ``host``); "" does not
+        check the certificate.
     :ivar source_addrs: ``"auto"`` binds each viewer to one of several
         loopback source addresses (16 viewers per address, at most 254 per
         process) when the node
@@ -84,6 +90,8 @@ class LoadConfig:
     progress: bool = True
     transport: str = "tcp"
     ws_path: str = "/ws"
+    tls_ca: str = ""
+    tls_server_name: str = ""
 
     def validate(self) -> "LoadConfig":
         """Check the values; returns self. :raises ValueError: on a bad value."""
@@ -166,6 +174,7 @@ def plan(cfg: LoadConfig, host: str | None = None) -> list[dict]:
             "source_addrs": _source_addrs(cfg, host, p, count),
             "max_retries": cfg.max_retries, "connect_timeout": cfg.connect_timeout,
             "transport": cfg.transport, "ws_path": cfg.ws_path,
+            "tls_ca": cfg.tls_ca, "tls_server_name": cfg.tls_server_name or cfg.host,
             "ttl": cfg.join_timeout + cfg.warmup + cfg.duration + 3600,
         })
         start += count

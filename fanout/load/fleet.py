@@ -56,7 +56,8 @@ def build_viewers(spec: dict):
         source_addrs=spec["source_addrs"], latency_every=spec["latency_every"],
         max_retries=spec["max_retries"], connect_timeout=spec["connect_timeout"],
         read_interval=spec.get("read_interval", 0.0),
-        transport=spec.get("transport", "tcp"), ws_path=spec.get("ws_path", "/ws"))
+        transport=spec.get("transport", "tcp"), ws_path=spec.get("ws_path", "/ws"),
+        tls_ca=spec.get("tls_ca", ""), tls_server_name=spec.get("tls_server_name", ""))
 
 
 def _snapshot(viewers) -> dict:

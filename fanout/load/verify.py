@@ -54,6 +54,8 @@ def error_counts(final: dict) -> dict[str, int]:
         where, _, num = key.partition(":")
         name = errno_mod.errorcode.get(int(num), num) if num != "0" else "timeout"
         add(f"{where}:{name}", n)
+    for why, n in final.get("tls_errors", {}).items():
+        add(f"tls:{why}", n)
     add("eof", final.get("eofs", 0))
     add("protocol", final.get("protocol_errors", 0))
     add("bad_body", final.get("bad_bodies", 0))

@@ -8,6 +8,7 @@
 #   lifecycle.pyx  a viewer's life: connect, Hello, Join, pings, retries, end
 #   reader.pyx     reading: framing in place, the carry buffer, frame types
 #   wsviewer.pyx   WebSocket viewers: the upgrade, masked requests, de-framing
+#   tlsviewer.pyx  TLS viewers: an OpenSSL session per viewer, the handshake
 #   verify.pyx     Batch frames: rolling hashes, seq checks, room references
 #   latency.pyx    the latency histogram and its percentiles
 #   lgsupport.pxd  the C support code (sockets, clocks, frame hash)
@@ -16,7 +17,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, EPIPE
 
 from system cimport (
     c_close, c_recv, c_send, MSG_DONTWAIT, MSG_NOSIGNAL,
@@ -37,6 +38,8 @@ cdef extern from "<string.h>" nogil:
 from lgsupport cimport (
     lg_addr, lg_connect, lg_sock_error, lg_mono_ns, lg_real_ns, lg_hash,
     lg_hist_index, lg_hist_value, LG_HIST_BUCKETS,
+    lg_tls_ctx, lg_tls_ctx_free, lg_tls_new, lg_tls_free, lg_tls_handshake, lg_tls_recv,
+    lg_tls_send, LG_TLS_DONE, LG_TLS_WANT_READ, LG_TLS_WANT_WRITE, LG_TLS_RETRY, LG_TLS_FAILED,
 )
 
 import base64
@@ -46,5 +49,6 @@ include "viewers.pyx"
 include "lifecycle.pyx"
 include "reader.pyx"
 include "wsviewer.pyx"
+include "tlsviewer.pyx"
 include "verify.pyx"
 include "latency.pyx"

@@ -1,6 +1,7 @@
 # The load generator's C support code: sockets (numeric addresses, a
 # non-blocking connect bound to a source address), the two clocks, the frame
-# hash of the rolling-hash check and the latency histogram's bucket index.
+# hash of the rolling-hash check, the latency histogram's bucket index, and
+# the TLS viewers' OpenSSL calls.
 # Written in C because they lean on socket headers and compiler builtins
 # (sockaddr_storage, inet_pton, __builtin_clzll) that Cython would otherwise
 # need declared one by one.
@@ -134,6 +135,132 @@ cdef extern from *:
         lo = (uint64_t)(64 + (i - 128) % 64) << shift;
         return lo + ((1ull << shift) >> 1);
     }
+
+    /* TLS viewers (OpenSSL). Results follow send()/recv(): bytes, 0 at the
+       end of the stream, -EAGAIN for WANT_READ/WANT_WRITE, -errno, -EPROTO
+       for bad TLS. A write that came back short or -EAGAIN must be retried
+       with the same bytes (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: from any
+       address), which the viewers' one-request-at-a-time rule does. */
+    #include <openssl/err.h>
+    #include <openssl/ssl.h>
+    #include <openssl/x509v3.h>
+    #include <stdio.h>
+
+    #define LG_TLS_DONE 1
+    #define LG_TLS_WANT_READ 0
+    #define LG_TLS_WANT_WRITE 2
+    #define LG_TLS_RETRY (-1)       /* the connection broke: worth a retry */
+    #define LG_TLS_FAILED (-2)      /* TLS refused it (certificate, protocol): not */
+
+    static void lg_tls_why(char* why, size_t n, int e) {
+        unsigned long code = ERR_peek_last_error();
+        const char* reason = code ? ERR_reason_error_string(code) : NULL;
+        if (reason != NULL) snprintf(why, n, "%s", reason);
+        else if (code) ERR_error_string_n(code, why, n);
+        else if (e) snprintf(why, n, "%s", strerror(e));
+        else snprintf(why, n, "closed during the handshake");
+        ERR_clear_error();
+    }
+
+    /* The viewers' context; NULL with why[] set on failure. ca_file "" does
+       not check the node's certificate. */
+    static SSL_CTX* lg_tls_ctx(const char* ca_file, char* why, size_t n) {
+        SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+        if (ctx == NULL) { lg_tls_why(why, n, 0); return NULL; }
+        SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+        /* idle viewers give their record buffers back: 10,000 sessions */
+        SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
+                         | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+        if (ca_file[0]) {
+            if (SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
+                lg_tls_why(why, n, 0); SSL_CTX_free(ctx); return NULL;
+            }
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+        } else {
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+        }
+        return ctx;
+    }
+
+    static void lg_tls_ctx_free(void* ctx) { SSL_CTX_free((SSL_CTX*)ctx); }
+
+    /* A session on fd; name (may be "") is sent as SNI when it is a host
+       name and, with verify, must match the certificate (a host name or an
+       IP address). NULL on failure. */
+    static void* lg_tls_new(void* ctx, int fd, const char* name, int verify) {
+        SSL* ssl = SSL_new((SSL_CTX*)ctx);
+        unsigned char buf[16];
+        int is_ip;
+        if (ssl == NULL) return NULL;
+        if (SSL_set_fd(ssl, fd) != 1) { SSL_free(ssl); return NULL; }
+        SSL_set_connect_state(ssl);
+        if (name[0]) {
+            is_ip = inet_pton(AF_INET, name, buf) == 1 || inet_pton(AF_INET6, name, buf) == 1;
+            if (!is_ip) SSL_set_tlsext_host_name(ssl, name);
+            if (verify) {
+                X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+                if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, name)
+                           : X509_VERIFY_PARAM_set1_host(param, name, 0)) != 1) {
+                    SSL_free(ssl); return NULL;
+                }
+            }
+        }
+        return ssl;
+    }
+
+    static void lg_tls_free(void* ssl) { if (ssl != NULL) SSL_free((SSL*)ssl); }
+
+    static int lg_tls_handshake(void* p, char* why, size_t n) {
+        SSL* ssl = (SSL*)p;
+        int r, e, err;
+        ERR_clear_error();
+        errno = 0;
+        r = SSL_do_handshake(ssl);
+        if (r == 1) return LG_TLS_DONE;
+        e = SSL_get_error(ssl, r);
+        if (e == SSL_ERROR_WANT_READ) return LG_TLS_WANT_READ;
+        if (e == SSL_ERROR_WANT_WRITE) return LG_TLS_WANT_WRITE;
+        err = errno;
+        if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0)) {
+            lg_tls_why(why, n, err);
+            return LG_TLS_RETRY;
+        }
+        lg_tls_why(why, n, err);
+        return LG_TLS_FAILED;
+    }
+
+    static ssize_t lg_tls_result(SSL* ssl, int r, int err) {
+        switch (SSL_get_error(ssl, r)) {
+        case SSL_ERROR_WANT_READ:
+        case SSL_ERROR_WANT_WRITE: return -EAGAIN;
+        case SSL_ERROR_ZERO_RETURN: return 0;
+        case SSL_ERROR_SYSCALL: ERR_clear_error(); return err ? -(ssize_t)err : 0;
+        default: ERR_clear_error(); return -EPROTO;
+        }
+    }
+
+    static ssize_t lg_tls_recv(void* p, char* buf, size_t n) {
+        size_t got = 0;
+        int r;
+        ERR_clear_error();
+        errno = 0;
+        r = SSL_read_ex((SSL*)p, buf, n, &got);
+        if (r > 0) return (ssize_t)got;
+        return lg_tls_result((SSL*)p, r, errno);
+    }
+
+    static ssize_t lg_tls_send(void* p, const char* buf, size_t n) {
+        size_t w = 0;
+        int r;
+        ssize_t e;
+        ERR_clear_error();
+        errno = 0;
+        r = SSL_write_ex((SSL*)p, buf, n, &w);
+        if (r > 0) return (ssize_t)w;
+        e = lg_tls_result((SSL*)p, r, errno);
+        return e == 0 ? -EPIPE : e;
+    }
     """
     ctypedef struct lg_addr_t:
         pass
@@ -146,4 +273,16 @@ cdef extern from *:
     int lg_hist_index(uint64_t v) nogil
     uint64_t lg_hist_value(int i) nogil
     enum: LG_HIST_BUCKETS
+    void* lg_tls_ctx(const char* ca_file, char* why, size_t n)
+    void lg_tls_ctx_free(void* ctx)
+    void* lg_tls_new(void* ctx, int fd, const char* name, int verify)
+    void lg_tls_free(void* ssl)
+    int lg_tls_handshake(void* ssl, char* why, size_t n)
+    ssize_t lg_tls_recv(void* ssl, char* buf, size_t n)
+    ssize_t lg_tls_send(void* ssl, const char* buf, size_t n)
+    enum: LG_TLS_DONE
+    enum: LG_TLS_WANT_READ
+    enum: LG_TLS_WANT_WRITE
+    enum: LG_TLS_RETRY
+    enum: LG_TLS_FAILED
 

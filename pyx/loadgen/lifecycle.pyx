@@ -60,8 +60,8 @@ cdef void _arm(Viewers self, Viewer* v, int op) except *:
     if v.state == ST_CONNECTING:
         ev.events = EPOLLOUT | EPOLLET
     else:
-        ev.events = ((0 if v.paused else EPOLLIN | EPOLLRDHUP) | (EPOLLOUT if v.out_len else 0)
-                     | EPOLLET)
+        ev.events = ((0 if v.paused else EPOLLIN | EPOLLRDHUP)
+                     | (EPOLLOUT if v.out_len or v.tls_want_write else 0) | EPOLLET)
     if epoll_ctl(self.ep, op, v.fd, &ev) < 0:
         raise OSError(errno, "epoll_ctl failed")
 
@@ -80,11 +80,20 @@ cdef void _on_connected(Viewers self, Viewer* v) except *:
 cdef void _established(Viewers self, Viewer* v) except *:
     self.connected += 1
     self.last_connected_ns = lg_mono_ns()
-    if self.transport == T_WS:
+    if self.tls:
+        _tls_start(self, v)          # then _session_open (tlsviewer.pyx)
+    else:
+        _session_open(self, v)
+
+
+cdef void _session_open(Viewers self, Viewer* v) except *:
+    """The byte stream is up: the WebSocket upgrade, or the Hello."""
+    if self.ws:
         v.state = ST_UPGRADE
         v.ws_mask = <uint32_t>_rand(self)
         _send(self, v, PyBytes_AS_STRING(self._upgrade), <uint32_t>PyBytes_GET_SIZE(self._upgrade))
     else:
+        v.state = ST_AUTH
         _send_hello(self, v)
 
 
@@ -95,8 +104,8 @@ cdef void _send_hello(Viewers self, Viewer* v) except *:
 
 cdef inline bint _joining(Viewer* v) noexcept nogil:
     """Between connect() and the join Ack: refusals are retried."""
-    return (v.state == ST_CONNECTING or v.state == ST_UPGRADE or v.state == ST_AUTH
-            or v.state == ST_JOINING)
+    return (v.state == ST_CONNECTING or v.state == ST_TLS or v.state == ST_UPGRADE
+            or v.state == ST_AUTH or v.state == ST_JOINING)
 
 
 cdef void _send(Viewers self, Viewer* v, const char* data, uint32_t n) except *:
@@ -104,12 +113,12 @@ cdef void _send(Viewers self, Viewer* v, const char* data, uint32_t n) except *:
     cdef ssize_t w
     if v.out_len:
         return          # one request at a time; only a Ping can get here, and is skipped
-    w = c_send(v.fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+    w = _io_send(self, v, data, n)
     if w == <ssize_t>n:
         return
     if w < 0:
-        if errno != EAGAIN and errno != EINTR:
-            _socket_failed(self, v, errno)
+        if w != -EAGAIN and w != -EINTR:
+            _socket_failed(self, v, <int>-w)
             return
         w = 0
     v.out = data + w
@@ -122,10 +131,10 @@ cdef void _flush_out(Viewers self, Viewer* v) except *:
     if not v.out_len:
         _arm(self, v, EPOLL_CTL_MOD)
         return
-    w = c_send(v.fd, v.out, v.out_len, MSG_NOSIGNAL | MSG_DONTWAIT)
+    w = _io_send(self, v, v.out, v.out_len)
     if w < 0:
-        if errno != EAGAIN and errno != EINTR:
-            _socket_failed(self, v, errno)
+        if w != -EAGAIN and w != -EINTR:
+            _socket_failed(self, v, <int>-w)
         return
     v.out += w
     v.out_len -= <uint32_t>w
@@ -135,7 +144,7 @@ cdef void _flush_out(Viewers self, Viewer* v) except *:
 
 cdef void _send_ping(Viewers self, Viewer* v) except *:
     # WebSocket: the wire Ping goes after its message header and mask key
-    cdef char* p = v.ping + (6 if self.transport == T_WS else 0)
+    cdef char* p = v.ping + (6 if self.ws else 0)
     cdef uint32_t n
     if v.out_len:
         return
@@ -143,7 +152,7 @@ cdef void _send_ping(Viewers self, Viewer* v) except *:
     p[HEADER_SIZE] = 0x08              # Ping.nonce: field 1, varint
     n = <uint32_t>(put_varint(p + HEADER_SIZE + 1, v.nonce) - p)
     write_header(p, FT_PING, 0, n - HEADER_SIZE)
-    if self.transport == T_WS:
+    if self.ws:
         n = _ws_mask_ping(v, n)
     self.pings_sent += 1
     _send(self, v, v.ping, n)
@@ -180,6 +189,8 @@ cdef void _socket_failed(Viewers self, Viewer* v, int err) except *:
 
 
 cdef void _close_fd(Viewers self, Viewer* v) noexcept:
+    lg_tls_free(v.ssl)
+    v.ssl = NULL
     if v.fd >= 0:
         c_close(v.fd)      # also leaves the epoll set
         v.fd = -1

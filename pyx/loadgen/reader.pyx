@@ -54,25 +54,27 @@ cdef void _on_readable(Viewers self, Viewer* v) except *:
         if turn == MAX_READS:
             _defer(self, v)      # more to read: later, so others get their turn
             return
-        r = c_recv(v.fd, _scratch, SCRATCH, MSG_DONTWAIT)
+        r = _io_recv(self, v, _scratch, SCRATCH)
         if r > 0:
             self.wire_bytes += <uint64_t>r
             v.rbytes += <uint64_t>r
-            if self.transport == T_WS:
+            if self.ws:
                 _ws_feed(self, v, <const uint8_t*>_scratch, r)
             else:
                 _feed(self, v, <const uint8_t*>_scratch, r)
-            if r < SCRATCH and not v.hup:
-                return          # edge-triggered: new data brings a new event
+            if r < SCRATCH and not v.hup and v.ssl == NULL:
+                # edge-triggered: new data brings a new event (a TLS read
+                # returns one record: read on until -EAGAIN)
+                return
             continue
         if r == 0:
             _on_eof(self, v)
             return
-        if errno == EINTR:
+        if r == -EINTR:
             continue
-        if errno == EAGAIN:
+        if r == -EAGAIN:
             return
-        _socket_failed(self, v, errno)
+        _socket_failed(self, v, <int>-r)
         return
 
 

@@ -7,8 +7,9 @@ cdef enum:
 
 _END_NAMES = {END_KICK: "kick", END_ERROR: "error", END_EOF: "eof", END_SOCKET: "socket",
               END_PROTOCOL: "protocol", END_CONNECT: "connect", END_TIMEOUT: "timeout",
-              END_JOIN: "join", END_CLOSED: "closed", END_UPGRADE: "upgrade"}
-_TRANSPORTS = {"tcp": T_TCP, "ws": T_WS}
+              END_JOIN: "join", END_CLOSED: "closed", END_UPGRADE: "upgrade",
+              END_TLS: "tls"}
+_TRANSPORTS = {"tcp": T_TCP, "ws": T_WS, "tls": T_TLS, "wss": T_WSS}
 # RFC 6455's GUID and the key every WebSocket viewer sends: one upgrade
 # request for all (the node checks the key's form, not that it is fresh).
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -36,17 +37,24 @@ cdef class Viewers:
     :param connect_timeout: seconds from connect() to the join Ack.
     :param read_interval: seconds between read rounds of viewers that are not
         decoded; 0 reads every viewer as soon as data arrives.
-    :param transport: ``"tcp"`` (wire frames on the socket) or ``"ws"``
+    :param transport: ``"tcp"`` (wire frames on the socket), ``"ws"``
         (the node's WebSocket port: an HTTP upgrade to ``ws_path``, then
         masked messages; ``hellos`` and ``joins`` are still plain wire
-        frames: they are wrapped here, once).
+        frames: they are wrapped here, once), ``"tls"`` (TLS, then as tcp:
+        the node's tls_port) or ``"wss"`` (TLS, then as ws: its wss_port).
+    :param tls_ca: TLS: a PEM file of the CA the node's certificate must
+        chain to; "" does not check the certificate.
+    :param tls_server_name: TLS: the name sent as SNI and, with
+        ``tls_ca``, checked against the certificate (default: ``host``).
     """
 
     def __cinit__(self, str host, int port, list hellos, list rooms, list joins,
                   list room_names, *, int decode_every=50, int connect_window=256,
                   source_addrs=(), int rcvbuf=0, int latency_every=1,
                   int max_retries=8, double connect_timeout=10.0,
-                  double read_interval=0.0, str transport="tcp", str ws_path="/ws"):
+                  double read_interval=0.0, str transport="tcp", str ws_path="/ws",
+                  str tls_ca="", str tls_server_name=""):
+        cdef char why[256]
         cdef Py_ssize_t i, r
         cdef bytes b
         self.ep = -1
@@ -63,10 +71,19 @@ cdef class Viewers:
             raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, "
                              f"got {transport!r}")
         self.transport = _TRANSPORTS[transport]
+        self.ws = self.transport == T_WS or self.transport == T_WSS
+        self.tls = self.transport == T_TLS or self.transport == T_WSS
+        self.tls_errors = {}
+        if self.tls:
+            self.ssl_ctx = lg_tls_ctx(tls_ca.encode(), why, sizeof(why))
+            if self.ssl_ctx == NULL:
+                raise ValueError(f"TLS context: {why.decode('utf-8', 'replace')}")
+            self.tls_verify = bool(tls_ca)
+            self._server_name = (tls_server_name or host).encode()
         self.rng = 0x4D595DF4D0F33173 ^ <uint64_t>n
         self._hellos = [bytes(h) for h in hellos]
         self._joins = [bytes(j) for j in joins]
-        if self.transport == T_WS:
+        if self.ws:
             self._hellos = [_ws_wrap(h, <uint32_t>_rand(self)) for h in self._hellos]
             self._joins = [_ws_wrap(j, <uint32_t>_rand(self)) for j in self._joins]
             hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -135,6 +152,8 @@ cdef class Viewers:
         free(self.hist)
         free(self.srcs)
         free(self.dirty)
+        if self.ssl_ctx != NULL:
+            lg_tls_ctx_free(self.ssl_ctx)
         if self.ep >= 0:
             c_close(self.ep)
 
@@ -174,6 +193,10 @@ cdef class Viewers:
                 continue
             if v.state == ST_CONNECTING:
                 _on_connected(self, v)
+            elif v.state == ST_TLS:
+                _tls_step(self, v)
+                if v.state == ST_TLS or v.fd < 0:
+                    continue
             elif e & EPOLLOUT:
                 _flush_out(self, v)
             if e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -262,6 +285,9 @@ cdef class Viewers:
             "ws_closes": self.ws_closes,
             "ws_pongs": self.ws_pongs,
             "ws_pings": self.ws_pings,
+            "tls_handshakes": self.tls_handshakes,
+            "tls_failures": self.tls_failures,
+            "tls_errors": dict(self.tls_errors),
             "pings_sent": self.pings_sent,
             "presence": self.presence,
             "acks": self.acks,
