@@ -6,7 +6,8 @@ SCENARIO is one of reference-room, quiet-rooms, idle-connections,
 connect-storm, wire-bytes, sweep (deliveries/s against viewers, for the
 plot), profile (py-spy of the node at the reference load), node-peers (the
 engine against the Node peers alone), websocket (the engine over WebSocket
-against itself over TCP and against the Node peers), stalls-quiet (the stall tracer,
+against itself over TCP and against the Node peers), tls-reference (the
+reference room on the TCP, TLS, WebSocket and WSS ports), stalls-quiet (the stall tracer,
 bench/stalltrace.py, in the node under the quiet-rooms load), or all. Each
 starts its own node process
 (``fanout node --port 0 --admin-port 0 ...`` with the settings it needs), its
@@ -43,6 +44,6 @@ The modules: ``harness`` (paths, the node, C builds, the machine), ``load``
 (``fanout load``: running it, its flags, its figures), ``peers`` (the runs of
 bench/peers/), one module per scenario or group (``reference_room``,
 ``quiet_rooms``, ``connections``, ``wire_bytes``, ``sweep``, ``profiles``,
-``node_peers``, ``websocket``),
+``node_peers``, ``websocket``, ``tls_reference``),
 ``report`` (targets, summaries) and ``cli``.
 """

@@ -22,6 +22,7 @@ from bench.scenarios.report import summarize
 from bench.scenarios.scaling import scaling
 from bench.scenarios.soak import soak
 from bench.scenarios.sweep import sweep
+from bench.scenarios.tls_reference import tls_reference
 from bench.scenarios.websocket import websocket
 from bench.scenarios.wire_bytes import wire_bytes
 from bench.scenarios.writers import writer_threads
@@ -49,11 +50,12 @@ SCENARIOS = {
     "writer-threads": writer_threads,
     "node-peers": node_peers,
     "websocket": websocket,
+    "tls-reference": tls_reference,
 }
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "stalls-quiet", "cluster-quiet", "router-throughput",
             "workers-reference", "reconnect-storm", "scaling", "node-peers", "writer-threads",
-            "websocket"}
+            "websocket", "tls-reference"}
 
 
 def main(argv: list[str] | None = None) -> int:

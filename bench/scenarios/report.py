@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench.scenarios.load import latency_summary
 from bench.scenarios.node_peers import summary_lines
+from bench.scenarios.tls_reference import summary as tls_summary
 from bench.scenarios.websocket import summary as websocket_summary
 
 TARGETS = {
@@ -34,6 +35,8 @@ def summarize(name: str, r: dict) -> str:
                                                      if "versus_node_peers" in r else [])))
     if name == "websocket":
         return websocket_summary(r)
+    if name == "tls-reference":
+        return tls_summary(r)
     if name == "node-peers":
         return "node-peers:\n" + "\n".join(summary_lines(r["versus_node_peers"]))
     if name == "writer-threads":

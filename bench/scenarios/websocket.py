@@ -55,7 +55,7 @@ def run_engine(transport: str, viewers: int, duration: float, rate: float = 2000
             "load_command": cmd, "node_command": node.command}
 
 
-def _median_row(rows: list[dict]) -> dict:
+def median_row(rows: list[dict]) -> dict:
     """Medians of each figure over runs (None when a run lacks it)."""
     out = {}
     for key in ("deliveries_per_s", "cores", "deliveries_per_core_s", "p99_ms",
@@ -95,9 +95,9 @@ def websocket(quick: bool) -> dict:
         out["order"].append(kind)
     out["engine_runs"] = engine
     out["peer_runs"] = peer_runs
-    medians = {f"engine_{t}": _median_row([r["row"] for r in engine[t]]) for t in TRANSPORTS}
+    medians = {f"engine_{t}": median_row([r["row"] for r in engine[t]]) for t in TRANSPORTS}
     for kind, runs in peer_runs.items():
-        medians[kind] = _median_row([peer_row(r) for r in runs])
+        medians[kind] = median_row([peer_row(r) for r in runs])
     out["medians"] = medians
 
     ws, tcp = medians["engine_ws"], medians["engine_tcp"]
