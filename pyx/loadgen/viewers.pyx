@@ -141,6 +141,7 @@ cdef class Viewers:
         cdef Py_ssize_t i
         if self.v != NULL:
             for i in range(self.n):
+                lg_tls_free(self.v[i].ssl)
                 if self.v[i].fd >= 0:
                     c_close(self.v[i].fd)
                 free(self.v[i].carry)
