@@ -14,6 +14,8 @@
 #
 #   Viewers.poll(): epoll_wait, then per ready socket            [viewers.pyx]
 #     connect done / writable -> _on_connected, _flush_out     [lifecycle.pyx]
+#       (TLS viewers: the handshake first, _tls_step           [tlsviewer.pyx];
+#        every read and write goes through _io_recv / _io_send)
 #     readable -> _on_readable: recv() into the shared scratch    [reader.pyx]
 #       _feed: headers checked, whole frames handled in place, an
 #              incomplete tail kept in the viewer's carry buffer
