@@ -1,4 +1,4 @@
-# WebSocket viewers (transport T_WS; docs/protocol.md section 8), as a
+# WebSocket viewers (transports T_WS, T_WSS; docs/protocol.md 1.1), as a
 # browser does it:
 #   connect -> the HTTP upgrade request (the same bytes for every viewer)
 #   <- "HTTP/1.1 101", checked against the Sec-WebSocket-Accept of our key;
