@@ -97,17 +97,18 @@ def test_websocket_quick(tmp_path):
 def test_tls_reference_quick(tmp_path):
     """The reference load on all four ports of one node build (TLS with
     `fanout cert`'s certificate): every delivery checked on each."""
-    r = _run_scenario("tls-reference", tmp_path, 150)
-    assert r["order"] == ["tcp", "tls", "ws", "wss"]
+    r = _run_scenario("tls-reference", tmp_path, 240)
+    assert r["order"] == ["tcp", "tls", "ws", "wss", "tcp_flat_out", "tls_flat_out",
+                          "ws_flat_out", "wss_flat_out"]
     for transport, runs in r["runs"].items():
-        (run,) = runs
-        load = run["load"]
-        assert load["gaps"] == 0 and load["divergences"] == 0 and load["errors"] == {}
-        assert load["viewers_joined"] == 300
-        assert load["deliveries"] > 0 and load["deliveries"] == load["expected_deliveries"]
-        assert load["config"]["transport"] == transport
-    assert set(r["ratios"]) == {"tls_per_core_to_tcp", "wss_per_core_to_ws",
-                                "tls_cpu_per_frame_to_tcp", "wss_cpu_per_frame_to_ws"}
+        for run in (*runs, r["flat_out"][transport]):
+            load = run["load"]
+            assert load["gaps"] == 0 and load["divergences"] == 0 and load["errors"] == {}
+            assert load["viewers_joined"] == 300
+            assert load["deliveries"] > 0 and load["deliveries"] == load["expected_deliveries"]
+            assert load["config"]["transport"] == transport
+    assert {"tls_per_core_to_tcp", "wss_per_core_to_ws", "tls_cpu_per_frame_to_tcp",
+            "wss_cpu_per_frame_to_ws", "flat_out_tls_per_core_to_tcp"} <= set(r["ratios"])
     assert r["verdict"] == ("met" if all(r["checks"].values()) else "missed")
     assert r["tls_mode"]["mode"]
 

@@ -3,7 +3,10 @@ of 50 B, reference-room's node settings) with the viewers on each of the
 node's four ports, alternating per round (tcp tls ws wss, then wss ws tls
 tcp, ...), each run on a fresh node: deliveries/s per node core, node CPU
 per Batch frame written, p99, for TLS against plaintext (goal >= 0.5x per
-core) over TCP and over WebSocket.
+core) over TCP and over WebSocket. Then each port once flat out (the node
+flushing whenever its loop is free, ``max_delay_ms`` 0, fed 4,000 msg/s, as
+reference-room runs it): deliveries/s when the node, not the offered load,
+is the limit.
 
 The viewers are ``fanout load --transport tls|wss`` (an OpenSSL session per
 viewer, the node's certificate from ``fanout cert``, not checked: loopback);
@@ -52,6 +55,12 @@ def tls_reference(quick: bool) -> dict:
     out["runs"] = runs
     medians = {t: median_row([r["row"] for r in runs[t]]) for t in TRANSPORTS}
     out["medians"] = medians
+    flat = {}
+    for transport in TRANSPORTS:
+        flat[transport] = run_engine(transport, viewers, duration, rate=4000, max_delay_ms=0,
+                                     **tls)
+        out["order"].append(transport + "_flat_out")
+    out["flat_out"] = flat
 
     def ratio(a: str, b: str, key: str) -> float | None:
         x, y = medians[a][key], medians[b][key]
@@ -63,11 +72,22 @@ def tls_reference(quick: bool) -> dict:
         "tls_cpu_per_frame_to_tcp": ratio("tls", "tcp", "node_us_per_frame"),
         "wss_cpu_per_frame_to_ws": ratio("wss", "ws", "node_us_per_frame"),
     }
+
+    def flat_ratio(a: str, b: str, key: str) -> float | None:
+        x, y = flat[a]["row"][key], flat[b]["row"][key]
+        return round(x / y, 3) if x and y else None
+
+    out["ratios"].update({
+        "flat_out_tls_deliveries_to_tcp": flat_ratio("tls", "tcp", "deliveries_per_s"),
+        "flat_out_wss_deliveries_to_ws": flat_ratio("wss", "ws", "deliveries_per_s"),
+        "flat_out_tls_per_core_to_tcp": flat_ratio("tls", "tcp", "deliveries_per_core_s"),
+        "flat_out_wss_per_core_to_ws": flat_ratio("wss", "ws", "deliveries_per_core_s"),
+    })
     checks = {
         "every delivery, no gap, on every port": all(
             r["load"].get("gaps") == 0 and r["load"].get("divergences") == 0
             and r["load"].get("deliveries") == r["load"].get("expected_deliveries")
-            for rs in runs.values() for r in rs),
+            for rs in [*runs.values(), list(flat.values())] for r in rs),
         "tls >= 0.5x tcp per core": (out["ratios"]["tls_per_core_to_tcp"] or 0) >= 0.5,
         "wss >= 0.5x ws per core": (out["ratios"]["wss_per_core_to_ws"] or 0) >= 0.5,
     }
@@ -83,5 +103,11 @@ def summary(r: dict) -> str:
         lines.append(f"    {name:4} {(m['deliveries_per_s'] or 0) / 1e6:7.3f}M/s on {m['cores']} "
                      f"cores = {(m['deliveries_per_core_s'] or 0) / 1e6:7.3f}M per core-s, "
                      f"p99 {m['p99_ms']} ms, {m['node_us_per_frame']} us per frame, "
+                     f"{m['messages_per_frame']} msg/frame, gaps {m['gaps']}")
+    for name, f in r.get("flat_out", {}).items():
+        m = f["row"]
+        lines.append(f"    {name:4} flat out {(m['deliveries_per_s'] or 0) / 1e6:7.3f}M/s on "
+                     f"{m['cores']} cores = {(m['deliveries_per_core_s'] or 0) / 1e6:7.3f}M per "
+                     f"core-s, p99 {m['p99_ms']} ms, {m['node_us_per_frame']} us per frame, "
                      f"{m['messages_per_frame']} msg/frame, gaps {m['gaps']}")
     return "\n".join(lines)
