@@ -72,9 +72,12 @@ class RawClient:
             if not data:
                 self.closed = True
                 return False
-            for ftype, _flags, body in self.decoder.feed(data):
-                self.pending.append((ftype, wire.decode_message(ftype, body)))
+            self._take(data)
         return True
+
+    def _take(self, data: bytes) -> None:
+        for ftype, _flags, body in self.decoder.feed(data):
+            self.pending.append((ftype, wire.decode_message(ftype, body)))
 
     def next(self, timeout: float = 10.0):
         """Next (frame type, message); None at EOF or timeout."""
@@ -181,7 +184,7 @@ class WsRawClient(RawClient):
                     break
                 rest += chunk
             return head + b"\r\n\r\n" + rest
-        self._buf = rest
+        self._take(rest)
         return head + b"\r\n\r\n"
 
     def send(self, ftype: int, msg) -> None:
@@ -209,34 +212,17 @@ class WsRawClient(RawClient):
             payload, self._buf = self._buf[pos:pos + n], self._buf[pos + n:]
             yield b0 & 0x80, b0 & 0x0F, payload
 
-    def _fill(self, deadline: float) -> bool:
-        while not self.pending:
-            for fin, opcode, payload in self._frames():
-                assert fin, "the node never fragments"
-                if opcode == 0x2:
-                    frames = list(self.decoder.feed(payload))
-                    assert len(frames) == 1 and not self.decoder._buf, \
-                        "one wire frame per WebSocket message"
-                    for ftype, _flags, body in frames:
-                        self.pending.append((ftype, wire.decode_message(ftype, body)))
-                else:
-                    self.controls.append((opcode, payload))
-                    if opcode == 0x8:
-                        self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005
-            if self.pending:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(262144)
-            except socket.timeout:
-                return False
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.closed = True
-                return False
-            self._buf += data
-        return True
+    def _take(self, data: bytes) -> None:
+        self._buf += data
+        for fin, opcode, payload in self._frames():
+            assert fin, "the node never fragments"
+            if opcode == 0x2:
+                frames = list(self.decoder.feed(payload))
+                assert len(frames) == 1 and not self.decoder._buf, \
+                    "one wire frame per WebSocket message"
+                for ftype, _flags, body in frames:
+                    self.pending.append((ftype, wire.decode_message(ftype, body)))
+            else:
+                self.controls.append((opcode, payload))
+                if opcode == 0x8:
+                    self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005

@@ -409,3 +409,20 @@ async def test_core_reads_the_vector_client_message_and_writes_the_close():
     got = await drain(peer, 100)
     assert got.endswith(bytes.fromhex(close["message_hex"]))
     conn.close()
+
+
+def test_request_budget_and_idle_timeout_apply_over_websocket(start_node):
+    node = start_node("--request-rate", "10", "--request-burst", "20",
+                      "--ping-interval-ms", "200", "--idle-timeout-ms", "600")
+    ws = WsRawClient("127.0.0.1", node.ws_port)
+    assert isinstance(ws.hello(token("flood")), pb.AuthOk)
+    ping = wire.encode_frame(FT.PING, pb.Ping(nonce=1))
+    ws.sock.sendall(ws_frame(0x2, ping * 100))          # 100 requests in one message
+    frames = ws.until_closed()
+    assert frames[-1][0] == FT.ERROR and frames[-1][1].reason == pb.TOO_MANY_REQUESTS
+    assert ws.close_code == 4000 + pb.TOO_MANY_REQUESTS
+    idle = WsRawClient("127.0.0.1", node.ws_port)
+    assert isinstance(idle.hello(token("idle")), pb.AuthOk)
+    frames = idle.until_closed(timeout=5)                 # says nothing more
+    assert frames[-1][0] == FT.KICK and frames[-1][1].reason == pb.HEARTBEAT_TIMEOUT
+    assert idle.close_code == 4000 + pb.HEARTBEAT_TIMEOUT

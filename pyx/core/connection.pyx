@@ -411,13 +411,7 @@ cdef class Connection:
                     self._bl_offset += w
                     break
                 w -= left
-                self._bl[self._bl_head] = NULL
-                Py_DECREF(<object>head)
-                self._bl_head = (self._bl_head + 1) % self._bl_cap
-                self._bl_len -= 1
-                self._bl_offset = (_wire_start(self, <object>self._bl[self._bl_head])
-                                   if self._bl_len else 0)
-                self.frames_sent += 1
+                self._pop_head()
             if self._bl_len:
                 return SEND_QUEUED     # short write: the socket is full
         FANOUT_ASSERT(self.backlog_bytes == 0 and self._bl_offset == 0)
