@@ -274,7 +274,7 @@ async def test_router_killed_under_load(cluster):
     print(f"\nrouter kill: takeover {takeover:.2f} s; {figures}; "
           f"refusals after the kill {refusals_after}")
     assert takeover < 10
-    assert figures["acked"] > 200
+    assert figures["acked"] >= 200           # 100 before the fault and 100 after, waited for
 
 
 async def test_nats_stopped_for_ten_seconds(cluster):
@@ -312,7 +312,7 @@ async def test_nats_stopped_for_ten_seconds(cluster):
     assert all(c.stats["reconnects"] == 0 for c in load.receivers)
     print(f"\nNATS outage 10 s: ready again {ready_after:.2f} s and publishing again "
           f"{recovered:.2f} s after the restart; {figures}")
-    assert figures["acked"] > 200
+    assert figures["acked"] >= 200           # 100 before the fault and 100 after, waited for
     # Revocations still reach every router (their KV watch came back).
     await _revocations_reach_every_router(nodes, "after")
 
@@ -340,7 +340,7 @@ async def test_nats_server_killed_in_r3_cluster(cluster):
     print(f"\nR3, the stream leader {victim.name} killed"
           f"{' (the router was connected to it)' if router_there else ''}: "
           f"refusals for {refusing:.2f} s; {figures}")
-    assert figures["acked"] > 200
+    assert figures["acked"] >= 200           # 100 before the fault and 100 after, waited for
 
 
 def _has_client(server, name: str) -> bool:
