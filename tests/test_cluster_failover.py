@@ -66,12 +66,12 @@ class Load:
             for r in range(2):
                 client = Client(node.host, node.port, mint(SECRET, f"rx-{n}-{r}", rooms="*"))
                 await client.connect()
-                await client.join(self.room)
+                await _join(client, self.room)
                 self.receivers.append(client)
                 self.received.append([])
             chatter = Client(node.host, node.port, mint(SECRET, f"chat-{n}", rooms="*"))
             await chatter.connect()
-            await chatter.join(self.room)
+            await _join(chatter, self.room)
             self.chatters.append(chatter)
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {API_KEY}"},
@@ -244,6 +244,21 @@ async def _revocations_reach_every_router(nodes, tag: str) -> None:
         else:
             raise AssertionError(f"user {user}'s router unavailable for 2 s")
     assert not let_in, f"revoked users let in {tag} the outage: {let_in}"
+
+
+async def _join(client: Client, room: str) -> None:
+    # Before the fault too, a router may not serve the room's partition yet
+    # (its lease still being taken on a loaded machine): UNAVAILABLE means
+    # retry later, and clients do.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await client.join(room)
+            return
+        except RequestError as exc:
+            if exc.reason != pb.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def _ready(node) -> tuple[int, dict]:
