@@ -208,7 +208,8 @@ def test_auth_failures_and_bad_requests_get_json_errors(node):
         ("body too large", "POST", "/v1/publish", b"x" * (5 << 20), {}, 413,
          "PAYLOAD_TOO_LARGE", "bytes"),
         ("form body", "POST", "/v1/publish", b"room=r", {"content_type":
-         "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE", "application/json"),
+         "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE",
+         "add -H 'Content-Type: application/json'"),
         ("too many items", "POST", "/v1/publish", {"messages": [ok] * 1001}, {}, 400,
          "BAD_REQUEST", "at most 1000"),
         ("no items", "POST", "/v1/publish", {"messages": []}, {}, 400, "BAD_REQUEST", "no messages"),

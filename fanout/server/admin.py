@@ -147,9 +147,16 @@ def _object(value: Any, what: str, allowed: frozenset) -> dict:
     return value
 
 
+#: What ``curl -d`` sends unless told otherwise: refused (the body is not a
+#: form), but the answer says how to send it.
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
 def _unsupported(ctype: str, accepted: str) -> ApiError:
+    hint = (" (curl -d sends a form: add -H 'Content-Type: application/json')"
+            if ctype == FORM_TYPE else "")
     return ApiError(415, "UNSUPPORTED_MEDIA_TYPE",
-                    f"Content-Type {ctype!r} is not supported here; send {accepted}")
+                    f"Content-Type {ctype!r} is not supported here; send {accepted}{hint}")
 
 
 async def _read_json(request: web.Request, accepted: str = JSON_TYPE) -> Any:
