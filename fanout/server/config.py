@@ -78,8 +78,8 @@ class NodeConfig:
                          "(the built-in development secret only on a loopback host)")
     admin_host: str = _field("127.0.0.1", "address the admin HTTP API binds to (keep it private)")
     admin_port: int = _field(7001, "admin HTTP API port (0: any free port, -1: no admin API)", minimum=-1)
-    api_key: str = _field("", "key for the admin API ('': on a loopback admin_host, generate "
-                          "one per run and write it to api_key_file; required elsewhere)")
+    api_key: str = _field("", "key for the admin API ('': on a loopback admin_host, use the "
+                          "one in api_key_file, or generate one there; required elsewhere)")
     api_key_file: str = _field("", "where a generated API key is written, mode 0600 ('': "
                                "$XDG_RUNTIME_DIR or the temp dir, fanout-<admin port>.key)")
     # client tokens
