@@ -6,8 +6,8 @@
     fanout cluster [--nodes 3]                              (a local cluster to try)
     fanout events --nats nats://HOST:4222                   (tail the event log)
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
-    fanout listen ROOM [--host H --port N] [--tls --ca FILE]
-    fanout say ROOM TEXT [--kind chat] [--tls --ca FILE]
+    fanout listen ROOM [--host H --port N] [--device-class C] [--tls --ca FILE]
+    fanout say ROOM TEXT [--host H --port N] [--device-class C] [--tls --ca FILE]
     fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
     fanout drain [--admin-host H --admin-port N --api-key KEY]
     fanout demo [--http-port 7080] [--room lobby] [--no-bot]   (a live room in the browser)
@@ -22,6 +22,7 @@ import dataclasses
 import os
 import sys
 
+from . import __version__
 from .server import config as config_mod
 from .protocol.auth import DEV_SECRET, mint
 
@@ -61,12 +62,41 @@ def _router_parser(sub) -> None:
                        help=f"{f.metadata['doc']} (default {f.default!r})")
 
 
-def _client_args(p) -> None:
-    p.add_argument("--host", default=os.environ.get("FANOUT_CONNECT_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("FANOUT_PORT", "7000")))
-    p.add_argument("--token", help="JWT; default: mint one with --user and the node secret")
-    p.add_argument("--user", default=f"cli-{os.getpid()}")
-    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
+def _port(value: str) -> int:
+    """A port number, for flags whose default may come from the environment
+    (a bad FANOUT_PORT is a usage error naming the value, not a traceback)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0..65535): {port}")
+    return port
+
+
+def _secret_arg(p) -> None:
+    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET),
+                   help="the node's token secret, to mint with (default $FANOUT_SECRET, else "
+                        "the built-in development secret)")
+
+
+def _client_args(p, role: str) -> None:
+    """The connection flags of ``listen`` and ``say``. Each command has a
+    user and a device class of its own by default, so a listener and a
+    sayer never take each other's login (one per user and device class)."""
+    p.add_argument("--host", default=os.environ.get("FANOUT_CONNECT_HOST", "127.0.0.1"),
+                   help="node address (default $FANOUT_CONNECT_HOST, else 127.0.0.1)")
+    # A string default: argparse converts it with _port only for this command.
+    p.add_argument("--port", type=_port, default=os.environ.get("FANOUT_PORT", "7000"),
+                   help="node client port (default $FANOUT_PORT, else 7000)")
+    p.add_argument("--token", help="a JWT to connect with (e.g. from `fanout token`); "
+                                   "default: mint one for --user with --secret")
+    p.add_argument("--user", default=f"{role}-{os.getpid()}",
+                   help=f"user to mint a token for (default {role}-PID)")
+    p.add_argument("--device-class", default=f"cli-{role}",
+                   help=f"device class to log in as: one login per user and device class, "
+                        f"a newer one replaces the older (default cli-{role})")
+    _secret_arg(p)
     p.add_argument("--tls", action="store_true",
                    help="connect with TLS (to the node's tls_port), verifying its certificate")
     p.add_argument("--ca", metavar="FILE", default=os.environ.get("FANOUT_CA") or None,
@@ -78,6 +108,7 @@ def _client_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
     _router_parser(sub)
@@ -97,22 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="exit after N events (0: never)")
 
     p = sub.add_parser("token", help="mint a development token")
-    p.add_argument("--user", required=True)
-    p.add_argument("--rooms", default="*", help="'*' or comma-separated room names")
-    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
-    p.add_argument("--iss", default="", help="issuer claim, for a node with token_issuer")
-    p.add_argument("--aud", default="", help="audience claim, for a node with token_audience")
-    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
+    p.add_argument("--user", required=True, help="the user (the token's 'sub'; required)")
+    p.add_argument("--rooms", default="*",
+                   help="'*' or comma-separated room names (default '*': every room)")
+    p.add_argument("--ttl", type=float, default=3600.0,
+                   help="seconds until expiry (default 3600)")
+    p.add_argument("--iss", default="",
+                   help="issuer claim, for a node with token_issuer (default: none)")
+    p.add_argument("--aud", default="",
+                   help="audience claim, for a node with token_audience (default: none)")
+    _secret_arg(p)
 
-    p = sub.add_parser("listen", help="join a room and print its messages")
-    p.add_argument("room")
-    p.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
-    _client_args(p)
+    p = sub.add_parser("listen", help="join a room and print its messages",
+                       description="Join ROOM and print every message (its seq, kind, "
+                                   "priority, sender and payload; binary payloads in hex), "
+                                   "gaps, reconnects, epoch changes and the online count.")
+    p.add_argument("room", help="the room to join")
+    p.add_argument("--count", type=int, default=0, help="exit after N messages (default 0: never)")
+    _client_args(p, "listen")
 
     p = sub.add_parser("say", help="send one chat message to a room")
-    p.add_argument("room")
-    p.add_argument("text")
-    _client_args(p)
+    p.add_argument("room", help="the room (joined first, as chat needs)")
+    p.add_argument("text", help="the message (UTF-8)")
+    _client_args(p, "say")
 
     p = sub.add_parser("cert", help="make a development CA and a certificate for trying TLS",
                        description="Write ca.pem, ca-key.pem, cert.pem and key.pem to --dir: a "
@@ -252,24 +290,87 @@ def _tls_options(args) -> dict:
     return {"tls": True, "ca": args.ca, "server_hostname": args.server_name}
 
 
+#: The most payload bytes ``fanout listen`` shows of a binary payload.
+SHOW_BYTES = 256
+
+
+def show_payload(payload: bytes) -> str:
+    """A payload as one safe line: UTF-8 text as it is, text with control
+    characters (a terminal escape, a newline) as a Python literal, anything
+    else as hex, cut at SHOW_BYTES."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = payload[:SHOW_BYTES].hex(" ")
+        more = f" ... ({len(payload)} bytes)" if len(payload) > SHOW_BYTES else ""
+        return f"<{len(payload)} bytes> {shown}{more}"
+    return text if text.isprintable() else repr(text)
+
+
+class _Status:
+    """What ``fanout listen`` reports besides messages: reconnects, epoch
+    changes and the online count, each printed when it changes."""
+
+    def __init__(self, client, room: str, epoch: str) -> None:
+        self.client, self.room = client, room
+        self.epoch, self.reconnects, self.online = epoch, 0, None
+
+    def report(self) -> None:
+        reconnects = self.client.stats["reconnects"]
+        if reconnects != self.reconnects:
+            self.reconnects = reconnects
+            print(f"-- reconnected and resumed ({reconnects} reconnect(s) so far)", flush=True)
+        cursor = self.client.cursor(self.room)
+        if cursor is not None and cursor[0] and cursor[0] != self.epoch:
+            print(f"-- [{self.room}] epoch changed: {self.epoch} -> {cursor[0]} "
+                  "(the room's seqs restarted)", flush=True)
+            self.epoch = cursor[0]
+        online = self.client.online(self.room)
+        if online is not None and online != self.online:
+            self.online = online
+            print(f"-- [{self.room}] online: {online}", flush=True)
+
+    async def watch(self, every: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.report()
+
+
+def _kind_name(kind: int) -> str:
+    from .protocol import fanout_pb2 as pb
+
+    try:
+        return pb.Kind.Name(kind).lower()
+    except ValueError:
+        return f"kind-{kind}"
+
+
 async def _listen(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      token_refresher=_refresher(args), **_tls_options(args)) as client:
+                      device_class=args.device_class, token_refresher=_refresher(args),
+                      **_tls_options(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
+        status = _Status(client, args.room, ack.epoch)
+        watcher = asyncio.create_task(status.watch())
         seen = 0
-        async for event in client:
-            if event.DESCRIPTOR.name == "Gap":
-                print(f"[{event.room}] GAP: messages {event.from_seq}..{event.to_seq} "
-                      "are gone", flush=True)
-                continue
-            text = event.payload.decode("utf-8", "replace")
-            print(f"[{event.room} #{event.seq}] {event.sender}: {text}", flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
+        try:
+            async for event in client:
+                status.report()
+                if event.DESCRIPTOR.name == "Gap":
+                    print(f"[{event.room}] GAP: messages {event.from_seq}..{event.to_seq} "
+                          "are gone", flush=True)
+                    continue
+                priority = f" p{event.priority}" if event.priority else ""
+                print(f"[{event.room} #{event.seq} {_kind_name(event.kind)}{priority}] "
+                      f"{event.sender}: {show_payload(event.payload)}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        finally:
+            watcher.cancel()
     return 0
 
 
@@ -277,7 +378,8 @@ async def _say(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      reconnect=False, **_tls_options(args)) as client:
+                      device_class=args.device_class, reconnect=False,
+                      **_tls_options(args)) as client:
         await client.join(args.room)
         ack = await client.say(args.room, args.text.encode("utf-8"))
         print(f"sent to {args.room} as seq {ack.seq}", flush=True)

@@ -93,3 +93,74 @@ def test_node_reports_a_taken_port(node):
 def test_node_runs_on_the_loop_it_is_given(node, node_loop):
     # The node logs its loop's module when it listens: uvloop, or asyncio.unix_events.
     assert f"(loop {node_loop}" in node.log()
+
+
+def _publish(node, item: dict) -> None:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.admin_port}/v1/publish", data=json.dumps(item).encode(),
+        headers={"Authorization": f"Bearer {node.api_key}",
+                 "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
+    """One dev token for both: listen and say log in as different device
+    classes, so neither kicks the other (DUPLICATE_LOGIN). listen shows each
+    message's kind and priority, the online count, and a binary payload or
+    a terminal escape safely."""
+    import os
+    import time
+    node = start_node("--presence-interval-ms", "100")
+    shared = run_cli("token", "--user", "alice").stdout.strip()
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
+         "--count", "4", "--token", shared],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        assert "joined lobby" in listener.stdout.readline()
+        out = run_cli("say", "lobby", "hello", "--port", str(node.port), "--token", shared)
+        assert out.returncode == 0, out.stderr
+        _publish(node, {"room": "lobby", "kind": "gift", "priority": 5, "sender": "svc",
+                        "payload_b64": "AP8Q"})              # 00 ff 10
+        _publish(node, {"room": "lobby", "kind": "system", "payload": "\x1b[2Jboom"})
+        time.sleep(1.0)                   # a Presence frame or more, and the watcher's look
+        out = run_cli("say", "lobby", "bye", "--port", str(node.port), "--token", shared,
+                      "--device-class", "other")
+        assert out.returncode == 0, out.stderr
+        stdout, stderr = listener.communicate(timeout=20)
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    assert "DUPLICATE_LOGIN" not in stdout + stderr
+    assert "#1 chat] alice: hello" in stdout, stdout
+    assert "#2 gift p5] svc: <3 bytes> 00 ff 10" in stdout, stdout
+    assert "#3 system] " in stdout and "'\\x1b[2Jboom'" in stdout and "\x1b" not in stdout
+    assert "#4 chat] alice: bye" in stdout, stdout
+    assert "-- [lobby] online: " in stdout, stdout
+
+
+def test_listen_and_say_flags_have_help_and_defaults():
+    for command in ("listen", "say", "token"):
+        out = run_cli(command, "--help")
+        assert out.returncode == 0
+        for flag in ("--user", "--secret") + (("--port", "--device-class", "--token")
+                                              if command != "token" else ("--ttl", "--rooms")):
+            # the flag's entry under "options:", up to the next flag's
+            entry = out.stdout.split("\n  " + flag + " ", 1)[1].split("\n  --", 1)[0]
+            assert "default" in entry or "required" in entry, (command, flag, out.stdout)
+
+
+def test_version_matches_the_project():
+    import tomllib
+    from pathlib import Path
+
+    import fanout
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["version"] == fanout.__version__
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"fanout {fanout.__version__}"
