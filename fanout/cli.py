@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "publishes, moves its clients away, then exits.")
     p.add_argument("--admin-host", default="127.0.0.1",
                    help="address of the node's admin API (default 127.0.0.1)")
-    p.add_argument("--admin-port", type=int,
-                   default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")),
+    p.add_argument("--admin-port", type=_port,
+                   default=os.environ.get("FANOUT_ADMIN_PORT", "7001"),
                    help="its port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="the node's admin API key (default $FANOUT_API_KEY, else the key "
@@ -226,10 +226,10 @@ def _load_parser(sub) -> None:
     env = os.environ.get
     p.add_argument("--host", default=env("FANOUT_CONNECT_HOST", "127.0.0.1"),
                    help="node address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
+    p.add_argument("--port", type=_port, default=env("FANOUT_PORT", "7000"),
                    help="node client port (default $FANOUT_PORT, else 7000)")
     p.add_argument("--admin-host", default="", help="admin API address (default: --host)")
-    p.add_argument("--admin-port", type=int, default=int(env("FANOUT_ADMIN_PORT", "7001")),
+    p.add_argument("--admin-port", type=_port, default=env("FANOUT_ADMIN_PORT", "7001"),
                    help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=env("FANOUT_API_KEY", ""),
                    help="admin API key, needed to publish (default $FANOUT_API_KEY)")
@@ -273,6 +273,20 @@ def _load_parser(sub) -> None:
     p.add_argument("--node-pid", type=int, help="also report this node process's CPU use")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no live terminal view")
+
+
+def _mint_token(args) -> int:
+    rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
+    problem = ("--user must not be empty" if not args.user else
+               "--ttl must be more than 0 seconds" if not args.ttl > 0 else
+               "--rooms names no room (use '*' for every room)" if not rooms else
+               "--secret must not be empty" if not args.secret else "")
+    if problem:
+        print(f"fanout token: {problem}", file=sys.stderr)
+        return 2
+    extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}
+    print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl, **extra))
+    return 0
 
 
 def _token(args) -> str:
@@ -499,16 +513,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_router(cfg, router_id=args.router_id)
     if args.command == "cluster":
         from .cluster.local import run as run_cluster
+
+        if args.nodes < 1 or args.routers < 1:
+            print("fanout cluster: --nodes and --routers must be at least 1", file=sys.stderr)
+            return 2
         return run_cluster(nodes=args.nodes, base_port=args.base_port, routers=args.routers,
                            nats_port=args.nats_port, loop=args.loop)
     if args.command == "events":
         from .cluster.events import run as run_events
         return run_events(args.nats, since_start=args.from_start, count=args.count)
     if args.command == "token":
-        rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
-        extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}
-        print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl, **extra))
-        return 0
+        return _mint_token(args)
     if args.command == "drain":
         return _drain(args)
     if args.command == "cert":
@@ -524,10 +539,17 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     runner = _listen if args.command == "listen" else _say
+    if not args.token and not args.user:
+        print(f"fanout {args.command}: --user must not be empty", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(runner(args))
     except KeyboardInterrupt:
         return 130
+    except ConnectionRefusedError:
+        print(f"fanout {args.command}: nothing listens on {args.host}:{args.port} "
+              "(is a node running there? `fanout node` serves 7000)", file=sys.stderr)
+        return 1
     except (OSError, Exception) as exc:  # surface a one-line reason, not a traceback
         if os.environ.get("FANOUT_DEBUG"):
             raise

@@ -164,3 +164,31 @@ def test_version_matches_the_project():
     assert project["project"]["version"] == fanout.__version__
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"fanout {fanout.__version__}"
+
+
+@pytest.mark.parametrize("args,env,words", [
+    (("token", "--user", ""), {}, "fanout token: --user must not be empty"),
+    (("token", "--user", "a", "--ttl", "0"), {}, "fanout token: --ttl must be more than 0"),
+    (("token", "--user", "a", "--rooms", ","), {}, "fanout token: --rooms names no room"),
+    (("say", "r", "x", "--user", ""), {}, "fanout say: --user must not be empty"),
+    (("node",), {"FANOUT_PORT": "abc"}, "fanout node: environment: port must be int"),
+    (("token", "--user", "a"), {"FANOUT_PORT": "abc", "FANOUT_ADMIN_PORT": "x"}, None),
+    (("listen", "r"), {"FANOUT_PORT": "abc"}, "argument --port: not a port number: 'abc'"),
+    (("load",), {"FANOUT_ADMIN_PORT": "x"}, "argument --admin-port: not a port number"),
+    (("drain", "--admin-port", "70000"), {}, "not a port number (0..65535)"),
+    (("cluster", "--nodes", "0"), {}, "fanout cluster: --nodes and --routers must be"),
+])
+def test_bad_input_gets_one_line_not_a_traceback(args, env, words):
+    out = run_cli(*args, env=env)
+    assert "Traceback" not in out.stderr, out.stderr
+    if words is None:                  # a bad variable another command reads is no error here
+        assert out.returncode == 0, out.stderr
+        return
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert words in out.stderr, out.stderr
+
+
+def test_say_names_the_address_nothing_listens_on():
+    out = run_cli("say", "lobby", "x", "--port", "1")
+    assert out.returncode == 1
+    assert "nothing listens on 127.0.0.1:1" in out.stderr, out.stderr
