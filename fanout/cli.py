@@ -232,7 +232,8 @@ def _load_parser(sub) -> None:
     p.add_argument("--admin-port", type=_port, default=env("FANOUT_ADMIN_PORT", "7001"),
                    help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=env("FANOUT_API_KEY", ""),
-                   help="admin API key, needed to publish (default $FANOUT_API_KEY)")
+                   help="admin API key, needed to publish (default $FANOUT_API_KEY, else "
+                        "the key file a node on loopback wrote for --admin-port)")
     p.add_argument("--secret", default=env("FANOUT_SECRET", DEV_SECRET),
                    help="the node's token secret (default $FANOUT_SECRET, else the dev secret)")
     p.add_argument("--viewers", type=int, default=1000, help="viewer connections (default 1000)")
@@ -534,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "load":
         from .load.cli import main as load_main
 
+        # As for drain: the key a node on loopback generated for that port.
+        args.api_key = args.api_key or _generated_key(args.admin_port)
         try:
             return load_main(args)
         except KeyboardInterrupt:
