@@ -281,6 +281,24 @@ def test_metrics_follow_publishes_and_connections(start_node):
     assert grew("fanout_batch_messages_sum") == gifts
     assert grew("fanout_flush_delay_seconds_count") == grew("fanout_batch_messages_count")
     assert grew("fanout_batch_bytes_total", stage="raw") > 0
+    # Body bytes only, so the ratio cannot read over 1 (headers were counted once).
+    assert 0 < grew("fanout_batch_bytes_total", stage="compressed") <= grew(
+        "fanout_batch_bytes_total", stage="raw")
+    # The process: memory, and a descriptor per client at least.
+    assert after[("process_resident_memory_bytes", ())] > 0
+    assert after[("process_open_fds", ())] >= members
+    assert after[("process_cpu_seconds_total", ())] > 0
+
+    # One message under compress_min: sent as it is, so compressed == raw exactly.
+    before = after
+    assert api(node, "POST", "/v1/publish", {"room": "gala", "kind": "gift",
+                                             "payload": "tiny"}).status == 200
+    for client in clients:
+        assert [m.seq for m in client.messages(1)] == [gifts + 1]
+    after = scrape(node)
+    assert grew("fanout_batch_bytes_total", stage="raw") > 0
+    assert grew("fanout_batch_bytes_total", stage="compressed") == grew(
+        "fanout_batch_bytes_total", stage="raw")
     # The lag probe runs every 100 ms; this test can be quicker than that.
     for _ in range(50):
         if scrape(node).get(("fanout_event_loop_lag_seconds_count", ()), 0) > 0:
@@ -402,7 +420,8 @@ def test_dashboard_queries_use_metrics_the_node_exports(node):
               for v in dashboard["templating"]["list"] if v["type"] == "query"]
     assert len(exprs) >= 15
     text = api(node, "GET", "/metrics", key=None).body.decode()
-    used = {name for expr in exprs for name in re.findall(r"\bfanout_[a-z0-9_]+", expr)}
+    used = {name for expr in exprs
+            for name in re.findall(r"\b(?:fanout|process)_[a-z0-9_]+", expr)}
     exported = _sample_names(text)
     assert used and not used - exported, f"not exported: {sorted(used - exported)}"
     # Every family of the node is on the dashboard somewhere. (The 0.0.4 text
