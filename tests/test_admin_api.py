@@ -315,6 +315,39 @@ def test_metrics_follow_publishes_and_connections(start_node):
         time.sleep(0.05)
 
 
+def test_room_list_pages_through_the_rooms_held_here(node):
+    """GET /v1/rooms: rooms by name with their members here and last seq, a
+    page at a time; the cursor walks them all once; bad parameters are 400."""
+    names = [f"room-{i:02d}" for i in range(7)]
+    clients = [joined(node, f"u{i}", name) for i, name in enumerate(names)]
+    clients.append(joined(node, "extra", "room-03"))
+    assert api(node, "POST", "/v1/publish",
+               {"room": "room-03", "kind": "gift", "payload": "x"}).json() == {"seq": 1}
+    seen, after = [], ""
+    while True:
+        reply = api(node, "GET", "/v1/rooms?limit=3" + (f"&after={after}" if after else ""))
+        assert reply.status == 200, reply
+        page = reply.json()
+        assert page["total"] == 7 and len(page["rooms"]) <= 3
+        seen += page["rooms"]
+        after = page["next"]
+        if after is None:
+            break
+    assert [r["room"] for r in seen] == names
+    assert {r["room"]: (r["online"], r["last_seq"]) for r in seen}["room-03"] == (2, 1)
+    assert all(r["online"] == 1 and r["epoch"] for r in seen if r["room"] != "room-03")
+    everything = api(node, "GET", "/v1/rooms").json()
+    assert len(everything["rooms"]) == 7 and everything["next"] is None
+    for query, words in (("limit=0", "limit"), ("limit=1001", "limit"), ("room=x", "room"),
+                         ("after=" + "r" * 200, "longer")):
+        reply = api(node, "GET", "/v1/rooms?" + query)
+        assert (reply.status, reply.error["code"]) == (400, "BAD_REQUEST"), (query, reply)
+        assert words in reply.error["message"], (query, reply.error)
+    assert api(node, "GET", "/v1/rooms", key="wrong").status == 403
+    for client in clients:
+        client.close()
+
+
 def test_room_info_reports_online_and_last_seq(node):
     room = "live:42/hd ü"      # ':', '/', space and non-ASCII, percent-encoded in the path
     path = "/v1/rooms/" + urllib.parse.quote(room, safe="")
