@@ -8,6 +8,7 @@
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
     fanout listen ROOM [--host H --port N] [--device-class C] [--tls --ca FILE]
     fanout say ROOM TEXT [--host H --port N] [--device-class C] [--tls --ca FILE]
+    fanout config --sample [--output FILE]               (every setting, as a TOML file)
     fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
     fanout drain [--admin-host H --admin-port N --api-key KEY]
     fanout demo [--http-port 7080] [--room lobby] [--no-bot]   (a live room in the browser)
@@ -151,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("room", help="the room (joined first, as chat needs)")
     p.add_argument("text", help="the message (UTF-8)")
     _client_args(p, "say")
+
+    p = sub.add_parser("config", help="write a sample node configuration (TOML)",
+                       description="Write every node setting with its default and doc, "
+                                   "commented out, as a TOML file for `fanout node --config`.")
+    p.add_argument("--sample", action="store_true", required=True,
+                   help="the sample (the only form there is; required so that a later "
+                        "`fanout config` can show the effective settings)")
+    p.add_argument("--output", "-o", metavar="FILE", default="-",
+                   help="where to write it (default '-': stdout)")
 
     p = sub.add_parser("cert", help="make a development CA and a certificate for trying TLS",
                        description="Write ca.pem, ca-key.pem, cert.pem and key.pem to --dir: a "
@@ -424,6 +434,24 @@ def _cert(args) -> int:
     return 0
 
 
+def _config_sample(args) -> int:
+    from .server.configsample import sample
+
+    text = sample()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "x") as fh:     # never over an operator's file
+            fh.write(text)
+    except OSError as exc:
+        print(f"fanout config: cannot write {args.output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}; start a node with it: fanout node --config {args.output}")
+    return 0
+
+
 def _generated_key(admin_port: int) -> str:
     """The key a node on loopback generated for ``admin_port``, if its file is there."""
     try:
@@ -529,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         return _drain(args)
     if args.command == "cert":
         return _cert(args)
+    if args.command == "config":
+        return _config_sample(args)
     if args.command == "demo":
         from .demo.run import run as run_demo
         return run_demo(args)
