@@ -411,8 +411,18 @@ async def _say(args) -> int:
     return 0
 
 
+#: The extra that brings the tools' dependencies (pyproject.toml).
+TOOLS_EXTRA = "pip install 'fanout-im[tools]'"
+
+
 def _cert(args) -> int:
     from . import devcert
+
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        print(f"fanout cert: needs the cryptography package: {TOOLS_EXTRA}", file=sys.stderr)
+        return 2
 
     try:
         made = devcert.make(args.dir, [*devcert.DEFAULT_NAMES, *args.name], days=args.days)
@@ -516,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                 import nats  # noqa: F401
             except ImportError:
                 print("fanout node: --nats needs the cluster extra: pip install "
-                      "'fanout[cluster]'", file=sys.stderr)
+                      "'fanout-im[cluster]'", file=sys.stderr)
                 return 2
         try:
             return run(cfg)        # 3 after a drain that left data undelivered

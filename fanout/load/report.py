@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -91,8 +92,13 @@ class Progress:
         #: When publishing ends (monotonic), once it has started.
         self.ends_at: float | None = None
         if cfg.progress:
-            from rich.console import Console
-            from rich.live import Live
+            try:
+                from rich.console import Console
+                from rich.live import Live
+            except ImportError:     # a lean install: the run goes on without the view
+                print("fanout load: no live view without the rich package "
+                      "(pip install 'fanout-im[tools]')", file=sys.stderr, flush=True)
+                return
 
             console = Console(stderr=True)
             self.live = Live(self._render({}), console=console, refresh_per_second=4,
