@@ -192,3 +192,40 @@ def test_say_names_the_address_nothing_listens_on():
     out = run_cli("say", "lobby", "x", "--port", "1")
     assert out.returncode == 1
     assert "nothing listens on 127.0.0.1:1" in out.stderr, out.stderr
+
+
+def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
+    """A node restart on the same port: listen reconnects by itself, resumes,
+    and says so, and says the room's epoch changed (a new node's seqs)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = start_node(port=port)
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(port), "--count", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        joined = listener.stdout.readline()
+        assert "joined lobby" in joined
+        first.stop()
+        second = start_node(port=port)
+        assert second.port == port
+        # The drain's Kick spreads reconnects over drain_jitter_ms (5 s).
+        lines = [listener.stdout.readline()]
+        while not lines[-1].startswith("-- reconnected") and lines[-1]:
+            lines.append(listener.stdout.readline())
+        out = run_cli("say", "lobby", "after the restart", "--port", str(port))
+        assert out.returncode == 0, out.stderr
+        stdout, stderr = listener.communicate(timeout=30)
+        lines += stdout.splitlines()
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    assert any(line.startswith("-- reconnected and resumed (1 reconnect") for line in lines), lines
+    old_epoch = joined.split("(epoch ")[1].rstrip(")\n")
+    assert any(f"epoch changed: {old_epoch} -> " in line for line in lines), lines
+    assert any("after the restart" in line for line in lines), lines
