@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "router(s) and nodes on consecutive ports")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--routers", type=int, default=1)
-    p.add_argument("--base-port", type=int, default=7100,
+    p.add_argument("--base-port", type=_port, default=7100,
                    help="node i serves clients on BASE+2i and its admin API on BASE+2i+1")
-    p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
+    p.add_argument("--nats-port", type=_port, default=4222, help="0: any free port")
     p.add_argument("--loop", default="uvloop")
 
     p = sub.add_parser("events", help="tail the cluster's event log (JSON lines)")
@@ -196,12 +196,12 @@ def _demo_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address of every port (default 127.0.0.1; the dev secret and "
                         "the /token endpoint are for loopback only)")
-    p.add_argument("--http-port", type=int, default=7080,
+    p.add_argument("--http-port", type=_port, default=7080,
                    help="the page's port (default 7080, 0: any free port)")
-    p.add_argument("--port", type=int, default=7000, help="node TCP client port (default 7000)")
-    p.add_argument("--ws-port", type=int, default=None,
+    p.add_argument("--port", type=_port, default=7000, help="node TCP client port (default 7000)")
+    p.add_argument("--ws-port", type=_port, default=None,
                    help="node WebSocket port (default: --port + 2, so 7002)")
-    p.add_argument("--admin-port", type=int, default=7001, help="admin API port (default 7001)")
+    p.add_argument("--admin-port", type=_port, default=7001, help="admin API port (default 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="admin API key (default $FANOUT_API_KEY, else generated)")
     p.add_argument("--secret", default=None,

@@ -177,6 +177,9 @@ def test_version_matches_the_project():
     (("load",), {"FANOUT_ADMIN_PORT": "x"}, "argument --admin-port: not a port number"),
     (("drain", "--admin-port", "70000"), {}, "not a port number (0..65535)"),
     (("cluster", "--nodes", "0"), {}, "fanout cluster: --nodes and --routers must be"),
+    (("node", "--port", "99999"), {}, "fanout node: port must be <= 65535"),
+    (("node", "--port", "0", "--admin-port", "70000"), {}, "admin_port must be <= 65535"),
+    (("demo", "--http-port", "99999"), {}, "argument --http-port: not a port number"),
 ])
 def test_bad_input_gets_one_line_not_a_traceback(args, env, words):
     out = run_cli(*args, env=env)
@@ -229,3 +232,24 @@ def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
     old_epoch = joined.split("(epoch ")[1].rstrip(")\n")
     assert any(f"epoch changed: {old_epoch} -> " in line for line in lines), lines
     assert any("after the restart" in line for line in lines), lines
+
+
+def test_events_says_it_waits_for_an_unreachable_nats():
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fanout", "events", "--nats",
+                             f"nats://127.0.0.1:{port}", "--count", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    lines = []
+    try:
+        while len(lines) < 20 and "no NATS answers" not in "".join(lines):
+            lines.append(proc.stderr.readline())   # other lines may come first (logging)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert f"no NATS answers at nats://127.0.0.1:{port} yet; waiting" in "".join(lines), lines

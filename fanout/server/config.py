@@ -59,6 +59,11 @@ def default_key_file(admin_port: int) -> str:
     return os.path.join(directory, f"fanout-{admin_port}.key")
 
 
+#: The settings that are port numbers (their minimum is each field's own).
+PORT_FIELDS = ("port", "ws_port", "admin_port", "tls_port", "wss_port")
+MAX_PORT = 65535
+
+
 def _field(default, doc, *, minimum=None):
     return dataclasses.field(default=default, metadata={"doc": doc, "min": minimum})
 
@@ -194,6 +199,9 @@ class NodeConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name} must be >= {minimum}, got {value!r}")
+        for name in PORT_FIELDS:
+            if getattr(self, name) > MAX_PORT:
+                raise ConfigError(f"{name} must be <= {MAX_PORT}, got {getattr(self, name)}")
         if self.write_threads > 64:
             raise ConfigError(f"write_threads must be 0-64, got {self.write_threads}")
         if self.compress_level > 12:
