@@ -346,8 +346,11 @@ class _Status:
             self.reconnects = reconnects
             print(f"-- reconnected and resumed ({reconnects} reconnect(s) so far)", flush=True)
         cursor = self.client.cursor(self.room)
-        if cursor is not None and cursor[0] and cursor[0] != self.epoch:
-            print(f"-- [{self.room}] epoch changed: {self.epoch} -> {cursor[0]} "
+        if cursor is not None and cursor[0] != self.epoch:
+            # '': a node that resumed us before the room had an epoch there
+            # (it was new on that node); the seqs restarted all the same.
+            new = cursor[0] or "(none yet: the room is new on this node)"
+            print(f"-- [{self.room}] epoch changed: {self.epoch or '(none)'} -> {new} "
                   "(the room's seqs restarted)", flush=True)
             self.epoch = cursor[0]
         online = self.client.online(self.room)

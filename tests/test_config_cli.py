@@ -132,7 +132,10 @@ def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
         out = run_cli("say", "lobby", "bye", "--port", str(node.port), "--token", shared,
                       "--device-class", "other")
         assert out.returncode == 0, out.stderr
-        stdout, stderr = listener.communicate(timeout=20)
+        # The same file object as readline() (communicate() would miss its buffer).
+        stdout = listener.stdout.read()
+        listener.wait(20)
+        stderr = listener.stderr.read()
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
@@ -223,8 +226,11 @@ def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
             lines.append(listener.stdout.readline())
         out = run_cli("say", "lobby", "after the restart", "--port", str(port))
         assert out.returncode == 0, out.stderr
-        stdout, stderr = listener.communicate(timeout=30)
-        lines += stdout.splitlines()
+        # Read on through the same file object: communicate() would read the
+        # pipe beneath it and miss what readline() already buffered.
+        lines += listener.stdout.read().splitlines()
+        listener.wait(30)
+        stderr = listener.stderr.read()
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
