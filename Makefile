@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 # setup.py's build requirements, for the debug build it runs outside pip.
 BUILD_TOOLS := $(VENV)/.build-tools
 DEBUG_LIB := build/debug/lib
@@ -15,7 +16,7 @@ SOURCES := pyproject.toml setup.py $(wildcard pyx/*/*.pyx pyx/*/*.pxd pyx/*/*.px
 
 .PHONY: run cluster test test-debug build debug clean perf-check bench bench-micro fuzz soak node-peers js-deps browser ssl-headers
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/fanout node
 
 # A local cluster to try (docs/cluster.md): nats-server, a router and three
@@ -51,16 +52,26 @@ ssl-headers:
 # Debug build: Cython linetrace/profile hooks, bounds checks, -O0 -g,
 # FANOUT_DEBUG C macro, and HTML annotation in build/cython-debug/.
 debug: $(PY)
-	FANOUT_DEBUG=1 FANOUT_ANNOTATE=1 $(PY) -m pip install -q -e '.[test,bench]'
-	rm -f $(STAMP)
+	FANOUT_DEBUG=1 FANOUT_ANNOTATE=1 $(PY) -m pip install -q -e '.[test,bench,tools]'
+	rm -f $(STAMP) $(RUN_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) $(SOURCES) | ssl-headers
-	$(PY) -m pip install -q -e '.[test,bench,cluster]'
-	touch $(STAMP)
+	@# The distribution was called "fanout" before (a name PyPI gives another
+	@# project): drop that install first, so only fanout-im owns bin/fanout.
+	$(PY) -m pip uninstall -q -y fanout 2>/dev/null || true
+	$(PY) -m pip install -q -e '.[test,bench,cluster,tools]'
+	touch $(STAMP) $(RUN_STAMP)
+
+# `make run` alone: what a node needs and the tools (not the test and bench
+# extras); `make test` adds those to the same .venv.
+$(RUN_STAMP): $(PY) $(SOURCES) | ssl-headers
+	$(PY) -m pip uninstall -q -y fanout 2>/dev/null || true
+	$(PY) -m pip install -q -e '.[tools]'
+	touch $(RUN_STAMP)
 
 # What pip installs in its isolated build env: pyproject.toml's
 # [build-system] requires.

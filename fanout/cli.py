@@ -6,8 +6,9 @@
     fanout cluster [--nodes 3]                              (a local cluster to try)
     fanout events --nats nats://HOST:4222                   (tail the event log)
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
-    fanout listen ROOM [--host H --port N] [--tls --ca FILE]
-    fanout say ROOM TEXT [--kind chat] [--tls --ca FILE]
+    fanout listen ROOM [--host H --port N] [--device-class C] [--tls --ca FILE]
+    fanout say ROOM TEXT [--host H --port N] [--device-class C] [--tls --ca FILE]
+    fanout config --sample [--output FILE]               (every setting, as a TOML file)
     fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
     fanout drain [--admin-host H --admin-port N --api-key KEY]
     fanout demo [--http-port 7080] [--room lobby] [--no-bot]   (a live room in the browser)
@@ -22,6 +23,7 @@ import dataclasses
 import os
 import sys
 
+from . import __version__
 from .server import config as config_mod
 from .protocol.auth import DEV_SECRET, mint
 
@@ -61,12 +63,41 @@ def _router_parser(sub) -> None:
                        help=f"{f.metadata['doc']} (default {f.default!r})")
 
 
-def _client_args(p) -> None:
-    p.add_argument("--host", default=os.environ.get("FANOUT_CONNECT_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("FANOUT_PORT", "7000")))
-    p.add_argument("--token", help="JWT; default: mint one with --user and the node secret")
-    p.add_argument("--user", default=f"cli-{os.getpid()}")
-    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
+def _port(value: str) -> int:
+    """A port number, for flags whose default may come from the environment
+    (a bad FANOUT_PORT is a usage error naming the value, not a traceback)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0..65535): {port}")
+    return port
+
+
+def _secret_arg(p) -> None:
+    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET),
+                   help="the node's token secret, to mint with (default $FANOUT_SECRET, else "
+                        "the built-in development secret)")
+
+
+def _client_args(p, role: str) -> None:
+    """The connection flags of ``listen`` and ``say``. Each command has a
+    user and a device class of its own by default, so a listener and a
+    sayer never take each other's login (one per user and device class)."""
+    p.add_argument("--host", default=os.environ.get("FANOUT_CONNECT_HOST", "127.0.0.1"),
+                   help="node address (default $FANOUT_CONNECT_HOST, else 127.0.0.1)")
+    # A string default: argparse converts it with _port only for this command.
+    p.add_argument("--port", type=_port, default=os.environ.get("FANOUT_PORT", "7000"),
+                   help="node client port (default $FANOUT_PORT, else 7000)")
+    p.add_argument("--token", help="a JWT to connect with (e.g. from `fanout token`); "
+                                   "default: mint one for --user with --secret")
+    p.add_argument("--user", default=f"{role}-{os.getpid()}",
+                   help=f"user to mint a token for (default {role}-PID)")
+    p.add_argument("--device-class", default=f"cli-{role}",
+                   help=f"device class to log in as: one login per user and device class, "
+                        f"a newer one replaces the older (default cli-{role})")
+    _secret_arg(p)
     p.add_argument("--tls", action="store_true",
                    help="connect with TLS (to the node's tls_port), verifying its certificate")
     p.add_argument("--ca", metavar="FILE", default=os.environ.get("FANOUT_CA") or None,
@@ -78,6 +109,7 @@ def _client_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
     _router_parser(sub)
@@ -86,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "router(s) and nodes on consecutive ports")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--routers", type=int, default=1)
-    p.add_argument("--base-port", type=int, default=7100,
+    p.add_argument("--base-port", type=_port, default=7100,
                    help="node i serves clients on BASE+2i and its admin API on BASE+2i+1")
-    p.add_argument("--nats-port", type=int, default=4222, help="0: any free port")
+    p.add_argument("--nats-port", type=_port, default=4222, help="0: any free port")
     p.add_argument("--loop", default="uvloop")
 
     p = sub.add_parser("events", help="tail the cluster's event log (JSON lines)")
@@ -97,22 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="exit after N events (0: never)")
 
     p = sub.add_parser("token", help="mint a development token")
-    p.add_argument("--user", required=True)
-    p.add_argument("--rooms", default="*", help="'*' or comma-separated room names")
-    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
-    p.add_argument("--iss", default="", help="issuer claim, for a node with token_issuer")
-    p.add_argument("--aud", default="", help="audience claim, for a node with token_audience")
-    p.add_argument("--secret", default=os.environ.get("FANOUT_SECRET", DEV_SECRET))
+    p.add_argument("--user", required=True, help="the user (the token's 'sub'; required)")
+    p.add_argument("--rooms", default="*",
+                   help="'*' or comma-separated room names (default '*': every room)")
+    p.add_argument("--ttl", type=float, default=3600.0,
+                   help="seconds until expiry (default 3600)")
+    p.add_argument("--iss", default="",
+                   help="issuer claim, for a node with token_issuer (default: none)")
+    p.add_argument("--aud", default="",
+                   help="audience claim, for a node with token_audience (default: none)")
+    _secret_arg(p)
 
-    p = sub.add_parser("listen", help="join a room and print its messages")
-    p.add_argument("room")
-    p.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
-    _client_args(p)
+    p = sub.add_parser("listen", help="join a room and print its messages",
+                       description="Join ROOM and print every message (its seq, kind, "
+                                   "priority, sender and payload; binary payloads in hex), "
+                                   "gaps, reconnects, epoch changes and the online count.")
+    p.add_argument("room", help="the room to join")
+    p.add_argument("--count", type=int, default=0, help="exit after N messages (default 0: never)")
+    _client_args(p, "listen")
 
     p = sub.add_parser("say", help="send one chat message to a room")
-    p.add_argument("room")
-    p.add_argument("text")
-    _client_args(p)
+    p.add_argument("room", help="the room (joined first, as chat needs)")
+    p.add_argument("text", help="the message (UTF-8)")
+    _client_args(p, "say")
+
+    p = sub.add_parser("config", help="write a sample node configuration (TOML)",
+                       description="Write every node setting with its default and doc, "
+                                   "commented out, as a TOML file for `fanout node --config`.")
+    p.add_argument("--sample", action="store_true", required=True,
+                   help="the sample (the only form there is; required so that a later "
+                        "`fanout config` can show the effective settings)")
+    p.add_argument("--output", "-o", metavar="FILE", default="-",
+                   help="where to write it (default '-': stdout)")
 
     p = sub.add_parser("cert", help="make a development CA and a certificate for trying TLS",
                        description="Write ca.pem, ca-key.pem, cert.pem and key.pem to --dir: a "
@@ -128,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "publishes, moves its clients away, then exits.")
     p.add_argument("--admin-host", default="127.0.0.1",
                    help="address of the node's admin API (default 127.0.0.1)")
-    p.add_argument("--admin-port", type=int,
-                   default=int(os.environ.get("FANOUT_ADMIN_PORT", "7001")),
+    p.add_argument("--admin-port", type=_port,
+                   default=os.environ.get("FANOUT_ADMIN_PORT", "7001"),
                    help="its port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="the node's admin API key (default $FANOUT_API_KEY, else the key "
@@ -148,12 +196,12 @@ def _demo_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address of every port (default 127.0.0.1; the dev secret and "
                         "the /token endpoint are for loopback only)")
-    p.add_argument("--http-port", type=int, default=7080,
+    p.add_argument("--http-port", type=_port, default=7080,
                    help="the page's port (default 7080, 0: any free port)")
-    p.add_argument("--port", type=int, default=7000, help="node TCP client port (default 7000)")
-    p.add_argument("--ws-port", type=int, default=None,
+    p.add_argument("--port", type=_port, default=7000, help="node TCP client port (default 7000)")
+    p.add_argument("--ws-port", type=_port, default=None,
                    help="node WebSocket port (default: --port + 2, so 7002)")
-    p.add_argument("--admin-port", type=int, default=7001, help="admin API port (default 7001)")
+    p.add_argument("--admin-port", type=_port, default=7001, help="admin API port (default 7001)")
     p.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY", ""),
                    help="admin API key (default $FANOUT_API_KEY, else generated)")
     p.add_argument("--secret", default=None,
@@ -188,7 +236,7 @@ def _load_parser(sub) -> None:
     env = os.environ.get
     p.add_argument("--host", default=env("FANOUT_CONNECT_HOST", "127.0.0.1"),
                    help="node address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(env("FANOUT_PORT", "7000")),
+    p.add_argument("--port", type=_port, default=env("FANOUT_PORT", "7000"),
                    help="the node's port for --transport: its client port for tcp, its "
                         "WebSocket port for ws, its TLS ports for tls and wss (default "
                         "$FANOUT_PORT, else 7000)")
@@ -205,10 +253,11 @@ def _load_parser(sub) -> None:
     p.add_argument("--tls-server-name", default="",
                    help="tls/wss: the name sent as SNI and checked (default: --host)")
     p.add_argument("--admin-host", default="", help="admin API address (default: --host)")
-    p.add_argument("--admin-port", type=int, default=int(env("FANOUT_ADMIN_PORT", "7001")),
+    p.add_argument("--admin-port", type=_port, default=env("FANOUT_ADMIN_PORT", "7001"),
                    help="admin API port (default $FANOUT_ADMIN_PORT, else 7001)")
     p.add_argument("--api-key", default=env("FANOUT_API_KEY", ""),
-                   help="admin API key, needed to publish (default $FANOUT_API_KEY)")
+                   help="admin API key, needed to publish (default $FANOUT_API_KEY, else "
+                        "the key file a node on loopback wrote for --admin-port)")
     p.add_argument("--secret", default=env("FANOUT_SECRET", DEV_SECRET),
                    help="the node's token secret (default $FANOUT_SECRET, else the dev secret)")
     p.add_argument("--viewers", type=int, default=1000, help="viewer connections (default 1000)")
@@ -251,6 +300,20 @@ def _load_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no live terminal view")
 
 
+def _mint_token(args) -> int:
+    rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
+    problem = ("--user must not be empty" if not args.user else
+               "--ttl must be more than 0 seconds" if not args.ttl > 0 else
+               "--rooms names no room (use '*' for every room)" if not rooms else
+               "--secret must not be empty" if not args.secret else "")
+    if problem:
+        print(f"fanout token: {problem}", file=sys.stderr)
+        return 2
+    extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}
+    print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl, **extra))
+    return 0
+
+
 def _token(args) -> str:
     return args.token or mint(args.secret, args.user)
 
@@ -266,24 +329,90 @@ def _tls_options(args) -> dict:
     return {"tls": True, "ca": args.ca, "server_hostname": args.server_name}
 
 
+#: The most payload bytes ``fanout listen`` shows of a binary payload.
+SHOW_BYTES = 256
+
+
+def show_payload(payload: bytes) -> str:
+    """A payload as one safe line: UTF-8 text as it is, text with control
+    characters (a terminal escape, a newline) as a Python literal, anything
+    else as hex, cut at SHOW_BYTES."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = payload[:SHOW_BYTES].hex(" ")
+        more = f" ... ({len(payload)} bytes)" if len(payload) > SHOW_BYTES else ""
+        return f"<{len(payload)} bytes> {shown}{more}"
+    return text if text.isprintable() else repr(text)
+
+
+class _Status:
+    """What ``fanout listen`` reports besides messages: reconnects, epoch
+    changes and the online count, each printed when it changes."""
+
+    def __init__(self, client, room: str, epoch: str) -> None:
+        self.client, self.room = client, room
+        self.epoch, self.reconnects, self.online = epoch, 0, None
+
+    def report(self) -> None:
+        reconnects = self.client.stats["reconnects"]
+        if reconnects != self.reconnects:
+            self.reconnects = reconnects
+            print(f"-- reconnected and resumed ({reconnects} reconnect(s) so far)", flush=True)
+        cursor = self.client.cursor(self.room)
+        if cursor is not None and cursor[0] != self.epoch:
+            # '': a node that resumed us before the room had an epoch there
+            # (it was new on that node); the seqs restarted all the same.
+            new = cursor[0] or "(none yet: the room is new on this node)"
+            print(f"-- [{self.room}] epoch changed: {self.epoch or '(none)'} -> {new} "
+                  "(the room's seqs restarted)", flush=True)
+            self.epoch = cursor[0]
+        online = self.client.online(self.room)
+        if online is not None and online != self.online:
+            self.online = online
+            print(f"-- [{self.room}] online: {online}", flush=True)
+
+    async def watch(self, every: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.report()
+
+
+def _kind_name(kind: int) -> str:
+    from .protocol import fanout_pb2 as pb
+
+    try:
+        return pb.Kind.Name(kind).lower()
+    except ValueError:
+        return f"kind-{kind}"
+
+
 async def _listen(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      token_refresher=_refresher(args), **_tls_options(args)) as client:
+                      device_class=args.device_class, token_refresher=_refresher(args),
+                      **_tls_options(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
+        status = _Status(client, args.room, ack.epoch)
+        watcher = asyncio.create_task(status.watch())
         seen = 0
-        async for event in client:
-            if event.DESCRIPTOR.name == "Gap":
-                print(f"[{event.room}] GAP: messages {event.from_seq}..{event.to_seq} "
-                      "are gone", flush=True)
-                continue
-            text = event.payload.decode("utf-8", "replace")
-            print(f"[{event.room} #{event.seq}] {event.sender}: {text}", flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
+        try:
+            async for event in client:
+                status.report()
+                if event.DESCRIPTOR.name == "Gap":
+                    print(f"[{event.room}] GAP: messages {event.from_seq}..{event.to_seq} "
+                          "are gone", flush=True)
+                    continue
+                priority = f" p{event.priority}" if event.priority else ""
+                print(f"[{event.room} #{event.seq} {_kind_name(event.kind)}{priority}] "
+                      f"{event.sender}: {show_payload(event.payload)}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        finally:
+            watcher.cancel()
     return 0
 
 
@@ -291,15 +420,26 @@ async def _say(args) -> int:
     from .client import Client
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
-                      reconnect=False, **_tls_options(args)) as client:
+                      device_class=args.device_class, reconnect=False,
+                      **_tls_options(args)) as client:
         await client.join(args.room)
         ack = await client.say(args.room, args.text.encode("utf-8"))
         print(f"sent to {args.room} as seq {ack.seq}", flush=True)
     return 0
 
 
+#: The extra that brings the tools' dependencies (pyproject.toml).
+TOOLS_EXTRA = "pip install 'fanout-im[tools]'"
+
+
 def _cert(args) -> int:
     from . import devcert
+
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        print(f"fanout cert: needs the cryptography package: {TOOLS_EXTRA}", file=sys.stderr)
+        return 2
 
     try:
         made = devcert.make(args.dir, [*devcert.DEFAULT_NAMES, *args.name], days=args.days)
@@ -318,6 +458,24 @@ def _cert(args) -> int:
           f"  fanout listen lobby --port 7443 --ca {made.ca}\n"
           f"development only: anyone with ca-key.pem can sign certificates this CA vouches for",
           flush=True)
+    return 0
+
+
+def _config_sample(args) -> int:
+    from .server.configsample import sample
+
+    text = sample()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "x") as fh:     # never over an operator's file
+            fh.write(text)
+    except OSError as exc:
+        print(f"fanout config: cannot write {args.output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}; start a node with it: fanout node --config {args.output}")
     return 0
 
 
@@ -385,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 import nats  # noqa: F401
             except ImportError:
                 print("fanout node: --nats needs the cluster extra: pip install "
-                      "'fanout[cluster]'", file=sys.stderr)
+                      "'fanout-im[cluster]'", file=sys.stderr)
                 return 2
         try:
             return run(cfg)        # 3 after a drain that left data undelivered
@@ -411,35 +569,47 @@ def main(argv: list[str] | None = None) -> int:
         return run_router(cfg, router_id=args.router_id)
     if args.command == "cluster":
         from .cluster.local import run as run_cluster
+
+        if args.nodes < 1 or args.routers < 1:
+            print("fanout cluster: --nodes and --routers must be at least 1", file=sys.stderr)
+            return 2
         return run_cluster(nodes=args.nodes, base_port=args.base_port, routers=args.routers,
                            nats_port=args.nats_port, loop=args.loop)
     if args.command == "events":
         from .cluster.events import run as run_events
         return run_events(args.nats, since_start=args.from_start, count=args.count)
     if args.command == "token":
-        rooms = "*" if args.rooms == "*" else [r for r in args.rooms.split(",") if r]
-        extra = {k: v for k, v in (("iss", args.iss), ("aud", args.aud)) if v}
-        print(mint(args.secret, args.user, rooms=rooms, ttl=args.ttl, **extra))
-        return 0
+        return _mint_token(args)
     if args.command == "drain":
         return _drain(args)
     if args.command == "cert":
         return _cert(args)
+    if args.command == "config":
+        return _config_sample(args)
     if args.command == "demo":
         from .demo.run import run as run_demo
         return run_demo(args)
     if args.command == "load":
         from .load.cli import main as load_main
 
+        # As for drain: the key a node on loopback generated for that port.
+        args.api_key = args.api_key or _generated_key(args.admin_port)
         try:
             return load_main(args)
         except KeyboardInterrupt:
             return 130
     runner = _listen if args.command == "listen" else _say
+    if not args.token and not args.user:
+        print(f"fanout {args.command}: --user must not be empty", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(runner(args))
     except KeyboardInterrupt:
         return 130
+    except ConnectionRefusedError:
+        print(f"fanout {args.command}: nothing listens on {args.host}:{args.port} "
+              "(is a node running there? `fanout node` serves 7000)", file=sys.stderr)
+        return 1
     except (OSError, Exception) as exc:  # surface a one-line reason, not a traceback
         if os.environ.get("FANOUT_DEBUG"):
             raise

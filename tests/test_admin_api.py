@@ -208,7 +208,8 @@ def test_auth_failures_and_bad_requests_get_json_errors(node):
         ("body too large", "POST", "/v1/publish", b"x" * (5 << 20), {}, 413,
          "PAYLOAD_TOO_LARGE", "bytes"),
         ("form body", "POST", "/v1/publish", b"room=r", {"content_type":
-         "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE", "application/json"),
+         "application/x-www-form-urlencoded"}, 415, "UNSUPPORTED_MEDIA_TYPE",
+         "add -H 'Content-Type: application/json'"),
         ("too many items", "POST", "/v1/publish", {"messages": [ok] * 1001}, {}, 400,
          "BAD_REQUEST", "at most 1000"),
         ("no items", "POST", "/v1/publish", {"messages": []}, {}, 400, "BAD_REQUEST", "no messages"),
@@ -280,6 +281,24 @@ def test_metrics_follow_publishes_and_connections(start_node):
     assert grew("fanout_batch_messages_sum") == gifts
     assert grew("fanout_flush_delay_seconds_count") == grew("fanout_batch_messages_count")
     assert grew("fanout_batch_bytes_total", stage="raw") > 0
+    # Body bytes only, so the ratio cannot read over 1 (headers were counted once).
+    assert 0 < grew("fanout_batch_bytes_total", stage="compressed") <= grew(
+        "fanout_batch_bytes_total", stage="raw")
+    # The process: memory, and a descriptor per client at least.
+    assert after[("process_resident_memory_bytes", ())] > 0
+    assert after[("process_open_fds", ())] >= members
+    assert after[("process_cpu_seconds_total", ())] > 0
+
+    # One message under compress_min: sent as it is, so compressed == raw exactly.
+    before = after
+    assert api(node, "POST", "/v1/publish", {"room": "gala", "kind": "gift",
+                                             "payload": "tiny"}).status == 200
+    for client in clients:
+        assert [m.seq for m in client.messages(1)] == [gifts + 1]
+    after = scrape(node)
+    assert grew("fanout_batch_bytes_total", stage="raw") > 0
+    assert grew("fanout_batch_bytes_total", stage="compressed") == grew(
+        "fanout_batch_bytes_total", stage="raw")
     # The lag probe runs every 100 ms; this test can be quicker than that.
     for _ in range(50):
         if scrape(node).get(("fanout_event_loop_lag_seconds_count", ()), 0) > 0:
@@ -294,6 +313,39 @@ def test_metrics_follow_publishes_and_connections(start_node):
     while scrape(node)[("fanout_connections", ())] != members - 10:
         assert time.monotonic() < deadline, "fanout_connections did not drop"
         time.sleep(0.05)
+
+
+def test_room_list_pages_through_the_rooms_held_here(node):
+    """GET /v1/rooms: rooms by name with their members here and last seq, a
+    page at a time; the cursor walks them all once; bad parameters are 400."""
+    names = [f"room-{i:02d}" for i in range(7)]
+    clients = [joined(node, f"u{i}", name) for i, name in enumerate(names)]
+    clients.append(joined(node, "extra", "room-03"))
+    assert api(node, "POST", "/v1/publish",
+               {"room": "room-03", "kind": "gift", "payload": "x"}).json() == {"seq": 1}
+    seen, after = [], ""
+    while True:
+        reply = api(node, "GET", "/v1/rooms?limit=3" + (f"&after={after}" if after else ""))
+        assert reply.status == 200, reply
+        page = reply.json()
+        assert page["total"] == 7 and len(page["rooms"]) <= 3
+        seen += page["rooms"]
+        after = page["next"]
+        if after is None:
+            break
+    assert [r["room"] for r in seen] == names
+    assert {r["room"]: (r["online"], r["last_seq"]) for r in seen}["room-03"] == (2, 1)
+    assert all(r["online"] == 1 and r["epoch"] for r in seen if r["room"] != "room-03")
+    everything = api(node, "GET", "/v1/rooms").json()
+    assert len(everything["rooms"]) == 7 and everything["next"] is None
+    for query, words in (("limit=0", "limit"), ("limit=1001", "limit"), ("room=x", "room"),
+                         ("after=" + "r" * 200, "longer")):
+        reply = api(node, "GET", "/v1/rooms?" + query)
+        assert (reply.status, reply.error["code"]) == (400, "BAD_REQUEST"), (query, reply)
+        assert words in reply.error["message"], (query, reply.error)
+    assert api(node, "GET", "/v1/rooms", key="wrong").status == 403
+    for client in clients:
+        client.close()
 
 
 def test_room_info_reports_online_and_last_seq(node):
@@ -401,7 +453,8 @@ def test_dashboard_queries_use_metrics_the_node_exports(node):
               for v in dashboard["templating"]["list"] if v["type"] == "query"]
     assert len(exprs) >= 15
     text = api(node, "GET", "/metrics", key=None).body.decode()
-    used = {name for expr in exprs for name in re.findall(r"\bfanout_[a-z0-9_]+", expr)}
+    used = {name for expr in exprs
+            for name in re.findall(r"\b(?:fanout|process)_[a-z0-9_]+", expr)}
     exported = _sample_names(text)
     assert used and not used - exported, f"not exported: {sorted(used - exported)}"
     # Every family of the node is on the dashboard somewhere. (The 0.0.4 text

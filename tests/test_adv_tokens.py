@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -415,6 +417,8 @@ def test_generated_api_key_goes_to_a_private_file_not_the_log(tmp_path, node_loo
         assert mode == 0o600, oct(mode)
         key = path.read_text().strip()
         assert len(key) >= 32
+        # stdout (the developer's terminal) shows it beside the listening lines
+        assert proc.wait_line(r"fanout admin API key: (\S+)", 5).group(1) == key
         log = proc.log()
         assert key not in log and str(path) in log, log
         request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/v1/rooms/x",
@@ -429,6 +433,64 @@ def test_generated_api_key_goes_to_a_private_file_not_the_log(tmp_path, node_loo
         assert not path.exists()
     finally:
         proc.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@uvloop_only
+def test_a_generated_key_is_stable_on_a_fixed_admin_port(tmp_path, node_loop):
+    """A developer's key stays the same from run to run on one admin port:
+    the file outlives the node and the next node takes the key from it, but
+    only from a file this user owns that nobody else can read."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "FANOUT_API_KEY"}
+    env.update(FANOUT_SECRET=SECRET, XDG_RUNTIME_DIR=str(runtime))
+    admin_port = _free_port()
+    path = runtime / f"fanout-{admin_port}.key"
+
+    def run_once() -> str:
+        proc = Proc([sys.executable, "-m", "fanout", "node", "--loop", node_loop,
+                     "--port", "0", "--admin-port", admin_port], "node", env=env)
+        try:
+            key = proc.wait_line(r"fanout admin API key: (\S+)", 30).group(1)
+            proc.wait_line(LISTEN_RE, 30)
+            assert key not in proc.log()
+            request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/v1/rooms/x",
+                                             headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            return key
+        finally:
+            proc.stop()
+
+    first = run_once()
+    assert path.read_text().strip() == first
+    assert run_once() == first
+    path.chmod(0o644)                  # readable by others: not trusted, replaced
+    third = run_once()
+    assert third != first and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_read_key_trusts_only_a_private_regular_file(tmp_path):
+    from fanout.server import keyfile
+
+    good = tmp_path / "good"
+    keyfile.write_key(str(good), "k" * 43)
+    assert keyfile.read_key(str(good)) == "k" * 43
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    assert keyfile.read_key(str(link)) == ""
+    short = tmp_path / "short"
+    keyfile.write_key(str(short), "k" * 8)
+    assert keyfile.read_key(str(short)) == ""
+    assert keyfile.read_key(str(tmp_path / "missing")) == ""
 
 
 def test_api_key_file_setting_and_a_planted_file(tmp_path):

@@ -93,3 +93,169 @@ def test_node_reports_a_taken_port(node):
 def test_node_runs_on_the_loop_it_is_given(node, node_loop):
     # The node logs its loop's module when it listens: uvloop, or asyncio.unix_events.
     assert f"(loop {node_loop}" in node.log()
+
+
+def _publish(node, item: dict) -> None:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.admin_port}/v1/publish", data=json.dumps(item).encode(),
+        headers={"Authorization": f"Bearer {node.api_key}",
+                 "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
+    """One dev token for both: listen and say log in as different device
+    classes, so neither kicks the other (DUPLICATE_LOGIN). listen shows each
+    message's kind and priority, the online count, and a binary payload or
+    a terminal escape safely."""
+    import os
+    import time
+    node = start_node("--presence-interval-ms", "100")
+    shared = run_cli("token", "--user", "alice").stdout.strip()
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
+         "--count", "4", "--token", shared],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        assert "joined lobby" in listener.stdout.readline()
+        out = run_cli("say", "lobby", "hello", "--port", str(node.port), "--token", shared)
+        assert out.returncode == 0, out.stderr
+        _publish(node, {"room": "lobby", "kind": "gift", "priority": 5, "sender": "svc",
+                        "payload_b64": "AP8Q"})              # 00 ff 10
+        _publish(node, {"room": "lobby", "kind": "system", "payload": "\x1b[2Jboom"})
+        time.sleep(1.0)                   # a Presence frame or more, and the watcher's look
+        out = run_cli("say", "lobby", "bye", "--port", str(node.port), "--token", shared,
+                      "--device-class", "other")
+        assert out.returncode == 0, out.stderr
+        # The same file object as readline() (communicate() would miss its buffer).
+        stdout = listener.stdout.read()
+        listener.wait(20)
+        stderr = listener.stderr.read()
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    assert "DUPLICATE_LOGIN" not in stdout + stderr
+    assert "#1 chat] alice: hello" in stdout, stdout
+    assert "#2 gift p5] svc: <3 bytes> 00 ff 10" in stdout, stdout
+    assert "#3 system] " in stdout and "'\\x1b[2Jboom'" in stdout and "\x1b" not in stdout
+    assert "#4 chat] alice: bye" in stdout, stdout
+    assert "-- [lobby] online: " in stdout, stdout
+
+
+def test_listen_and_say_flags_have_help_and_defaults():
+    for command in ("listen", "say", "token"):
+        out = run_cli(command, "--help")
+        assert out.returncode == 0
+        for flag in ("--user", "--secret") + (("--port", "--device-class", "--token")
+                                              if command != "token" else ("--ttl", "--rooms")):
+            # the flag's entry under "options:", up to the next flag's
+            entry = out.stdout.split("\n  " + flag + " ", 1)[1].split("\n  --", 1)[0]
+            assert "default" in entry or "required" in entry, (command, flag, out.stdout)
+
+
+def test_version_matches_the_project():
+    import tomllib
+    from pathlib import Path
+
+    import fanout
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["version"] == fanout.__version__
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"fanout {fanout.__version__}"
+
+
+@pytest.mark.parametrize("args,env,words", [
+    (("token", "--user", ""), {}, "fanout token: --user must not be empty"),
+    (("token", "--user", "a", "--ttl", "0"), {}, "fanout token: --ttl must be more than 0"),
+    (("token", "--user", "a", "--rooms", ","), {}, "fanout token: --rooms names no room"),
+    (("say", "r", "x", "--user", ""), {}, "fanout say: --user must not be empty"),
+    (("node",), {"FANOUT_PORT": "abc"}, "fanout node: environment: port must be int"),
+    (("token", "--user", "a"), {"FANOUT_PORT": "abc", "FANOUT_ADMIN_PORT": "x"}, None),
+    (("listen", "r"), {"FANOUT_PORT": "abc"}, "argument --port: not a port number: 'abc'"),
+    (("load",), {"FANOUT_ADMIN_PORT": "x"}, "argument --admin-port: not a port number"),
+    (("drain", "--admin-port", "70000"), {}, "not a port number (0..65535)"),
+    (("cluster", "--nodes", "0"), {}, "fanout cluster: --nodes and --routers must be"),
+    (("node", "--port", "99999"), {}, "fanout node: port must be <= 65535"),
+    (("node", "--port", "0", "--admin-port", "70000"), {}, "admin_port must be <= 65535"),
+    (("demo", "--http-port", "99999"), {}, "argument --http-port: not a port number"),
+])
+def test_bad_input_gets_one_line_not_a_traceback(args, env, words):
+    out = run_cli(*args, env=env)
+    assert "Traceback" not in out.stderr, out.stderr
+    if words is None:                  # a bad variable another command reads is no error here
+        assert out.returncode == 0, out.stderr
+        return
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert words in out.stderr, out.stderr
+
+
+def test_say_names_the_address_nothing_listens_on():
+    out = run_cli("say", "lobby", "x", "--port", "1")
+    assert out.returncode == 1
+    assert "nothing listens on 127.0.0.1:1" in out.stderr, out.stderr
+
+
+def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
+    """A node restart on the same port: listen reconnects by itself, resumes,
+    and says so, and says the room's epoch changed (a new node's seqs)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = start_node(port=port)
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(port), "--count", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        joined = listener.stdout.readline()
+        assert "joined lobby" in joined
+        first.stop()
+        second = start_node(port=port)
+        assert second.port == port
+        # The drain's Kick spreads reconnects over drain_jitter_ms (5 s).
+        lines = [listener.stdout.readline()]
+        while not lines[-1].startswith("-- reconnected") and lines[-1]:
+            lines.append(listener.stdout.readline())
+        out = run_cli("say", "lobby", "after the restart", "--port", str(port))
+        assert out.returncode == 0, out.stderr
+        # Read on through the same file object: communicate() would read the
+        # pipe beneath it and miss what readline() already buffered.
+        lines += listener.stdout.read().splitlines()
+        listener.wait(30)
+        stderr = listener.stderr.read()
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    assert any(line.startswith("-- reconnected and resumed (1 reconnect") for line in lines), lines
+    old_epoch = joined.split("(epoch ")[1].rstrip(")\n")
+    assert any(f"epoch changed: {old_epoch} -> " in line for line in lines), lines
+    assert any("after the restart" in line for line in lines), lines
+
+
+def test_events_says_it_waits_for_an_unreachable_nats():
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fanout", "events", "--nats",
+                             f"nats://127.0.0.1:{port}", "--count", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    lines = []
+    try:
+        while len(lines) < 20 and "no NATS answers" not in "".join(lines):
+            lines.append(proc.stderr.readline())   # other lines may come first (logging)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert f"no NATS answers at nats://127.0.0.1:{port} yet; waiting" in "".join(lines), lines

@@ -118,7 +118,10 @@ class TinyServer:
     def _serve(self, conn):
         decoder = wire.FrameDecoder()
         with conn:
-            ftype, _, body = self._read(conn, decoder)
+            try:
+                ftype, _, body = self._read(conn, decoder)
+            except ConnectionError:        # fanout load's reachability check
+                return
             hello = wire.decode_message(ftype, body)
             user = jwt.decode(hello.token, options={"verify_signature": False})["sub"]
             conn.sendall(wire.encode_frame(FT.AUTH_OK, pb.AuthOk(
@@ -260,3 +263,45 @@ def test_publish_tick_of_one_message_interval_sends_each_message_alone(start_nod
 def test_publish_tick_must_be_positive():
     with pytest.raises(ValueError, match="tick"):
         LoadConfig(rate=10, api_key="k", tick=0).validate()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preflight_says_what_it_found(start_node):
+    """Before any worker starts: a closed client port, an admin API that is
+    not there, and a wrong key are each reported as what was found; a node
+    with a good key passes."""
+    from fanout.load import LoadError
+    from fanout.load.cli import preflight
+
+    node = start_node("--log-level", "WARNING")
+
+    def check(**changes):
+        cfg = LoadConfig(**{**dict(host="127.0.0.1", port=node.port, admin_port=node.admin_port,
+                                   api_key=node.api_key, secret=SECRET, rate=10,
+                                   progress=False), **changes})
+        return preflight(cfg, "127.0.0.1", "127.0.0.1")
+
+    closed = _closed_port()
+    with pytest.raises(LoadError, match=f"nothing listens on 127.0.0.1:{closed}"):
+        check(port=closed)
+    with pytest.raises(LoadError, match=f"admin API at 127.0.0.1:{closed} cannot be reached"):
+        check(admin_port=closed)
+    with pytest.raises(LoadError, match="refuses the API key"):
+        check(api_key="wrong")
+    assert "takes the key" in check()
+    assert check(rate=0, admin_port=closed) == f"a node takes connections on 127.0.0.1:{node.port}"
+
+
+def test_progress_title_has_the_plan_and_time_left():
+    from fanout.load.report import Progress
+
+    progress = Progress(LoadConfig(warmup=2, duration=10, progress=False))
+    assert "then 12 s of publishing" in progress.title(progress.t0 + 1)
+    progress.ends_at = progress.t0 + 20
+    assert "8.0 s of 12 s left" in progress.title(progress.t0 + 12)
+    assert "publishing done" in progress.title(progress.t0 + 21)

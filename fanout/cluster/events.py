@@ -32,9 +32,20 @@ def describe(msg) -> dict:
         return {"event": "unreadable", "subject": msg.subject}
 
 
+#: How long ``fanout events`` waits for NATS before saying it is waiting.
+WAIT_NOTICE_S = 3.0
+
+
 async def tail(servers: str, *, since_start: bool = False, count: int = 0,
                out=sys.stdout) -> int:
-    nc = await connect(servers, "fanout-events")
+    # connect() waits for NATS for as long as it takes; say so rather than
+    # sit silent when nothing answers.
+    connecting = asyncio.ensure_future(connect(servers, "fanout-events"))
+    done, _ = await asyncio.wait({connecting}, timeout=WAIT_NOTICE_S)
+    if not done:
+        print(f"fanout events: no NATS answers at {servers} yet; waiting for it "
+              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    nc = await connecting
     js = nc.jetstream()
     policy = api.DeliverPolicy.ALL if since_start else api.DeliverPolicy.NEW
     sub = await js.subscribe(">", stream=S.EVENT_STREAM, ordered_consumer=True,

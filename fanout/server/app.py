@@ -104,7 +104,11 @@ class App:
                 # The key goes to a file only this user can read, never to
                 # the log (logs are shipped and read widely).
                 path = self.config.key_file_path(self.admin.address[1])
-                keyfile.write_key(path, self.api_key)
+                kept = keyfile.read_key(path) if self.config.admin_port > 0 else ""
+                if kept:
+                    self.api_key = self.admin.api_key = kept
+                else:
+                    keyfile.write_key(path, self.api_key)
                 self.api_key_file = path
         except BaseException:
             await self.stop(grace=0)
@@ -138,7 +142,9 @@ class App:
         self._closed = True
         if self.admin is not None:
             await self.admin.close()
-        if self.api_key_file is not None:
+        if self.api_key_file is not None and self.config.admin_port == 0:
+            # A key for a port picked at random is of no use to the next
+            # run; one for a fixed port is kept for it (keyfile.py).
             keyfile.remove_key(self.api_key_file, self.api_key)
         await self.logic.close()
         await self.bus.close()
@@ -174,6 +180,7 @@ async def _serve(config: NodeConfig) -> int:
     tune_gc(config)
     if app.admin is not None:
         host, port = app.admin.address
+        print_generated_key(app)
         print(f"fanout admin API listening on {host}:{port}", flush=True)
     if app.node.ws_address is not None:
         # Before the "listening" line, which tools wait for (both are bound).
@@ -194,6 +201,15 @@ async def _serve(config: NodeConfig) -> int:
         loop.add_signal_handler(sig, app.node.start_drain)
     await app.serve_forever()
     return EXIT_UNCLEAN_DRAIN if app.node.undelivered else 0
+
+
+def print_generated_key(app: App) -> None:
+    """The key a node generated, on stdout for the developer who started it
+    (their terminal, not the log). Only a node on loopback generates one;
+    anywhere else ``api_key`` is required and never printed."""
+    if app.api_key_file is not None:
+        print(f"fanout admin API key: {app.api_key} (generated for loopback, kept in "
+              f"{app.api_key_file}; set api_key or FANOUT_API_KEY to choose one)", flush=True)
 
 
 def _url_host(host: str) -> str:

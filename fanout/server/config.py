@@ -59,6 +59,11 @@ def default_key_file(admin_port: int) -> str:
     return os.path.join(directory, f"fanout-{admin_port}.key")
 
 
+#: The settings that are port numbers (their minimum is each field's own).
+PORT_FIELDS = ("port", "ws_port", "admin_port", "tls_port", "wss_port")
+MAX_PORT = 65535
+
+
 def _field(default, doc, *, minimum=None):
     return dataclasses.field(default=default, metadata={"doc": doc, "min": minimum})
 
@@ -78,8 +83,8 @@ class NodeConfig:
                          "(the built-in development secret only on a loopback host)")
     admin_host: str = _field("127.0.0.1", "address the admin HTTP API binds to (keep it private)")
     admin_port: int = _field(7001, "admin HTTP API port (0: any free port, -1: no admin API)", minimum=-1)
-    api_key: str = _field("", "key for the admin API ('': on a loopback admin_host, generate "
-                          "one per run and write it to api_key_file; required elsewhere)")
+    api_key: str = _field("", "key for the admin API ('': on a loopback admin_host, use the "
+                          "one in api_key_file, or generate one there; required elsewhere)")
     api_key_file: str = _field("", "where a generated API key is written, mode 0600 ('': "
                                "$XDG_RUNTIME_DIR or the temp dir, fanout-<admin port>.key)")
     # client tokens
@@ -194,6 +199,9 @@ class NodeConfig:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name} must be >= {minimum}, got {value!r}")
+        for name in PORT_FIELDS:
+            if getattr(self, name) > MAX_PORT:
+                raise ConfigError(f"{name} must be <= {MAX_PORT}, got {getattr(self, name)}")
         if self.write_threads > 64:
             raise ConfigError(f"write_threads must be 0-64, got {self.write_threads}")
         if self.compress_level > 12:

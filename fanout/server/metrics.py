@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -52,14 +52,16 @@ class NodeMetrics:
         self.frames_written = Counter(
             "fanout_frames_written", "Batch frames handed to member sockets", registry=r)
         self.batch_bytes = Counter(
-            "fanout_batch_bytes", "Batch bytes per frame built, before and after lz4",
+            "fanout_batch_bytes", "Batch body bytes of the frames built, before and after "
+            "lz4 (frame headers not counted: compressed / raw is the ratio)",
             ["stage"], registry=r)
         self.batch_messages = Histogram(
             "fanout_batch_messages", "Messages per flushed batch",
             buckets=BATCH_MESSAGE_BUCKETS, registry=r)
         self.flush_delay = Histogram(
-            "fanout_flush_delay_seconds", "Time from a batch's first message to its flush",
-            buckets=FLUSH_DELAY_BUCKETS, registry=r)
+            "fanout_flush_delay_seconds", "Time from a batch's first message reaching the "
+            "room to its frame handed to every member socket, per frame (the node's part of "
+            "delivery latency)", buckets=FLUSH_DELAY_BUCKETS, registry=r)
         self.loop_lag = Histogram(
             "fanout_event_loop_lag_seconds", "How late the event loop ran a timer",
             buckets=LOOP_LAG_BUCKETS, registry=r)
@@ -79,6 +81,9 @@ class NodeMetrics:
         self.degradation_level = Gauge(
             "fanout_degradation_level", "0 normal, 1 degraded, 2 overloaded", registry=r)
         self.draining = Gauge("fanout_draining", "1 while the node drains", registry=r)
+        # process_*: memory, open fds against the limit, CPU seconds, start
+        # time (read from /proc at scrape time; nothing on Linux-less hosts).
+        ProcessCollector(registry=r)
         # Labelled children looked up once: observe_flush runs per room flush.
         self._raw_bytes = self.batch_bytes.labels("raw")
         self._wire_bytes = self.batch_bytes.labels("compressed")

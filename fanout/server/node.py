@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import heapq
 import itertools
 import logging
 import os
@@ -709,6 +710,20 @@ class Node:
         if stats is not None:
             info.update(stats)
         return info
+
+    def room_list(self, after: str = "", limit: int = 100) -> dict:
+        """A page of the rooms this node holds, by name after ``after``: each
+        with its members here, epoch and last seq. ``next``: the cursor of the
+        next page, or None. A partial sort (O(rooms x log limit)), so a page
+        costs the same wherever it starts."""
+        if after:
+            check_room_name(after)
+        held = self.rooms.hub.rooms if self.rooms is not None else {}
+        names = heapq.nsmallest(limit + 1, (name for name in held if name > after))
+        page = [{"room": name, "online": len(held[name]), "epoch": held[name].epoch,
+                 "last_seq": held[name].last_seq} for name in names[:limit]]
+        return {"rooms": page, "total": len(held),
+                "next": names[limit - 1] if len(names) > limit else None}
 
     def _gauges(self):
         if self.hub is None:

@@ -209,8 +209,10 @@ cdef class Hub:
             return
         frame = room.take_frame(self.compress_min, self.compress_level)
         self.flushes += 1
-        self._deliver(room, frame, seq, messages, raw, PyBytes_GET_SIZE(frame),
-                      room.first_pending)
+        # wire: the body as sent, like raw, so that wire / raw is the
+        # compression ratio (the headroom and the frame header are not body).
+        self._deliver(room, frame, seq, messages, raw,
+                      PyBytes_GET_SIZE(frame) - HEADROOM - HEADER_SIZE, room.first_pending)
 
     cdef void _deliver(self, Room room, bytes frame, unsigned long long seq,
                        Py_ssize_t messages, Py_ssize_t raw, Py_ssize_t wire,
