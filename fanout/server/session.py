@@ -398,7 +398,7 @@ class Session:
             if not self.conn.closing:
                 self.error(req_id, pb.ALREADY_JOINED, "already in this room", name)
             return
-        if not last_seq:
+        if not last_seq and not epoch:
             cursor = room.flushed_seq          # fresh join: from now on
         elif not epoch or epoch == room.epoch:
             cursor = min(last_seq, room.last_seq)
