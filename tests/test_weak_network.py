@@ -266,3 +266,21 @@ async def test_rooms_receive_every_message_over_a_weak_network():
         # The conditions happened: connections were dropped and black-holed.
         assert cuts >= 3 and reconnects >= cuts
         assert sum(link.blackholed for link in links) >= 1
+
+
+async def test_after_a_drain_kick_the_first_retry_comes_as_told():
+    """A draining node's Kick says when to come back (reconnect_after_ms,
+    jittered over drain_jitter_ms): the client retries after that plus at
+    most backoff_min, at the next address."""
+    loop = asyncio.get_running_loop()
+    async with local_app(**NODE, drain_jitter_ms=300) as first, local_app(**NODE) as second:
+        client = Client(*first.node.address, token("v"),
+                        endpoints=[second.node.address], backoff_min=0.05, backoff_max=5.0)
+        async with client:
+            await client.join("r")
+            start = loop.time()
+            await first.node.drain(grace=2.0)
+            await wait_for(lambda: client.stats["reconnects"] == 1, 5, step=0.005)
+            assert loop.time() - start <= 0.3 + 0.05 + 0.25      # jitter + backoff_min + slack
+            assert (client.host, client.port) == second.node.address
+            assert client.rooms == ["r"]
