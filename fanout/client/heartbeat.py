@@ -12,7 +12,8 @@ interval that survives (the rules are docs/protocol.md, section 5.6,
    ``heartbeat_start``, 20 s by default: the node's default interval),
    within the node's bounds.
 2. **Probe**: a Ping sent after a full interval of silence in both
-   directions is a probe; its Pong is a success. Pings sent while data
+   directions (80% of it will do: the last Pong's round trip eats into
+   it) is a probe; its Pong is a success. Pings sent while data
    flows say nothing about the NAT and are not counted.
 3. **Step up**: after ``step_after`` successful probes in a row the
    interval grows by ``step_factor``, up to the node's maximum. While

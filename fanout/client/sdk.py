@@ -211,7 +211,7 @@ class _Connection:
     """One TCP connection; a :class:`Client` goes through many of them."""
 
     __slots__ = ("reader", "writer", "decoder", "auth", "started", "last_recv", "last_sent",
-                 "pong", "error")
+                 "pong", "pong_frames", "error")
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, now: float
@@ -224,6 +224,7 @@ class _Connection:
         self.last_recv = now
         self.last_sent = now
         self.pong = 0                            # nonce of the last Pong
+        self.pong_frames = 0                     # the client's frame count at it
         self.error: Exception | None = None
 
     def send(self, ftype: FrameType, msg) -> None:
@@ -805,14 +806,18 @@ class Client:
         sent_at = 0.0           # of the outstanding Ping (0: none)
         probe = 0               # nonce of the outstanding probe (0: none)
         probe_ms = 0
+        probe_frames = 0        # frames received before the probe
         while True:
             now = loop.time()
             if sent_at and conn.pong >= nonce:
                 sent_at = 0.0
             if probe and conn.pong >= probe:
-                self.stats["probes"] += 1
-                if tuner is not None:
-                    interval = tuner.probe_answered(probe_ms, grant_ms)
+                # Only a Pong that came alone counts: a frame before it was
+                # already on its way, and broke the silence at the NAT.
+                if conn.pong == probe and conn.pong_frames == probe_frames + 1:
+                    self.stats["probes"] += 1
+                    if tuner is not None:
+                        interval = tuner.probe_answered(probe_ms, grant_ms)
                 probe = 0
             quiet = now - conn.last_recv
             if quiet >= idle or (sent_at and now - max(sent_at, conn.last_recv) >= pong_timeout):
@@ -835,6 +840,7 @@ class Client:
                     # (pinging on the node's schedule, the last Pong's
                     # round trip eats into the interval: hence the share).
                     probe, probe_ms = nonce, int(interval * 1000)
+                    probe_frames = self.stats["frames"]
                 conn.send(FrameType.PING, pb.Ping(nonce=nonce))
                 sent_at = now
                 due = now + interval
@@ -1002,6 +1008,7 @@ class Client:
         # matches the nonce to its Ping.
         if self._conn is not None and pong.nonce > self._conn.pong:
             self._conn.pong = pong.nonce
+            self._conn.pong_frames = self.stats["frames"]
 
     def _on_presence(self, presence: pb.Presence) -> None:
         if presence.room in self._cursors:
