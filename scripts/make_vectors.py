@@ -107,6 +107,7 @@ def valid_messages() -> list[tuple[str, FrameType, object]]:
                     pb.ResumePoint(room="live:7"),
                 ],
                 client="fanout-py/1.0",
+                ping_interval_ms=30000,
             ),
         ),
         ("join_fresh", FrameType.JOIN, pb.Join(req_id=1, room="live:42")),
@@ -130,6 +131,8 @@ def valid_messages() -> list[tuple[str, FrameType, object]]:
                 server_time_ms=TS,
                 token_expires_ms=TS + 3_600_000,
                 compress_dict=1,
+                ping_interval_min_ms=5000,
+                ping_interval_max_ms=120000,
             ),
         ),
         (

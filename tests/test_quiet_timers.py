@@ -59,6 +59,7 @@ class Member:
         self.user = "u"
         self.claims = Claims()
         self.sent_mark = 0
+        self.idle_s = 0.0                  # the node's idle_timeout_ms
         self.born = born
 
     @property

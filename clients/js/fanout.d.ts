@@ -95,6 +95,9 @@ export interface AuthInfo {
   serverTimeMs: number;
   tokenExpiresMs: number;
   compressDict: number;
+  /** Bounds of a requested ping interval (Hello.ping_interval_ms; protocol 5.6). */
+  pingIntervalMinMs: number;
+  pingIntervalMaxMs: number;
 }
 
 export interface Ack {

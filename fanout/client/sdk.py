@@ -25,6 +25,31 @@ lifetime (jittered), uses the latest token on every reconnect, and after a
 ``Kick(TOKEN_EXPIRED)`` or an ``AUTH_EXPIRED`` refusal gets a new token and
 reconnects. A revoked token (``TOKEN_REVOKED``) ends the client.
 
+Weak networks (docs/protocol.md, sections 5.6 and 5.8):
+
+* **Adaptive heartbeat.** Each connection asks the node for a ping
+  interval; a :class:`~fanout.client.heartbeat.HeartbeatTuner` searches, per
+  ``network`` key the application passes (``"wifi:home"``), for the longest
+  interval the network's NAT tolerates: it starts at ``heartbeat_start``,
+  steps up by ``heartbeat_step`` after ``heartbeat_step_after`` answered
+  probes (pings after a full interval of silence), and after a dead link
+  (a ping unanswered for ``pong_timeout``, or the idle timeout) steps back
+  to the last interval that held and locks there. What it learns is kept in
+  a :class:`~fanout.client.heartbeat.HeartbeatStore` (in memory, or a JSON
+  file with ``heartbeat_file``).
+* **Reconnect ladder.** Exponential backoff with full jitter, capped at
+  ``backoff_max``; after a ``Kick`` with ``reconnect_after_ms`` (a node
+  draining) the first retry waits that long plus at most ``backoff_min``.
+* **Racing.** Each (re)connect dials up to ``race`` of the node addresses
+  (``endpoints``, and with ``dns=True`` every A/AAAA record of their names),
+  ``race_stagger`` seconds apart; the first TCP/TLS connect wins and the
+  others are closed (the Hello goes to the winner only: two would log in
+  twice).
+* **Resume under churn.** Every delivered message moves its room's cursor
+  at once, so a connection lost in the middle of a replay resumes after the
+  last message yielded; messages at or below the cursor are dropped as
+  duplicates (``stats["duplicates"]``).
+
 The SDK is pure Python (it uses :mod:`fanout.protocol.wire`, never the compiled
 core) and costs two tasks and one socket per client (three with a
 ``token_refresher``), so one process can drive thousands of clients.
@@ -42,6 +67,8 @@ import ssl
 import time
 from typing import Awaitable, Callable
 
+from fanout.client import dial
+from fanout.client.heartbeat import DEFAULT_STORE, HeartbeatStore, HeartbeatTuner
 from fanout.protocol import wire
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol.errors import ReasonError
@@ -83,6 +110,9 @@ _READ_SIZE = 65536
 # Used only if a node's AuthOk leaves the heartbeat fields at 0.
 _DEFAULT_PING_INTERVAL = 15.0
 _IDLE_PER_PING = 3
+# A Ping after this share of the interval in silence (both ways) is a probe
+# of the adaptive heartbeat.
+_PROBE_SILENCE = 0.8
 # Reasons after which reconnecting cannot help: the credentials or the
 # client are wrong, or another device of this user took over. AUTH_TIMEOUT is
 # left out on purpose: a Hello delayed by a bad network deserves a retry.
@@ -180,7 +210,8 @@ class _Pending:
 class _Connection:
     """One TCP connection; a :class:`Client` goes through many of them."""
 
-    __slots__ = ("reader", "writer", "decoder", "auth", "started", "last_recv", "error")
+    __slots__ = ("reader", "writer", "decoder", "auth", "started", "last_recv", "last_sent",
+                 "pong", "pong_frames", "error")
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, now: float
@@ -191,10 +222,14 @@ class _Connection:
         self.auth: pb.AuthOk | None = None
         self.started = now
         self.last_recv = now
+        self.last_sent = now
+        self.pong = 0                            # nonce of the last Pong
+        self.pong_frames = 0                     # the client's frame count at it
         self.error: Exception | None = None
 
     def send(self, ftype: FrameType, msg) -> None:
         self.writer.write(wire.encode_frame(ftype, msg))
+        self.last_sent = asyncio.get_running_loop().time()
 
     def fail(self, error: Exception) -> None:
         """Record why the connection ends (first cause wins) and drop it.
@@ -243,6 +278,29 @@ class Client:
         of ending when the node says the token expired. An exception it
         raises is logged and the refresh retried (on a reconnect, with the
         reconnect backoff).
+    :param endpoints: more node addresses ``(host, port)``; reconnects
+        rotate through them and each connect races up to ``race`` of them.
+    :param race: how many addresses one connect dials at most.
+    :param race_stagger: seconds between starting two dials of a race (an
+        attempt that fails starts the next at once). Mars: 3 at 2.5 s.
+    :param dns: resolve each endpoint's name to all its A/AAAA records and
+        race those.
+    :param network: the key of the network the device is on; the adaptive
+        heartbeat remembers one interval per key.
+    :param adaptive_heartbeat: search for the longest ping interval (else
+        ping at the node's default).
+    :param heartbeat_store: where the search's results are kept (default:
+        one store in memory per process, or ``heartbeat_file``).
+    :param heartbeat_file: a JSON file to keep them in across runs.
+    :param heartbeat_step_after: answered probes before stepping up.
+    :param heartbeat_step: factor of a step up (> 1).
+    :param heartbeat_start: seconds: the safe interval the search starts at
+        on an unknown network (within the node's bounds).
+    :param pong_timeout: seconds a Ping may go unanswered, with nothing else
+        received, before the link counts as dead (at most the idle timeout
+        minus the interval). A dead link is thus noticed within the
+        interval plus this of the link dying while quiet, and within the
+        connection's idle timeout in any case.
 
     Received events are buffered in an unbounded :class:`asyncio.Queue`: the
     SDK never pushes back on the node, so an application that stops
@@ -270,11 +328,24 @@ class Client:
         tls: bool | ssl.SSLContext = False,
         ca: str | None = None,
         server_hostname: str | None = None,
+        race: int = 3,
+        race_stagger: float = 2.5,
+        dns: bool = False,
+        network: str = "",
+        adaptive_heartbeat: bool = True,
+        heartbeat_store: HeartbeatStore | None = None,
+        heartbeat_file: str | None = None,
+        heartbeat_step_after: int = 3,
+        heartbeat_step: float = 1.5,
+        heartbeat_start: float = 20.0,
+        pong_timeout: float = 5.0,
     ) -> None:
         if not 0 < backoff_min <= backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive")
+        if race < 1 or race_stagger < 0 or pong_timeout <= 0:
+            raise ValueError("need race >= 1, race_stagger >= 0 and pong_timeout > 0")
         self.host = host
         self.port = port
         # Every node the client may use: after a lost connection or a kick
@@ -298,6 +369,17 @@ class Client:
         else:
             self.ssl = None
         self.server_hostname = server_hostname
+        self.race = race
+        self.race_stagger = race_stagger
+        self.dns = dns
+        self.pong_timeout = pong_timeout
+        if heartbeat_store is None:
+            heartbeat_store = HeartbeatStore(heartbeat_file) if heartbeat_file else DEFAULT_STORE
+        #: The heartbeat search of ``network`` (None: adaptive_heartbeat off).
+        self.heartbeat: HeartbeatTuner | None = (
+            HeartbeatTuner(heartbeat_store, network, step_after=heartbeat_step_after,
+                           step_factor=heartbeat_step, start_ms=int(heartbeat_start * 1000))
+            if adaptive_heartbeat else None)
         # Server clock minus ours, seconds, from the last AuthOk: token
         # times are the node's.
         self._clock_offset = 0.0
@@ -311,6 +393,8 @@ class Client:
             "reconnects": 0,
             "sampled_batches": 0,
             "refreshes": 0,
+            "dead_links": 0,
+            "probes": 0,
         }
         self._online: dict[str, int] = {}  # room -> last Presence count
 
@@ -508,13 +592,17 @@ class Client:
     async def _open(self) -> _Connection:
         return await asyncio.wait_for(self._handshake(), self.connect_timeout)
 
+    def _rotation(self) -> list[tuple[str, int]]:
+        """The endpoints, starting at the current one."""
+        at = self.endpoints.index((self.host, self.port))
+        return self.endpoints[at:] + self.endpoints[:at]
+
     async def _handshake(self) -> _Connection:
-        if self.ssl is not None:
-            reader, writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl,
-                server_hostname=self.server_hostname or self.host)
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+        candidates = await dial.resolve(self._rotation(), self.dns)
+        reader, writer, (_addr, port, host) = await dial.race(
+            candidates, fan=self.race, stagger=self.race_stagger, ssl=self.ssl,
+            server_hostname=self.server_hostname)
+        self.host, self.port = host, port
         conn = _Connection(reader, writer, asyncio.get_running_loop().time())
         self._auth = None
         try:
@@ -552,6 +640,7 @@ class Client:
             device_id=self.device_id,
             device_class=self.device_class,
             client=self.client_name,
+            ping_interval_ms=self.heartbeat.request_ms() if self.heartbeat else 0,
             resume=[
                 pb.ResumePoint(room=room, last_seq=seq, epoch=epoch)
                 for room, (epoch, seq) in self._cursors.items()
@@ -575,10 +664,17 @@ class Client:
                 if loop.time() - conn.started >= self.backoff_max:
                     attempt = 0
                 log.info("connection to %s:%s lost (%s); reconnecting", self.host, self.port, error)
+                drained = getattr(error, "reconnect_after", 0.0)
                 while True:
-                    await asyncio.sleep(
-                        getattr(error, "reconnect_after", 0.0) + self._backoff(attempt)
-                    )
+                    if drained:
+                        # A clean drain: the node said when; the ladder
+                        # starts over after this first retry.
+                        await asyncio.sleep(drained + random.uniform(0.0, self.backoff_min))
+                        drained = 0.0
+                        attempt = 0
+                    else:
+                        await asyncio.sleep(
+                            getattr(error, "reconnect_after", 0.0) + self._backoff(attempt))
                     attempt += 1
                     try:
                         if need_token:
@@ -690,27 +786,68 @@ class Client:
         return conn.error
 
     async def _keepalive(self, conn: _Connection) -> None:
-        """Ping on the node's schedule; declare the connection dead when
-        nothing at all (Pong, data) arrived for the idle timeout."""
+        """Ping after an interval of silence; declare the link dead
+        when a Ping goes unanswered for ``pong_timeout`` with nothing else
+        received, or nothing at all arrived for the idle timeout. Feeds the
+        heartbeat search: probes answered, dead links."""
         loop = asyncio.get_running_loop()
-        interval = conn.auth.ping_interval_ms / 1000 or _DEFAULT_PING_INTERVAL
-        idle = conn.auth.idle_timeout_ms / 1000 or interval * _IDLE_PER_PING
+        auth = conn.auth
+        grant_ms = auth.ping_interval_ms or int(_DEFAULT_PING_INTERVAL * 1000)
+        idle = auth.idle_timeout_ms / 1000 or grant_ms / 1000 * _IDLE_PER_PING
+        tuner = self.heartbeat
+        if tuner is not None:
+            interval = tuner.granted(grant_ms, auth.ping_interval_min_ms,
+                                     auth.ping_interval_max_ms)
+        else:
+            interval = grant_ms / 1000
+        grant = grant_ms / 1000
+        pong_timeout = min(self.pong_timeout, max(idle - grant, 0.05))
         nonce = 0
-        next_ping = loop.time() + interval
+        sent_at = 0.0           # of the outstanding Ping (0: none)
+        probe = 0               # nonce of the outstanding probe (0: none)
+        probe_ms = 0
+        probe_frames = 0        # frames received before the probe
         while True:
             now = loop.time()
-            if now - conn.last_recv >= idle:
-                conn.fail(
-                    ConnectionLostError(
-                        pb.HEARTBEAT_TIMEOUT, f"nothing received from the node for {idle:g} s"
-                    )
-                )
+            if sent_at and conn.pong >= nonce:
+                sent_at = 0.0
+            if probe and conn.pong >= probe:
+                # Only a Pong that came alone counts: a frame before it was
+                # already on its way, and broke the silence at the NAT.
+                if conn.pong == probe and conn.pong_frames == probe_frames + 1:
+                    self.stats["probes"] += 1
+                    if tuner is not None:
+                        interval = tuner.probe_answered(probe_ms, grant_ms)
+                probe = 0
+            quiet = now - conn.last_recv
+            if quiet >= idle or (sent_at and now - max(sent_at, conn.last_recv) >= pong_timeout):
+                why = (f"nothing received from the node for {idle:g} s" if quiet >= idle else
+                       f"a ping unanswered for {pong_timeout:g} s")
+                self.stats["dead_links"] += 1
+                if tuner is not None:
+                    tuner.dead_link()
+                conn.fail(ConnectionLostError(pb.HEARTBEAT_TIMEOUT, f"dead link: {why}"))
                 return
-            if now >= next_ping:
+            # A Ping is due after an interval of silence both ways (what a
+            # NAT times), and at the latest a granted interval after the
+            # last frame sent (what the node requires).
+            silent_since = max(conn.last_sent, conn.last_recv)
+            due = min(silent_since + interval, conn.last_sent + grant)
+            if now >= due:
                 nonce += 1
+                if not probe and now - silent_since >= interval * _PROBE_SILENCE:
+                    # Its answer says the path held through that silence
+                    # (pinging on the node's schedule, the last Pong's
+                    # round trip eats into the interval: hence the share).
+                    probe, probe_ms = nonce, int(interval * 1000)
+                    probe_frames = self.stats["frames"]
                 conn.send(FrameType.PING, pb.Ping(nonce=nonce))
-                next_ping = now + interval
-            await asyncio.sleep(min(next_ping, conn.last_recv + idle) - now)
+                sent_at = now
+                due = now + interval
+            wake = min(due, conn.last_recv + idle)
+            if sent_at:
+                wake = min(wake, max(sent_at, conn.last_recv) + pong_timeout)
+            await asyncio.sleep(max(0.0, wake - now) + 0.001)
 
     def _disconnected(self, error: Exception) -> None:
         """Forget the connection; fail the requests it carried (whether the
@@ -867,7 +1004,11 @@ class Client:
         return ConnectionLostError(kick.reason, kick.message, kick.reconnect_after_ms / 1000)
 
     def _on_pong(self, pong: pb.Pong) -> None:
-        pass  # receiving it already refreshed conn.last_recv
+        # Receiving it already refreshed conn.last_recv; the keepalive
+        # matches the nonce to its Ping.
+        if self._conn is not None and pong.nonce > self._conn.pong:
+            self._conn.pong = pong.nonce
+            self._conn.pong_frames = self.stats["frames"]
 
     def _on_presence(self, presence: pb.Presence) -> None:
         if presence.room in self._cursors:

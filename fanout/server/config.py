@@ -115,7 +115,15 @@ class NodeConfig:
                                    "(3 on a three-server NATS cluster)", minimum=1)
     log_level: str = _field("INFO", "DEBUG, INFO, WARNING or ERROR")
     # connections
-    ping_interval_ms: int = _field(20_000, "how often clients should ping", minimum=100)
+    ping_interval_ms: int = _field(20_000, "how often clients should ping, unless a Hello asks "
+                                   "for another interval (then clamped to the bounds below)",
+                                   minimum=100)
+    ping_interval_min_ms: int = _field(5_000, "the shortest ping interval a Hello may ask for "
+                                       "(ping_interval_ms if that is shorter)", minimum=100)
+    ping_interval_max_ms: int = _field(300_000, "the longest ping interval a Hello may ask for "
+                                       "(ping_interval_ms if that is longer); the idle timeout "
+                                       "scales with the interval granted, in the ratio of "
+                                       "idle_timeout_ms to ping_interval_ms", minimum=100)
     idle_timeout_ms: int = _field(45_000, "close a connection silent this long", minimum=200)
     auth_timeout_ms: int = _field(3_000, "close a connection without a valid Hello after this", minimum=100)
     close_grace_ms: int = _field(2_000, "time a closing connection gets to take its last frame", minimum=0)
@@ -193,6 +201,24 @@ class NodeConfig:
             return self.write_threads
         return max(1, len(os.sched_getaffinity(0)) - 1)
 
+    def ping_bounds(self) -> tuple[int, int]:
+        """(shortest, longest) ping interval in ms a Hello may ask for: the
+        configured bounds, widened to take in ping_interval_ms (so a test
+        node pinging every 200 ms needs no bounds of its own)."""
+        return (min(self.ping_interval_min_ms, self.ping_interval_ms),
+                max(self.ping_interval_max_ms, self.ping_interval_ms))
+
+    def grant_ping(self, requested_ms: int) -> tuple[int, int]:
+        """(ping interval, idle timeout) in ms for a connection whose Hello
+        asked for ``requested_ms`` (0: the default). The idle timeout keeps
+        the configured ratio to the interval, so a slow pinger gets as many
+        lost pings' slack as everyone else."""
+        if not requested_ms:
+            return self.ping_interval_ms, self.idle_timeout_ms
+        low, high = self.ping_bounds()
+        interval = min(max(requested_ms, low), high)
+        return interval, interval * self.idle_timeout_ms // self.ping_interval_ms
+
     def validate(self) -> "NodeConfig":
         for f in fields(self):
             minimum = f.metadata.get("min")
@@ -215,6 +241,8 @@ class NodeConfig:
             raise ConfigError(f"unknown log_level {self.log_level!r}")
         if self.idle_timeout_ms <= self.ping_interval_ms:
             raise ConfigError("idle_timeout_ms must be longer than ping_interval_ms")
+        if self.ping_interval_min_ms > self.ping_interval_max_ms:
+            raise ConfigError("ping_interval_min_ms must not be above ping_interval_max_ms")
         if self.lag_overloaded_ms <= self.lag_degraded_ms:
             raise ConfigError("lag_overloaded_ms must be above lag_degraded_ms")
         if self.delay_overloaded_ms <= self.delay_degraded_ms:

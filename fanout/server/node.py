@@ -640,8 +640,11 @@ class Node:
             session.sent_mark = conn.bytes_sent
             if session.user is None:
                 continue                  # the handshake deadline is the listener's
-            if now - session.conn.last_recv > idle:
-                session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {idle:g} s")
+            # A Hello may have asked for its own ping interval: then its
+            # idle timeout is the session's (one attribute read either way).
+            limit = session.idle_s or idle
+            if now - conn.last_recv > limit:
+                session.kick(pb.HEARTBEAT_TIMEOUT, f"nothing received for {limit:g} s")
             elif session.claims.expires_at <= expired:
                 session.kick(pb.TOKEN_EXPIRED, "the token expired and was not refreshed")
         self._pass_backlog += backlog

@@ -128,7 +128,7 @@ class Session:
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
                  "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at",
-                 "sent_mark", "end_reason")
+                 "sent_mark", "end_reason", "idle_s")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -147,6 +147,10 @@ class Session:
         self.sent_mark = 0                       # conn.bytes_sent at the node's last sweep
         self._logged_in = False                  # holds a login the logic must be given back
         self.end_reason = 0                      # the Kick reason that closed it (event log)
+        # The idle timeout granted with the ping interval the Hello asked
+        # for, seconds; 0.0 (a shared constant, no float per session): the
+        # node's idle_timeout_ms.
+        self.idle_s = 0.0
         # The request budget, a token bucket of request_rate frames per
         # second holding request_burst, kept as one float (GCRA): the loop
         # time at which the bucket would have been empty. Tokens now are
@@ -280,10 +284,15 @@ class Session:
         self.device_class = device_class
         host.session_authenticated(self)
         cfg = host.config
+        interval, idle = cfg.grant_ping(msg.ping_interval_ms)
+        low, high = cfg.ping_bounds()
+        if msg.ping_interval_ms:
+            self.idle_s = idle / 1000            # read by the node's timeout sweep
         self.send(FrameType.AUTH_OK, pb.AuthOk(
-            user=self.user, session=self.id, ping_interval_ms=cfg.ping_interval_ms,
-            idle_timeout_ms=cfg.idle_timeout_ms, server_time_ms=_now_ms(),
-            token_expires_ms=claims.expires_at * 1000, compress_dict=cfg.compress_dict))
+            user=self.user, session=self.id, ping_interval_ms=interval,
+            idle_timeout_ms=idle, server_time_ms=_now_ms(),
+            token_expires_ms=claims.expires_at * 1000, compress_dict=cfg.compress_dict,
+            ping_interval_min_ms=low, ping_interval_max_ms=high))
         self.authenticated_limits()
         log.debug("%s: authenticated (device %s, class %r)", self, clip(msg.device_id),
                   device_class)
@@ -389,7 +398,7 @@ class Session:
             if not self.conn.closing:
                 self.error(req_id, pb.ALREADY_JOINED, "already in this room", name)
             return
-        if not last_seq:
+        if not last_seq and not epoch:
             cursor = room.flushed_seq          # fresh join: from now on
         elif not epoch or epoch == room.epoch:
             cursor = min(last_seq, room.last_seq)

@@ -79,6 +79,7 @@ export const fanout = $root.fanout = (() => {
             Hello.prototype.deviceClass = "";
             Hello.prototype.resume = $util.emptyArray;
             Hello.prototype.client = "";
+            Hello.prototype.pingIntervalMs = 0;
 
             Hello.encode = function (message, writer, _depth) {
                 if (!writer)
@@ -98,6 +99,8 @@ export const fanout = $root.fanout = (() => {
                         $root.fanout.v1.ResumePoint.encode(message.resume[i], writer.uint32(34).fork(), _depth + 1).ldelim();
                 if (message.client != null && $Object.hasOwnProperty.call(message, "client") && message.client !== "")
                     writer.uint32(42).string(message.client);
+                if (message.pingIntervalMs != null && $Object.hasOwnProperty.call(message, "pingIntervalMs") && message.pingIntervalMs !== 0)
+                    writer.uint32(48).uint32(message.pingIntervalMs);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -173,6 +176,15 @@ export const fanout = $root.fanout = (() => {
                                 message.client = value;
                             else
                                 delete message.client;
+                            continue;
+                        }
+                    case 6: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.uint32())
+                                message.pingIntervalMs = value;
+                            else
+                                delete message.pingIntervalMs;
                             continue;
                         }
                     }
@@ -811,6 +823,8 @@ export const fanout = $root.fanout = (() => {
             AuthOk.prototype.serverTimeMs = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
             AuthOk.prototype.tokenExpiresMs = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
             AuthOk.prototype.compressDict = 0;
+            AuthOk.prototype.pingIntervalMinMs = 0;
+            AuthOk.prototype.pingIntervalMaxMs = 0;
 
             AuthOk.encode = function (message, writer, _depth) {
                 if (!writer)
@@ -833,6 +847,10 @@ export const fanout = $root.fanout = (() => {
                     writer.uint32(48).uint64(message.tokenExpiresMs);
                 if (message.compressDict != null && $Object.hasOwnProperty.call(message, "compressDict") && message.compressDict !== 0)
                     writer.uint32(56).uint32(message.compressDict);
+                if (message.pingIntervalMinMs != null && $Object.hasOwnProperty.call(message, "pingIntervalMinMs") && message.pingIntervalMinMs !== 0)
+                    writer.uint32(64).uint32(message.pingIntervalMinMs);
+                if (message.pingIntervalMaxMs != null && $Object.hasOwnProperty.call(message, "pingIntervalMaxMs") && message.pingIntervalMaxMs !== 0)
+                    writer.uint32(72).uint32(message.pingIntervalMaxMs);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -927,6 +945,24 @@ export const fanout = $root.fanout = (() => {
                                 message.compressDict = value;
                             else
                                 delete message.compressDict;
+                            continue;
+                        }
+                    case 8: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.uint32())
+                                message.pingIntervalMinMs = value;
+                            else
+                                delete message.pingIntervalMinMs;
+                            continue;
+                        }
+                    case 9: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.uint32())
+                                message.pingIntervalMaxMs = value;
+                            else
+                                delete message.pingIntervalMaxMs;
                             continue;
                         }
                     }
