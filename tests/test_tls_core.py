@@ -273,7 +273,7 @@ async def test_slow_tls_consumer_is_cut(certs):
         conn, (reader, writer) = await tls_pair(server, certs.ca, rcvbuf=4096)
         payload = os.urandom(8000)
         for _ in range(200):
-            st = conn.send(_core.core_frame(0x43, payload))
+            conn.send(_core.core_frame(0x43, payload))
             if server.owners[conn].failed:
                 break
         assert server.owners[conn].failed == [_core.STATUS_SLOW]
