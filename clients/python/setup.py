@@ -17,11 +17,12 @@ STAGE = HERE / "src" / "fanout"
 
 #: The client's modules and data, relative to the fanout package: what
 #: fanout.client imports, and nothing of the node (tests check the list).
+#: Every module of fanout/client/ comes along (CLIENT_GLOB), so a new one
+#: of the SDK needs no edit here.
+CLIENT_GLOB = "client/*.py"
 FILES = [
     "__init__.py",
     "py.typed",
-    "client/__init__.py",
-    "client/sdk.py",
     "protocol/__init__.py",
     "protocol/errors.py",
     "protocol/wire.py",
@@ -34,7 +35,8 @@ def stage() -> None:
         return
     if STAGE.exists():
         shutil.rmtree(STAGE)
-    for name in FILES:
+    names = FILES + sorted(str(p.relative_to(REPO)) for p in REPO.glob(CLIENT_GLOB))
+    for name in names:
         (STAGE / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, STAGE / name)
     for dictionary in (REPO / "protocol").glob("lz4dict-*.bin"):
