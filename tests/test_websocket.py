@@ -426,3 +426,28 @@ def test_request_budget_and_idle_timeout_apply_over_websocket(start_node):
     frames = idle.until_closed(timeout=5)                 # says nothing more
     assert frames[-1][0] == FT.KICK and frames[-1][1].reason == pb.HEARTBEAT_TIMEOUT
     assert idle.close_code == 4000 + pb.HEARTBEAT_TIMEOUT
+
+
+async def test_a_ping_flood_buys_one_pong_a_second_and_tiny_fragments_add_up():
+    loop = asyncio.get_running_loop()
+    conn, peer = make_ws(loop)
+    peer.sendall(ws_frame(0x9, b"p") * 5000)             # 30 KB of pings
+    for _ in range(20):
+        await asyncio.sleep(0.001)
+        conn.read()
+    assert conn.pings_answered == 1 and conn.read_error is None
+    assert split_ws(await drain(peer, 3)) == [(0xA, b"p")]
+    # a Hello in one-byte fragments: one frame, as if sent whole
+    hello = wire.encode_frame(FT.HELLO, pb.Hello(token="x" * 2000))
+    data = b"".join(ws_frame(0x2 if i == 0 else 0x0, hello[i:i + 1], fin=i == len(hello) - 1)
+                    for i in range(len(hello)))
+    peer.sendall(data)
+    frames = []
+    for _ in range(50):
+        await asyncio.sleep(0.001)
+        frames += conn.read()
+        if frames:
+            break
+    assert [f[0] for f in frames] == [FT.HELLO]
+    assert pb.Hello.FromString(frames[0][2]).token == "x" * 2000
+    conn.close()

@@ -15,7 +15,8 @@
 #      limit + HEADER_SIZE bytes in all (checked from the frame header,
 #      before any payload is read), each holding whole wire frames, which
 #      the TCP rules split and check; text messages are refused
-#      (BAD_REQUEST); pings answered with a pong, a close with a close.
+#      (BAD_REQUEST); pings answered with a pong (at most one a second),
+#      a close with a close.
 #
 # The node's last words (close_after with a reason) are followed by a Close
 # with code 4000 + reason (1000 without one).
@@ -33,6 +34,7 @@ cdef class WsConnection(Connection):
     cdef bint _in_message             # a fragmented data message is open
     cdef readonly int close_code      # code of the client's Close (0: none yet)
     cdef readonly unsigned long long pings_answered
+    cdef double _pong_at              # monotonic time of the last pong
 
     cdef Py_ssize_t _ws_need(self, const char* data, Py_ssize_t n,
                              Py_ssize_t* payload) except -1

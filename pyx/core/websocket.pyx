@@ -2,6 +2,7 @@
 
 from libc.string cimport memcmp
 from libc.stdlib cimport free
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from fanout.protocol import fanout_pb2 as _pb
 
@@ -24,6 +25,11 @@ cdef enum:
     WS_CLOSE_NO_STATUS = 1005
     WS_CLOSE_REASON_BASE = 4000  # + a fanout Reason: the private-use range of RFC 6455 7.4.2
 
+# At most one pong per connection this often: a ping costs the client 6
+# bytes and a pong costs the node a send(), so a ping flood must not buy
+# one syscall per ping (RFC 6455 5.5.3 lets a reply skip to the latest).
+cdef double PONG_INTERVAL = 1.0
+
 # Item type of the handshake's request head in read()'s output: above every
 # wire frame type (a u8), so no client frame can pose as it.
 UPGRADE_REQUEST = 0x100
@@ -34,6 +40,12 @@ CLOSE_REASON_BASE = WS_CLOSE_REASON_BASE
 def close_code(int reason):
     """The WebSocket close code the node sends after a frame with ``reason``."""
     return WS_CLOSE_REASON_BASE + reason if reason else WS_CLOSE_NORMAL
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline void _unmask(char* p, Py_ssize_t n, const uint8_t* key) noexcept nogil:
@@ -289,9 +301,11 @@ cdef class WsConnection(Connection):
                         self._msg = NULL
                         self._msg_len = self._msg_cap = 0
             elif op == WS_OP_PING:
-                # Only to a client that reads what it gets: a pong never
-                # queues (RFC 6455 5.5.3 lets a reply skip to the latest ping).
-                if self._ws_state == WS_OPEN and not self._bl_len and not self._in_round:
+                # Only to a client that reads what it gets (a pong never
+                # queues), and at most one per PONG_INTERVAL.
+                if (self._ws_state == WS_OPEN and not self._bl_len and not self._in_round
+                        and _now() - self._pong_at >= PONG_INTERVAL):
+                    self._pong_at = _now()
                     self._control(WS_OP_PONG, payload, plen)
                     self.pings_answered += 1
             elif op == WS_OP_CLOSE:
@@ -312,14 +326,22 @@ cdef class WsConnection(Connection):
         return 0
 
     cdef int _append(self, const char* data, Py_ssize_t n) except -1:
-        # _ws_need bounded _msg_len + n by the message limit already.
+        # _ws_need bounded _msg_len + n by the message limit already. The
+        # buffer grows geometrically: a message in many tiny fragments must
+        # not cost a copy of itself per fragment.
         cdef char* grown
+        cdef Py_ssize_t cap
         if self._msg_len + n > self._msg_cap:
-            grown = <char*>realloc(self._msg, self._msg_len + n if self._msg_len + n else 1)
+            cap = 2 * self._msg_cap
+            if cap < self._msg_len + n:
+                cap = self._msg_len + n
+            if cap > self._max_frame + HEADER_SIZE:
+                cap = self._msg_len + n
+            grown = <char*>realloc(self._msg, cap if cap else 1)
             if grown == NULL:
                 raise MemoryError()
             self._msg = grown
-            self._msg_cap = self._msg_len + n
+            self._msg_cap = cap
         if n:
             memcpy(self._msg + self._msg_len, data, n)
         self._msg_len += n
