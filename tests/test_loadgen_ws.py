@@ -6,13 +6,13 @@ the frames inside it."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import jwt
 import pytest
 
 from conftest import SECRET
+from test_loadgen import TinyServer
 from fanout import _core
 from fanout._loadgen import ws_client_message
 from fanout.load import LoadConfig, build_viewers, plan, run
@@ -101,7 +101,7 @@ def _server_msg(payload: bytes, opcode: int = 0x2) -> bytes:
     return head + payload
 
 
-class TinyWsServer:
+class TinyWsServer(TinyServer):
     """Just enough of a node's WebSocket port: the 101, AuthOk, Ack, then
     scripted messages per viewer (by user index):
 
@@ -115,23 +115,9 @@ class TinyWsServer:
     """
 
     def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.unmasked = 0
         self.t0 = time.time_ns()
-        self.done = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        self.sock.settimeout(0.2)
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()              # TinyServer's socket and accept loop
 
     def _read_message(self, conn, buf: bytearray) -> bytes:
         while True:
@@ -216,10 +202,6 @@ class TinyWsServer:
         assert len(frames) == 1
         ftype, _flags, body = frames[0]
         return ftype, body
-
-    def close(self):
-        self.done.set()
-        self.sock.close()
 
 
 @pytest.mark.timeout(30)
