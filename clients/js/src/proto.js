@@ -80,6 +80,8 @@ export const fanout = $root.fanout = (() => {
             Hello.prototype.resume = $util.emptyArray;
             Hello.prototype.client = "";
             Hello.prototype.pingIntervalMs = 0;
+            Hello.prototype.channelLastSeq = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
+            Hello.prototype.channelEpoch = "";
 
             Hello.encode = function (message, writer, _depth) {
                 if (!writer)
@@ -101,6 +103,10 @@ export const fanout = $root.fanout = (() => {
                     writer.uint32(42).string(message.client);
                 if (message.pingIntervalMs != null && $Object.hasOwnProperty.call(message, "pingIntervalMs") && message.pingIntervalMs !== 0)
                     writer.uint32(48).uint32(message.pingIntervalMs);
+                if (message.channelLastSeq != null && $Object.hasOwnProperty.call(message, "channelLastSeq") && (typeof message.channelLastSeq === "object" ? message.channelLastSeq.low || message.channelLastSeq.high : message.channelLastSeq !== 0))
+                    writer.uint32(56).uint64(message.channelLastSeq);
+                if (message.channelEpoch != null && $Object.hasOwnProperty.call(message, "channelEpoch") && message.channelEpoch !== "")
+                    writer.uint32(66).string(message.channelEpoch);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -185,6 +191,24 @@ export const fanout = $root.fanout = (() => {
                                 message.pingIntervalMs = value;
                             else
                                 delete message.pingIntervalMs;
+                            continue;
+                        }
+                    case 7: {
+                            if (wireType !== 0)
+                                break;
+                            if (typeof (value = reader.uint64()) === "object" ? value.low || value.high : value !== 0)
+                                message.channelLastSeq = value;
+                            else
+                                delete message.channelLastSeq;
+                            continue;
+                        }
+                    case 8: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.stringVerify()).length)
+                                message.channelEpoch = value;
+                            else
+                                delete message.channelEpoch;
                             continue;
                         }
                     }
@@ -825,6 +849,9 @@ export const fanout = $root.fanout = (() => {
             AuthOk.prototype.compressDict = 0;
             AuthOk.prototype.pingIntervalMinMs = 0;
             AuthOk.prototype.pingIntervalMaxMs = 0;
+            AuthOk.prototype.channel = "";
+            AuthOk.prototype.channelSeq = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
+            AuthOk.prototype.channelEpoch = "";
 
             AuthOk.encode = function (message, writer, _depth) {
                 if (!writer)
@@ -851,6 +878,12 @@ export const fanout = $root.fanout = (() => {
                     writer.uint32(64).uint32(message.pingIntervalMinMs);
                 if (message.pingIntervalMaxMs != null && $Object.hasOwnProperty.call(message, "pingIntervalMaxMs") && message.pingIntervalMaxMs !== 0)
                     writer.uint32(72).uint32(message.pingIntervalMaxMs);
+                if (message.channel != null && $Object.hasOwnProperty.call(message, "channel") && message.channel !== "")
+                    writer.uint32(82).string(message.channel);
+                if (message.channelSeq != null && $Object.hasOwnProperty.call(message, "channelSeq") && (typeof message.channelSeq === "object" ? message.channelSeq.low || message.channelSeq.high : message.channelSeq !== 0))
+                    writer.uint32(88).uint64(message.channelSeq);
+                if (message.channelEpoch != null && $Object.hasOwnProperty.call(message, "channelEpoch") && message.channelEpoch !== "")
+                    writer.uint32(98).string(message.channelEpoch);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -963,6 +996,33 @@ export const fanout = $root.fanout = (() => {
                                 message.pingIntervalMaxMs = value;
                             else
                                 delete message.pingIntervalMaxMs;
+                            continue;
+                        }
+                    case 10: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.stringVerify()).length)
+                                message.channel = value;
+                            else
+                                delete message.channel;
+                            continue;
+                        }
+                    case 11: {
+                            if (wireType !== 0)
+                                break;
+                            if (typeof (value = reader.uint64()) === "object" ? value.low || value.high : value !== 0)
+                                message.channelSeq = value;
+                            else
+                                delete message.channelSeq;
+                            continue;
+                        }
+                    case 12: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.stringVerify()).length)
+                                message.channelEpoch = value;
+                            else
+                                delete message.channelEpoch;
                             continue;
                         }
                     }
@@ -1979,6 +2039,7 @@ export const fanout = $root.fanout = (() => {
             Publish.prototype.priority = 0;
             Publish.prototype.sender = "";
             Publish.prototype.payload = $util.newBuffer([]);
+            Publish.prototype.user = "";
 
             Publish.encode = function (message, writer, _depth) {
                 if (!writer)
@@ -1997,6 +2058,8 @@ export const fanout = $root.fanout = (() => {
                     writer.uint32(34).string(message.sender);
                 if (message.payload != null && $Object.hasOwnProperty.call(message, "payload") && message.payload.length)
                     writer.uint32(42).bytes(message.payload);
+                if (message.user != null && $Object.hasOwnProperty.call(message, "user") && message.user !== "")
+                    writer.uint32(50).string(message.user);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -2073,6 +2136,15 @@ export const fanout = $root.fanout = (() => {
                                 message.payload = value;
                             else
                                 delete message.payload;
+                            continue;
+                        }
+                    case 6: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.stringVerify()).length)
+                                message.user = value;
+                            else
+                                delete message.user;
                             continue;
                         }
                     }
