@@ -402,6 +402,9 @@ class Client:
         # for (delivered or covered by a Gap). A list so the hot path
         # updates it in place.
         self._cursors: dict[str, list] = {}
+        # The user's channel, as the node named it in AuthOk: resumed
+        # through the Hello's channel fields, not as a resume point.
+        self._channel: str | None = None
         self._pending: dict[int, _Pending] = {}
         self._last_req_id = 0
         self._events: asyncio.Queue = asyncio.Queue()
@@ -558,8 +561,18 @@ class Client:
 
     @property
     def rooms(self) -> list[str]:
-        """The joined rooms (the ones resumed on reconnect)."""
+        """The joined rooms (the ones resumed on reconnect), with the user's
+        channel."""
         return list(self._cursors)
+
+    @property
+    def channel(self) -> str | None:
+        """The user's channel (``"@" + user``) once connected to a node with
+        user channels: pushes to this user (``POST /v1/publish`` with
+        ``"user"``) arrive as messages of this room, with seqs, and resume
+        like a room's. Every connection of the user is a member from its
+        AuthOk on; :meth:`leave` of it lasts until the next connection."""
+        return self._channel
 
     @property
     def connected(self) -> bool:
@@ -635,6 +648,7 @@ class Client:
         return conn
 
     def _hello(self) -> pb.Hello:
+        channel = self._cursors.get(self._channel) if self._channel else None
         return pb.Hello(
             token=self.token,
             device_id=self.device_id,
@@ -644,7 +658,10 @@ class Client:
             resume=[
                 pb.ResumePoint(room=room, last_seq=seq, epoch=epoch)
                 for room, (epoch, seq) in self._cursors.items()
+                if room != self._channel
             ],
+            channel_epoch=channel[0] if channel else "",
+            channel_last_seq=channel[1] if channel else 0,
         )
 
     async def _run(self, conn: _Connection) -> None:
@@ -969,6 +986,19 @@ class Client:
                 f"the node compresses with lz4 dictionary {msg.compress_dict}, "
                 f"which this client does not hold (it holds {sorted(wire.DICTIONARIES)})")
         self._auth = msg
+        if msg.channel:
+            # The channel's cursor, read like a resume point's Ack (the Gap
+            # and replay that follow in this read must see it).
+            self._channel = msg.channel
+            cur = self._cursors.get(msg.channel)
+            if cur is None:
+                self._cursors[msg.channel] = [msg.channel_epoch, msg.channel_seq]
+            elif msg.channel_epoch != cur[0] or msg.channel_seq > cur[1]:
+                cur[0], cur[1] = msg.channel_epoch, msg.channel_seq
+        elif self._channel is not None:
+            # This node has no user channels: nothing comes through it here.
+            self._cursors.pop(self._channel, None)
+            self._channel = None
         return None
 
     def _on_error(self, err: pb.Error) -> ClientError | None:

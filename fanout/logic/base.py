@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from ..protocol import fanout_pb2 as pb
+from ..protocol.channels import MAX_CHANNEL_NAME, is_channel
 from ..protocol.errors import ReasonError
 
 #: Longest room name, in UTF-8 bytes.
@@ -40,7 +41,8 @@ class Rejected(ReasonError):
 
 
 def check_room_name(room: str) -> None:
-    """A room name is 1-128 bytes of valid UTF-8.
+    """A room name is 1-128 bytes of valid UTF-8; a user's channel (``@`` +
+    the user id, fanout.protocol.channels) up to 129.
 
     A client's name is valid UTF-8 by the time it gets here (protobuf refuses
     a ``string`` field that is not, as BAD_PROTOBUF); a name from JSON (the
@@ -51,14 +53,15 @@ def check_room_name(room: str) -> None:
     """
     if not room:
         raise Rejected(pb.BAD_REQUEST, "room name is empty")
-    if len(room) > MAX_ROOM_NAME:               # no need to encode a 60 KB name
-        raise Rejected(pb.BAD_REQUEST, f"room name longer than {MAX_ROOM_NAME} bytes")
+    limit = MAX_CHANNEL_NAME if is_channel(room) else MAX_ROOM_NAME
+    if len(room) > limit:                       # no need to encode a 60 KB name
+        raise Rejected(pb.BAD_REQUEST, f"room name longer than {limit} bytes")
     try:
         size = len(room.encode("utf-8"))
     except UnicodeEncodeError:
         raise Rejected(pb.BAD_REQUEST, "room name is not valid UTF-8") from None
-    if size > MAX_ROOM_NAME:
-        raise Rejected(pb.BAD_REQUEST, f"room name longer than {MAX_ROOM_NAME} bytes")
+    if size > limit:
+        raise Rejected(pb.BAD_REQUEST, f"room name longer than {limit} bytes")
 
 
 class Logic(Protocol):

@@ -69,7 +69,8 @@ HTTP_CODES = {
     500: "INTERNAL_ERROR",
 }
 
-_PUBLISH_FIELDS = frozenset({"room", "kind", "priority", "sender", "payload", "payload_b64"})
+_PUBLISH_FIELDS = frozenset({"room", "user", "kind", "priority", "sender", "payload",
+                             "payload_b64"})
 _DISCONNECT_FIELDS = frozenset({"user", "reason"})
 _REVOKE_FIELDS = frozenset({"before"})
 _HISTORY_PARAMS = frozenset({"limit", "since"})
@@ -349,7 +350,13 @@ class AdminServer:
 
     async def _publish_json(self, item: Any) -> int:
         item = _object(item, "a message", _PUBLISH_FIELDS)
-        return await self._publish(_field(item, "room", str), _field(item, "kind", str),
+        if "room" in item and "user" in item:
+            raise ApiError.bad_request("give 'room' or 'user' (a push to one user), not both")
+        if "user" in item:
+            target = (None, _field(item, "user", str))
+        else:
+            target = (_field(item, "room", str), None)
+        return await self._publish(target, _field(item, "kind", str),
                                     _payload(item), _field(item, "sender", str, DEFAULT_SENDER),
                                     _field(item, "priority", int, 0))
 
@@ -363,7 +370,11 @@ class AdminServer:
 
         async def one(m) -> int | ApiError:
             try:
-                return await self._publish(m.room, m.kind, m.payload,
+                if m.room and m.user:
+                    raise ApiError.bad_request("give room or user (a push to one user), "
+                                               "not both")
+                return await self._publish((None, m.user) if m.user else (m.room, None),
+                                           m.kind, m.payload,
                                            m.sender or DEFAULT_SENDER, m.priority)
             except ApiError as exc:
                 return exc
@@ -380,10 +391,16 @@ class AdminServer:
         return web.Response(status=status, body=response.SerializeToString(),
                             content_type=PROTOBUF_TYPE)
 
-    async def _publish(self, room: str, kind: int | str, payload: bytes, sender: str,
-                       priority: int) -> int:
+    async def _publish(self, target: tuple[str | None, str | None], kind: int | str,
+                       payload: bytes, sender: str, priority: int) -> int:
+        """Publish to ``target``: (room, None), or (None, user) for a push to
+        one user."""
+        room, user = target
         try:
-            return await self.node.publish(room, kind, payload, sender=sender,
+            if user is not None:
+                return await self.node.push(user, kind, payload, sender=sender,
+                                            priority=priority)
+            return await self.node.publish(room or "", kind, payload, sender=sender,
                                            priority=priority)
         except Rejected as exc:
             raise ApiError.from_rejected(exc) from None

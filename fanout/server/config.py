@@ -131,7 +131,11 @@ class NodeConfig:
     max_hello_bytes: int = _field(24_576, "largest frame before authentication: a Hello with the largest token the node accepts and its resume points fits", minimum=64)
     request_rate: float = _field(20.0, "client frames per second per connection, every type (past the burst: closed, TOO_MANY_REQUESTS)", minimum=0.1)
     request_burst: float = _field(100.0, "burst of client frames per connection", minimum=1)
-    max_rooms_per_conn: int = _field(16, "rooms one connection may join", minimum=1)
+    max_rooms_per_conn: int = _field(16, "rooms one connection may join (its user's channel "
+                                     "not counted)", minimum=1)
+    user_channels: int = _field(1, "1: every connection of a user is a member of the user's "
+                                "channel '@' + user, which the admin API publishes to (pushes "
+                                "to one user); 0: no user channels", minimum=0)
     max_backlog_bytes: int = _field(1 << 20, "unsent bytes after which a client is cut as slow", minimum=1024)
     max_backlog_frames: int = _field(1024, "unsent frames after which a client is cut as slow", minimum=2)
     max_connections: int = _field(19_000, "connections this node holds at most", minimum=1)

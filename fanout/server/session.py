@@ -26,6 +26,7 @@ from .. import _core
 from ..logic.base import Logic, Rejected, check_room_name
 from ..protocol import fanout_pb2 as pb
 from ..protocol.auth import AuthError, Claims, verify
+from ..protocol.channels import is_channel, user_channel
 from ..protocol.wire import FrameType
 from . import eager, wsupgrade
 from .config import NodeConfig
@@ -60,6 +61,15 @@ def _echo_room(name: str) -> str:
     except Rejected:
         return ""
     return name
+
+
+def _forbidden(name: str, cfg: NodeConfig) -> str:
+    """Why a Join of ``name`` is refused (ROOM_FORBIDDEN)."""
+    if not is_channel(name):
+        return f"token does not allow room {clip(name)}"
+    if not cfg.user_channels:
+        return "user channels are off on this node"
+    return "a user's channel is joined by that user's connections only"
 
 
 class SessionHost(Protocol):
@@ -288,11 +298,16 @@ class Session:
         low, high = cfg.ping_bounds()
         if msg.ping_interval_ms:
             self.idle_s = idle / 1000            # read by the node's timeout sweep
-        self.send(FrameType.AUTH_OK, pb.AuthOk(
+        auth_ok = pb.AuthOk(
             user=self.user, session=self.id, ping_interval_ms=interval,
-            idle_timeout_ms=idle, server_time_ms=_now_ms(),
-            token_expires_ms=claims.expires_at * 1000, compress_dict=cfg.compress_dict,
-            ping_interval_min_ms=low, ping_interval_max_ms=high))
+            idle_timeout_ms=idle, token_expires_ms=claims.expires_at * 1000,
+            compress_dict=cfg.compress_dict, ping_interval_min_ms=low, ping_interval_max_ms=high)
+        if cfg.user_channels:
+            if not await self._enter_channel(msg, auth_ok):
+                return
+        else:
+            auth_ok.server_time_ms = _now_ms()
+            self.send(FrameType.AUTH_OK, auth_ok)
         self.authenticated_limits()
         log.debug("%s: authenticated (device %s, class %r)", self, clip(msg.device_id),
                   device_class)
@@ -302,6 +317,35 @@ class Session:
             if self.conn.closing:
                 return
             await self._join_room(0, point.room, point.last_seq, point.epoch)
+
+    async def _enter_channel(self, hello: pb.Hello, auth_ok: pb.AuthOk) -> bool:
+        """Make this connection a member of its user's channel, resumed where
+        the Hello says, and answer with ``auth_ok`` carrying the cursor (its
+        Gap and replay follow it). False if the connection is closing now:
+        the channel could not be opened (the cluster is unreachable: the
+        client retries), or it closed meanwhile."""
+        host = self.host
+        name = user_channel(self.user)
+        try:
+            room = await host.rooms.acquire(name)
+        except Rejected as exc:
+            # Without its channel the connection would miss the user's
+            # pushes without knowing: refuse the Hello, as a failed login is.
+            self.fail(exc.reason, f"the user's channel cannot be opened: {exc.message}")
+            return False
+        try:
+            self._enter(room, 0, name, hello.channel_last_seq, hello.channel_epoch, auth_ok)
+        finally:
+            if self.conn.closing or name not in self.rooms:
+                host.rooms.leave(name, self.conn)
+        return not self.conn.closing
+
+    def _may_join(self, name: str, claims: Claims) -> bool:
+        """The token allows ``name``; a user's channel only to that user
+        (whatever the token's rooms claim says)."""
+        if is_channel(name):
+            return bool(self.host.config.user_channels) and name == user_channel(self.user)
+        return claims.may_join(name)
 
     async def _refresh(self, msg: pb.Refresh) -> None:
         """A new token for this connection, before the current one expires.
@@ -328,7 +372,7 @@ class Session:
             return
         self.claims = claims
         # The new token's rooms apply from now on: leave what it no longer allows.
-        for name in [r for r in self.rooms if not claims.may_join(r)]:
+        for name in [r for r in self.rooms if not self._may_join(r, claims)]:
             self._leave_room(name)
             self.error(0, pb.ROOM_FORBIDDEN, f"the refreshed token does not allow room {clip(name)}",
                        name)
@@ -370,10 +414,11 @@ class Session:
             self.error(req_id, pb.ALREADY_JOINED, "already in this room; Leave first to rejoin",
                        name)
             return
-        if not self.claims.may_join(name):
-            self.error(req_id, pb.ROOM_FORBIDDEN, f"token does not allow room {clip(name)}", name)
+        if not self._may_join(name, self.claims):
+            self.error(req_id, pb.ROOM_FORBIDDEN, _forbidden(name, host.config), name)
             return
-        if len(self.rooms) >= host.config.max_rooms_per_conn:
+        if not is_channel(name) and len(self.rooms) - self._in_channel() \
+                >= host.config.max_rooms_per_conn:
             self.error(req_id, pb.TOO_MANY_ROOMS,
                        f"already in {len(self.rooms)} rooms, the limit", name)
             return
@@ -388,9 +433,15 @@ class Session:
             if self.conn.closing or name not in self.rooms:
                 host.rooms.leave(name, self.conn)    # not joined after all: let it go
 
+    def _in_channel(self) -> int:
+        """1 if this connection is in its user's channel (which the room limit
+        does not count), else 0."""
+        return 1 if self.user is not None and user_channel(self.user) in self.rooms else 0
+
     def _enter(self, room: _core.Room, req_id: int, name: str, last_seq: int,
-               epoch: str) -> None:
-        """Join ``room``, acquired for this connection: Ack, Gap, replay,
+               epoch: str, auth_ok: pb.AuthOk | None = None) -> None:
+        """Join ``room``, acquired for this connection: Ack (or, for the
+        user's channel at Hello, ``auth_ok`` with the cursor), Gap, replay,
         then membership, all before anything else is written to it."""
         # After the acquire's suspension: the connection may have closed, or
         # an earlier request joined the room meanwhile.
@@ -404,7 +455,13 @@ class Session:
             cursor = min(last_seq, room.last_seq)
         else:
             cursor = 0                         # history was reset: from the start
-        self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor, epoch=room.epoch))
+        if auth_ok is None:
+            self.send(FrameType.ACK, pb.Ack(req_id=req_id, room=name, seq=cursor,
+                                            epoch=room.epoch))
+        else:
+            auth_ok.channel, auth_ok.channel_seq, auth_ok.channel_epoch = name, cursor, room.epoch
+            auth_ok.server_time_ms = _now_ms()
+            self.send(FrameType.AUTH_OK, auth_ok)
         if self.conn.closing:                  # the Ack found it too slow to keep
             return
         if cursor < room.flushed_seq:
@@ -439,6 +496,11 @@ class Session:
     async def _chat(self, msg: pb.Chat) -> None:
         if msg.room not in self.rooms:
             self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {clip(msg.room)} before chatting in it",
+                       msg.room)
+            return
+        if is_channel(msg.room):
+            self.error(msg.req_id, pb.ROOM_FORBIDDEN,
+                       "a user's channel takes pushes from the admin API only, not chat",
                        msg.room)
             return
         if self.conn.closing:                     # a closing connection gets no more work
