@@ -98,6 +98,8 @@ export interface AuthInfo {
   /** Bounds of a requested ping interval (Hello.ping_interval_ms; protocol 5.6). */
   pingIntervalMinMs: number;
   pingIntervalMaxMs: number;
+  /** The user's channel ("@" + user; protocol 5.10), "" when the node has none. */
+  channel: string;
 }
 
 export interface Ack {
@@ -218,6 +220,9 @@ export declare class Client implements AsyncIterable<Event> {
   readonly connected: boolean;
   readonly auth: AuthInfo | null;
   readonly rooms: string[];
+  /** The user's channel ("@" + user) once connected, else null: pushes to
+   * this user arrive as messages of this room and resume like a room's. */
+  readonly channel: string | null;
   readonly url: string;
 
   connect(): Promise<AuthInfo>;

@@ -256,6 +256,9 @@ export class Client {
       frames: 0, messages: 0, duplicates: 0, gaps: 0, reconnects: 0, sampledBatches: 0, refreshes: 0,
     };
     this._cursors = new Map(); // room -> {epoch, seq}: joined rooms, last seq accounted for
+    // The user's channel as the node named it in AuthOk: resumed through
+    // the Hello's channel fields, not as a resume point.
+    this._channel = null;
     this._online = new Map();
     this._pending = new Map(); // req_id -> {type, room, resolve, reject}
     this._lastReqId = 0;
@@ -352,9 +355,18 @@ export class Client {
     return c ? { epoch: c.epoch, seq: c.seq } : undefined;
   }
 
-  /** The joined rooms (the ones resumed on reconnect). */
+  /** The joined rooms (the ones resumed on reconnect), with the user's channel. */
   get rooms() {
     return [...this._cursors.keys()];
+  }
+
+  /** The user's channel ("@" + user) once connected to a node with user
+   * channels, else null. Pushes to this user (the admin API's publish with
+   * "user") arrive as messages of this room, with seqs, and resume like a
+   * room's. Every connection of the user is a member from its AuthOk on;
+   * leave() of it lasts until the next connection. */
+  get channel() {
+    return this._channel;
   }
 
   /** Whether a connection is authenticated right now. */
@@ -583,12 +595,17 @@ export class Client {
   }
 
   _hello() {
+    const channel = this._channel ? this._cursors.get(this._channel) : undefined;
     return {
       token: this.token,
       deviceId: this.deviceId,
       deviceClass: this.deviceClass,
       client: this.clientName,
-      resume: [...this._cursors].map(([room, c]) => ({ room, lastSeq: c.seq, epoch: c.epoch })),
+      resume: [...this._cursors]
+        .filter(([room]) => room !== this._channel)
+        .map(([room, c]) => ({ room, lastSeq: c.seq, epoch: c.epoch })),
+      channelLastSeq: channel ? channel.seq : 0,
+      channelEpoch: channel ? channel.epoch : "",
     };
   }
 
@@ -742,7 +759,22 @@ export class Client {
       serverTimeMs: toNumber(msg.serverTimeMs),
       tokenExpiresMs: toNumber(msg.tokenExpiresMs),
       compressDict: msg.compressDict,
+      channel: msg.channel,
     };
+    if (msg.channel) {
+      // The channel's cursor, read like a resume point's Ack: the Gap and
+      // replay that follow in this read must see it.
+      this._channel = msg.channel;
+      const epoch = msg.channelEpoch;
+      const seq = toNumber(msg.channelSeq);
+      const cur = this._cursors.get(msg.channel);
+      if (!cur) this._cursors.set(msg.channel, { epoch, seq });
+      else if (epoch !== cur.epoch || seq > cur.seq) { cur.epoch = epoch; cur.seq = seq; }
+    } else if (this._channel !== null) {
+      // This node has no user channels: nothing comes through it here.
+      this._cursors.delete(this._channel);
+      this._channel = null;
+    }
     this._authenticated(conn);
     return null;
   }

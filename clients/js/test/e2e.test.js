@@ -152,6 +152,43 @@ test("resume after the socket is cut: no loss, no duplicate", async () => {
   }
 });
 
+test("pushes to the user's channel reach every device, and resume after a cut", async () => {
+  const node = await startNode();
+  const proxy = await Proxy.start(node.wsPort);
+  const push = async (text) => {
+    const res = await node.admin("POST", "/v1/publish", { user: "dana", kind: "gift", payload: text });
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    return res.body.seq;
+  };
+  try {
+    const phone = client({ url: proxy.url(node.wsPath), token: mintToken({ user: "dana" }), deviceClass: "phone" });
+    const web = client({ url: node.wsUrl, token: mintToken({ user: "dana" }), deviceClass: "web" });
+    await phone.connect();
+    await web.connect();
+    assert.equal(phone.channel, "@dana");
+    assert.equal(web.auth.channel, "@dana");
+    assert.deepEqual(phone.rooms, ["@dana"]);
+    assert.equal(await push("receipt 1"), 1);
+    for (const c of [phone, web]) {
+      const [m] = await take(c, 1);
+      assert.deepEqual([m.room, m.seq, m.text, m.kind], ["@dana", 1, "receipt 1", "gift"]);
+    }
+    proxy.hold();
+    proxy.cut();
+    await push("receipt 2");  // while the phone is away: its Hello resumes the channel
+    await push("receipt 3");
+    await new Promise((r) => setTimeout(r, 300));
+    proxy.release();
+    const got = await take(phone, 2);
+    assert.deepEqual(got.map((m) => [m.seq, m.text]), [[2, "receipt 2"], [3, "receipt 3"]]);
+    assert.equal(phone.stats.gaps, 0);
+    assert.equal(phone.stats.reconnects, 1);
+    assert.deepEqual((await take(web, 2)).map((m) => m.seq), [2, 3]);
+  } finally {
+    await proxy.close();
+  }
+});
+
 test("a Gap when the ring no longer holds the missed messages", async () => {
   const node = await startNode(["--ring-size", "4"]);
   const proxy = await Proxy.start(node.wsPort);
