@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from conftest import token
+from fanout.protocol.channels import is_channel
 from fanout.protocol import fanout_pb2 as pb
 from fanout.protocol import wire
 from fanout.protocol.wire import FrameType as FT
@@ -50,9 +51,13 @@ class StreamClient:
         self.writer.close()
 
 
-def room_counts(app) -> tuple[int, int, int]:
-    """(hub rooms, logic rooms, bus subscriptions)."""
-    return len(app.node.hub.rooms), len(app.logic.sequencer.rooms), len(app.bus.rooms)
+def room_counts(app, *, channels: bool = False) -> tuple[int, int, int]:
+    """(hub rooms, logic rooms, bus subscriptions); users' channels (one per
+    connected user) only with ``channels``."""
+    def count(names) -> int:
+        return sum(1 for name in names if channels or not is_channel(name))
+    return (count(app.node.hub.rooms), count(app.logic.sequencer.rooms),
+            count(app.bus.rooms))
 
 
 async def settle(app, until, timeout: float = 5.0) -> None:
@@ -118,6 +123,28 @@ async def test_rooms_with_history_are_kept_for_resume_then_forgotten():
         await settle(app, lambda: room_counts(app) == (0, 0, 0))
         assert room_counts(app) == (0, 0, 0)
         client.close()
+
+
+async def test_a_users_channel_is_held_while_connected_and_kept_for_resume_when_pushed():
+    async with local_app(room_idle_ttl_s=0.3) as app:
+        quiet = await StreamClient.connect(app.node.address)
+        quiet.send((FT.HELLO, pb.Hello(token=token("quiet"))))
+        await quiet.until(1, FT.AUTH_OK)
+        pushed = await StreamClient.connect(app.node.address)
+        pushed.send((FT.HELLO, pb.Hello(token=token("pushed"))))
+        await pushed.until(1, FT.AUTH_OK)
+        assert room_counts(app, channels=True) == (2, 2, 2)
+        await app.node.push("pushed", "system", b"receipt")
+        quiet.close()
+        pushed.close()
+        # Never pushed to: given back with the connection. Pushed to: kept
+        # for a resume, then forgotten like a room.
+        await settle(app, lambda: room_counts(app, channels=True) == (1, 1, 1))
+        assert set(app.node.hub.rooms) == {"@pushed"}
+        await asyncio.sleep(0.4)
+        app.node.rooms.sweep(0.3)
+        await settle(app, lambda: room_counts(app, channels=True) == (0, 0, 0))
+        assert room_counts(app, channels=True) == (0, 0, 0)
 
 
 class LaterLogic:

@@ -12,7 +12,7 @@ import bench.scenarios
 from bench.scenarios.adversarial import adversarial
 from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, router_throughput,
                                      workers_reference)
-from bench.scenarios.connections import connect_storm, idle_connections
+from bench.scenarios.connections import connect_storm, idle_connections, user_channels
 from bench.scenarios.harness import ROOT, machine
 from bench.scenarios.node_peers import node_peers
 from bench.scenarios.profiles import profile, profile_quiet, profile_storm, stalls_quiet
@@ -34,6 +34,7 @@ SCENARIOS = {
     "quiet-rooms": quiet_rooms,
     "idle-connections": idle_connections,
     "connect-storm": connect_storm,
+    "user-channels": user_channels,
     "wire-bytes": wire_bytes,
     "sweep": sweep,
     "profile": profile,
@@ -55,7 +56,7 @@ SCENARIOS = {
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "stalls-quiet", "cluster-quiet", "router-throughput",
             "workers-reference", "reconnect-storm", "scaling", "node-peers", "writer-threads",
-            "websocket", "tls-reference"}
+            "websocket", "tls-reference", "user-channels"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,11 @@ from bench.scenarios.load import (STORM_ADMISSION, STORM_WINDOW, load_args_idle,
 from bench.scenarios.report import TARGETS
 
 
-def idle_connections(quick: bool) -> dict:
+def idle_connections(quick: bool, **extra) -> dict:
     n = 500 if quick else 19000
     hold = 5.0 if quick else 30.0
     settings = dict(max_connections=19500, conn_rate_per_ip=100000, conn_burst_per_ip=100000,
-                    ping_interval_ms=5000, idle_timeout_ms=15000)
+                    ping_interval_ms=5000, idle_timeout_ms=15000, **extra)
     node = Node(**settings)
     box: dict = {}
     try:
@@ -59,11 +59,11 @@ def idle_connections(quick: bool) -> dict:
     }
 
 
-def connect_storm(quick: bool) -> dict:
+def connect_storm(quick: bool, **extra) -> dict:
     n = 500 if quick else 19000
     settings = dict(max_connections=19500, conn_rate_per_ip=1000000,
                     conn_burst_per_ip=1000000,
-                    **STORM_ADMISSION)
+                    **STORM_ADMISSION, **extra)
     node = Node(**settings)
     try:
         m0 = node.metrics()
@@ -94,4 +94,39 @@ def connect_storm(quick: bool) -> dict:
         "refused": int(delta(m1, m0, "fanout_connections_refused_total")),
         "target": TARGETS["connect-storm"],
         "verdict": "met" if rate is not None and rate >= 10000 and joined == n else "missed",
+    }
+
+
+def user_channels(quick: bool) -> dict:
+    """What the user's channel costs per connection: connect-storm and
+    idle-connections with user_channels 1 (the default) and 0, alternating
+    (pairs), on the same machine in the same run."""
+    pairs = 1 if quick else 3
+    storms: dict[str, list] = {"on": [], "off": []}
+    for _ in range(pairs):
+        for label, value in (("on", 1), ("off", 0)):
+            r = connect_storm(quick, user_channels=value)
+            storms[label].append({k: r[k] for k in (
+                "authenticated_per_s", "node_cpu_us_per_connect", "time_to_all_joined_s",
+                "verdict")})
+    idle = {label: idle_connections(quick, user_channels=value)
+            for label, value in (("on", 1), ("off", 0))}
+
+    def median(label: str, key: str) -> float | None:
+        values = sorted(x[key] for x in storms[label] if x[key] is not None)
+        return values[len(values) // 2] if values else None
+    on_cpu, off_cpu = median("on", "node_cpu_us_per_connect"), median("off",
+                                                                      "node_cpu_us_per_connect")
+    on_rate, off_rate = median("on", "authenticated_per_s"), median("off", "authenticated_per_s")
+    return {
+        "pairs": pairs, "connect_storm": storms,
+        "node_cpu_us_per_connect_median": {"on": on_cpu, "off": off_cpu},
+        "cpu_per_connect_ratio_on_off": round(on_cpu / off_cpu, 3) if on_cpu and off_cpu
+        else None,
+        "authenticated_per_s_median": {"on": on_rate, "off": off_rate},
+        "bytes_per_connection": {k: v["bytes_per_connection"] for k, v in idle.items()},
+        "idle_verdicts": {k: v["verdict"] for k, v in idle.items()},
+        "target": "idle-connections and connect-storm targets met with user channels on",
+        "verdict": "met" if all(v["verdict"] == "met" for v in idle.values())
+        and all(x["verdict"] == "met" for x in storms["on"]) else "missed",
     }

@@ -30,16 +30,26 @@ class _RoomState:
     __slots__ = ("epoch", "seq", "budget", "over", "sampled", "window", "degraded",
                  "holders", "last_used")
 
-    def __init__(self, budget: float, now: float) -> None:
+    def __init__(self, now: float) -> None:
         self.epoch = _new_epoch()
         self.seq = 0
-        self.budget = TokenBucket(budget, budget, now)   # one second of budget
+        # The traffic state (about 1 KB) comes with the first message
+        # (_traffic): a user's channel is held for each connected user, and
+        # most are never published to.
+        self.budget: TokenBucket | None = None
         self.over = 0              # chat messages that arrived over budget
         self.sampled = False       # chat dropped since the last published message
-        self.window = RateWindow(len(KIND_NAMES))
-        self.degraded = [0] * len(KIND_NAMES)
+        self.window: RateWindow | None = None
+        self.degraded: list[int] | None = None
         self.holders = 0           # nodes holding the room (joins not yet released)
         self.last_used = now
+
+    def traffic(self, budget: float, now: float) -> None:
+        """Make the budget (one second of it, full), the rate window and the
+        drop counts, on the room's first message."""
+        self.budget = TokenBucket(budget, budget, now)
+        self.window = RateWindow(len(KIND_NAMES))
+        self.degraded = [0] * len(KIND_NAMES)
 
 
 class Sequencer:
@@ -98,7 +108,7 @@ class Sequencer:
         """Take up ``room`` where stored history left it (a router taking a
         room over): its epoch and last seq continue, not start afresh."""
         check_room_name(room)
-        state = self.rooms[room] = _RoomState(self.room_budget, self._clock())
+        state = self.rooms[room] = _RoomState(self._clock())
         state.epoch, state.seq = epoch, seq
         return RoomHead(epoch, seq)
 
@@ -130,7 +140,7 @@ class Sequencer:
         state = self.rooms.get(room)
         if state is None:
             check_room_name(room)
-            state = self.rooms[room] = _RoomState(self.room_budget, now)
+            state = self.rooms[room] = _RoomState(now)
         state.last_used = now
         return state
 
@@ -139,11 +149,14 @@ class Sequencer:
         state = self.rooms.get(room)
         if state is None:
             return None
-        rates = state.window.rates(self._clock())
+        if state.window is None:              # nothing published yet
+            rates = degraded = [0] * len(KIND_NAMES)
+        else:
+            rates, degraded = state.window.rates(self._clock()), state.degraded
         return {
             "budget": self.room_budget,
             "rates": {name: rates[_SLOT[k]] for k, name in KIND_NAMES.items()},
-            "degraded": {name: state.degraded[_SLOT[k]] for k, name in KIND_NAMES.items()},
+            "degraded": {name: degraded[_SLOT[k]] for k, name in KIND_NAMES.items()},
         }
 
     # ------------------------------------------------------------ messages
@@ -181,6 +194,8 @@ class Sequencer:
         self.check(kind, payload, priority)
         state = self._room(room)
         now = state.last_used
+        if state.budget is None:
+            state.traffic(self.room_budget, now)
         if not self._admit(state, kind, now):
             state.sampled = True
             state.degraded[_SLOT[kind]] += 1

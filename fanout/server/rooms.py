@@ -41,6 +41,9 @@ class RoomTable:
         self._bus = bus
         self._logic = logic
         self._publish = hub.publish
+        # One bound method for every subscription: a new one per room would
+        # be 64 bytes per room held (one per connected user, with channels).
+        self._handler = self._deliver
         self._opening: dict[str, list[asyncio.Future]] = {}
         self._early: dict[str, list[tuple]] = {}   # delivered while the room opens
         self._closing: dict[str, asyncio.Task] = {}
@@ -90,7 +93,7 @@ class RoomTable:
         self._early[name] = early = []
         try:
             try:
-                await self._bus.subscribe(name, self._deliver)
+                await self._bus.subscribe(name, self._handler)
             except Exception as exc:
                 # The bus is unreachable (a cluster's NATS): the client is
                 # told to retry, not cut.
@@ -101,7 +104,7 @@ class RoomTable:
             try:
                 head = await self._logic.join(name)
             except BaseException:
-                await self._bus.unsubscribe(name, self._deliver)
+                await self._bus.unsubscribe(name, self._handler)
                 raise
             room = await self._with_history(name, head)
         except BaseException as exc:
@@ -202,7 +205,7 @@ class RoomTable:
 
     async def _release(self, name: str) -> None:
         try:
-            await self._bus.unsubscribe(name, self._deliver)
+            await self._bus.unsubscribe(name, self._handler)
         except Exception:
             log.exception("ending the subscription of room %r failed", name)
         try:
