@@ -58,9 +58,10 @@ def browser(tmp_path):
 def page_state(driver) -> dict:
     return driver.execute_script(
         "const d = window.fanoutDemo; if (!d) return null;"
+        "const row = m => [m.room, m.epoch, m.seq, m.kind, m.sender, m.text];"
         "return {status: d.status, error: d.error, online: d.online, user: d.user,"
-        "        reconnects: d.reconnects, gaps: d.gaps,"
-        "        messages: d.messages.map(m => [m.room, m.epoch, m.seq, m.kind, m.sender, m.text])};")
+        "        channel: d.channel, reconnects: d.reconnects, gaps: d.gaps,"
+        "        messages: d.messages.map(row), pushes: d.pushes.map(row)};")
 
 
 def wait_page(driver, predicate, what: str, timeout: float = WAIT) -> dict:
@@ -118,6 +119,46 @@ def test_page_shows_gift_and_chat_in_order_and_the_online_count(start_demo, brow
     box.send_keys("typed in the browser", Keys.ENTER)
     state = wait_page(browser, lambda s: len(s["messages"]) >= 3, "own chat")
     assert state["messages"][2][2:] == [second + 1, "chat", state["user"], "typed in the browser"]
+
+
+def test_gift_button_reaches_the_room_and_its_receipt_only_the_sender(start_demo, browser):
+    demo = start_demo("--no-bot")
+    browser.get(f"{demo.url}?user=ann")
+    ann_tab = browser.current_window_handle
+    assert connected(browser)["channel"] == "@ann"
+    browser.switch_to.new_window("tab")
+    browser.get(f"{demo.url}?user=bob")
+    bob_tab = browser.current_window_handle
+    connected(browser)
+
+    browser.switch_to.window(ann_tab)
+    browser.find_element(By.CSS_SELECTOR, '#giftbar button[data-gift="rocket"]').click()
+    state = wait_page(browser, lambda s: s["messages"] and s["pushes"], "the gift and its receipt")
+    assert [m[2:] for m in state["messages"]] == [
+        [1, "gift", "ann", json.dumps({"gift": "rocket", "count": 1})]]
+    [push] = state["pushes"]
+    assert push[0] == "@ann" and push[2:5] == [1, "system", "gift-service"]
+    assert json.loads(push[5]) == {"receipt": "gift", "gift": "rocket", "count": 1,
+                                   "room": ROOM, "room_seq": 1}
+    toast = browser.find_element(By.CSS_SELECTOR, "#toasts .toast.receipt")
+    assert toast.get_attribute("data-kind") == "receipt"
+    assert "Your Rocket reached the room (#1)" in toast.get_attribute("textContent")
+
+    # bob's page: the gift in the room, no receipt; then a notice pushed to bob alone
+    browser.switch_to.window(bob_tab)
+    state = wait_page(browser, lambda s: s["messages"], "ann's gift")
+    assert [m[2:5] for m in state["messages"]] == [[1, "gift", "ann"]]
+    card = browser.find_element(By.CSS_SELECTOR, "#gifts .gift").get_attribute("textContent")
+    assert "ann" in card and "Rocket" in card, card
+    assert demo.push("bob", "the stream ends in 5 minutes", sender="host") == 1
+    state = wait_page(browser, lambda s: s["pushes"], "the notice")
+    assert [p[:1] + p[2:] for p in state["pushes"]] == [
+        ["@bob", 1, "system", "host", "the stream ends in 5 minutes"]]
+    assert browser.find_elements(By.CSS_SELECTOR, "#toasts .toast.receipt") == []
+    notice = browser.find_element(By.CSS_SELECTOR, "#toasts .toast.system")
+    assert "the stream ends in 5 minutes" in notice.get_attribute("textContent")
+    browser.switch_to.window(ann_tab)
+    assert len(page_state(browser)["pushes"]) == 1
 
 
 def test_page_resumes_across_a_node_restart(start_demo, browser):
