@@ -211,7 +211,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--user", default="",
                    help="the user every page gets a token for (default: a random one each)")
     p.add_argument("--bot", action=argparse.BooleanOptionalAction, default=True,
-                   help="publish chat and gifts through the admin API (default on)")
+                   help="publish chat and gifts through the admin API, welcome new viewers "
+                        "(default on)")
     p.add_argument("--bot-rate", type=float, default=2.0,
                    help="bot messages per second (default 2)")
     p.add_argument("--bot-viewers", type=int, default=5,

@@ -247,12 +247,16 @@ def test_refused_token_shows_a_clear_error(start_demo, browser, refused):
 
 def test_fanout_demo_with_its_bot(start_demo, browser):
     """`fanout demo` as a person runs it: the bot's chat and gifts arrive,
-    and its viewers count in the online figure."""
+    its viewers count in the online figure, and it welcomes the page's user
+    on the user's channel."""
     demo = start_demo("--bot-rate", "20", "--bot-viewers", "3")
     browser.get(demo.url)
     connected(browser)
     state = wait_page(browser, lambda s: len({m[3] for m in s["messages"]}) == 2
-                      and s["online"] == 4, "chat, a gift and 4 online")
+                      and s["online"] == 4 and s["pushes"], "chat, a gift, 4 online, a welcome")
     seqs = [m[2] for m in state["messages"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert browser.find_elements(By.CSS_SELECTOR, "#danmaku .bullet")
+    [welcome] = state["pushes"]
+    assert welcome[0] == "@" + state["user"] and welcome[2:5] == [1, "system", ROOM]
+    assert welcome[5].startswith(f"Welcome to #{ROOM}, {state['user']}!")

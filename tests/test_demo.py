@@ -89,6 +89,15 @@ def test_bot_sends_chat_and_every_fourth_a_gift():
     assert kinds == ["chat", "chat", "chat", "gift"] * 3
 
 
+def test_bot_welcomes_each_new_viewer_once_but_not_its_own():
+    bot = Bot("http://127.0.0.1:1", "key", "lobby", seed=1)
+    pushes = bot.welcome(["ann", "bot-viewer-0", "bob"])
+    assert [(p["user"], p["kind"], p["sender"]) for p in pushes] == [
+        ("ann", "system", "lobby"), ("bob", "system", "lobby")]
+    assert "Welcome to #lobby, ann!" in pushes[0]["payload"]
+    assert [p["user"] for p in bot.welcome(["ann", "bob", "cat"])] == ["cat"]
+
+
 def test_tokens_and_gifts_only_for_loopback_callers():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("127.3.2.1")
     assert not _is_loopback("192.0.2.7") and not _is_loopback(None) and not _is_loopback("")
