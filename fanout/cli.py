@@ -211,13 +211,14 @@ def _demo_parser(sub) -> None:
     p.add_argument("--user", default="",
                    help="the user every page gets a token for (default: a random one each)")
     p.add_argument("--bot", action=argparse.BooleanOptionalAction, default=True,
-                   help="publish chat and gifts through the admin API (default on)")
+                   help="publish chat and gifts through the admin API, welcome new viewers "
+                        "(default on)")
     p.add_argument("--bot-rate", type=float, default=2.0,
                    help="bot messages per second (default 2)")
     p.add_argument("--bot-viewers", type=int, default=5,
                    help="TCP viewers the bot keeps in the room (default 5)")
     p.add_argument("--open-tokens", action="store_true",
-                   help="hand out /token to any address, not only loopback")
+                   help="answer /token and /gift from any address, not only loopback")
     p.add_argument("--sdk", default="", help="the SDK's browser build "
                    "(default clients/js/dist/fanout.browser.js in the checkout)")
     p.add_argument("--loop", default="uvloop", help="uvloop or asyncio")

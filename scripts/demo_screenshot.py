@@ -3,9 +3,9 @@
 
 Starts ``fanout demo`` with its bot on free loopback ports, opens the page
 in Debian's headless chromium (the same browser and driver as
-tests/test_browser.py), says hello from the page's chat box, waits until
-bullet comments, a gift and the online count are on screen, and saves the
-window. Emoji need a colour emoji font (Debian: fonts-noto-color-emoji).
+tests/test_browser.py), says hello from the page's chat box, sends a
+rocket with its gift button, waits until bullet comments, gifts, the
+rocket's receipt and the online count are on screen, and saves the window. Emoji need a colour emoji font (Debian: fonts-noto-color-emoji).
 
     .venv/bin/python scripts/demo_screenshot.py [--out docs/img/demo.png]
 """
@@ -42,7 +42,9 @@ const settled = (el, from, to) => el.getAnimations().every(
     a => a.currentTime >= from && a.currentTime <= to);
 const cards = [...document.querySelectorAll('#gifts .gift')];
 const boom = document.querySelector('#burst .boom');
+const receipt = document.querySelector('#toasts .toast.receipt');
 return fanoutDemo.online !== null
+    && receipt !== null && settled(receipt, 300, 4500)
     && document.querySelectorAll('#danmaku .bullet').length >= 8
     && cards.length >= 3 && cards.every(c => settled(c, 450, 3500))
     && boom !== null && settled(boom, 600, 1600);
@@ -91,9 +93,15 @@ def main() -> int:
                 driver.find_element(By.ID, "text").send_keys("hello from the browser 👋",
                                                             Keys.ENTER)
                 # A busy moment: comments flying, gift cards settled (none
-                # mid-slide), a big gift bursting, the online count shown.
+                # mid-slide), a big gift bursting, the page's rocket receipt
+                # shown, the online count shown. The rocket is sent again
+                # whenever its receipt's toast (6 s) has gone.
+                rocket = '#giftbar button[data-gift="rocket"]'
+                receipt = "return document.querySelector('#toasts .toast.receipt')"
                 WebDriverWait(driver, 120, poll_frequency=0.05).until(
-                    lambda d: d.execute_script(MOMENT))
+                    lambda d: d.execute_script(MOMENT) or (
+                        d.execute_script(receipt) is None
+                        and d.find_element(By.CSS_SELECTOR, rocket).click()))
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(args.out)
             finally:

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -62,13 +63,35 @@ class Demo:
         return f"ws://127.0.0.1:{self.ws_port}/ws"
 
     def publish(self, kind: str, payload: str, sender: str = "tester") -> int:
-        body = json.dumps({"room": ROOM, "kind": kind, "payload": payload,
-                           "sender": sender}).encode()
+        return self._publish({"room": ROOM, "kind": kind, "payload": payload, "sender": sender})
+
+    def push(self, user: str, payload: str, kind: str = "system", sender: str = "tester") -> int:
+        """A push to ``user``'s channel; its seq there."""
+        return self._publish({"user": user, "kind": kind, "payload": payload, "sender": sender})
+
+    def _publish(self, message: dict) -> int:
+        body = json.dumps(message).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.admin_port}/v1/publish", data=body, method="POST",
             headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["seq"]
+
+    def gift(self, body, tok: str | None = None) -> tuple[int, dict]:
+        """POST /gift as the page does (``body``: JSON-able, or raw bytes);
+        the status and the JSON reply, an error's too."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if tok is not None:
+            headers["Authorization"] = f"Bearer {tok}"
+        request = urllib.request.Request(self.url + "gift", data=data, method="POST",
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:]

@@ -58,9 +58,10 @@ def browser(tmp_path):
 def page_state(driver) -> dict:
     return driver.execute_script(
         "const d = window.fanoutDemo; if (!d) return null;"
+        "const row = m => [m.room, m.epoch, m.seq, m.kind, m.sender, m.text];"
         "return {status: d.status, error: d.error, online: d.online, user: d.user,"
-        "        reconnects: d.reconnects, gaps: d.gaps,"
-        "        messages: d.messages.map(m => [m.room, m.epoch, m.seq, m.kind, m.sender, m.text])};")
+        "        channel: d.channel, reconnects: d.reconnects, gaps: d.gaps,"
+        "        messages: d.messages.map(row), pushes: d.pushes.map(row)};")
 
 
 def wait_page(driver, predicate, what: str, timeout: float = WAIT) -> dict:
@@ -118,6 +119,46 @@ def test_page_shows_gift_and_chat_in_order_and_the_online_count(start_demo, brow
     box.send_keys("typed in the browser", Keys.ENTER)
     state = wait_page(browser, lambda s: len(s["messages"]) >= 3, "own chat")
     assert state["messages"][2][2:] == [second + 1, "chat", state["user"], "typed in the browser"]
+
+
+def test_gift_button_reaches_the_room_and_its_receipt_only_the_sender(start_demo, browser):
+    demo = start_demo("--no-bot")
+    browser.get(f"{demo.url}?user=ann")
+    ann_tab = browser.current_window_handle
+    assert connected(browser)["channel"] == "@ann"
+    browser.switch_to.new_window("tab")
+    browser.get(f"{demo.url}?user=bob")
+    bob_tab = browser.current_window_handle
+    connected(browser)
+
+    browser.switch_to.window(ann_tab)
+    browser.find_element(By.CSS_SELECTOR, '#giftbar button[data-gift="rocket"]').click()
+    state = wait_page(browser, lambda s: s["messages"] and s["pushes"], "the gift and its receipt")
+    assert [m[2:] for m in state["messages"]] == [
+        [1, "gift", "ann", json.dumps({"gift": "rocket", "count": 1})]]
+    [push] = state["pushes"]
+    assert push[0] == "@ann" and push[2:5] == [1, "system", "gift-service"]
+    assert json.loads(push[5]) == {"receipt": "gift", "gift": "rocket", "count": 1,
+                                   "room": ROOM, "room_seq": 1}
+    toast = browser.find_element(By.CSS_SELECTOR, "#toasts .toast.receipt")
+    assert toast.get_attribute("data-kind") == "receipt"
+    assert "Your Rocket reached the room (#1)" in toast.get_attribute("textContent")
+
+    # bob's page: the gift in the room, no receipt; then a notice pushed to bob alone
+    browser.switch_to.window(bob_tab)
+    state = wait_page(browser, lambda s: s["messages"], "ann's gift")
+    assert [m[2:5] for m in state["messages"]] == [[1, "gift", "ann"]]
+    card = browser.find_element(By.CSS_SELECTOR, "#gifts .gift").get_attribute("textContent")
+    assert "ann" in card and "Rocket" in card, card
+    assert demo.push("bob", "the stream ends in 5 minutes", sender="host") == 1
+    state = wait_page(browser, lambda s: s["pushes"], "the notice")
+    assert [p[:1] + p[2:] for p in state["pushes"]] == [
+        ["@bob", 1, "system", "host", "the stream ends in 5 minutes"]]
+    assert browser.find_elements(By.CSS_SELECTOR, "#toasts .toast.receipt") == []
+    notice = browser.find_element(By.CSS_SELECTOR, "#toasts .toast.system")
+    assert "the stream ends in 5 minutes" in notice.get_attribute("textContent")
+    browser.switch_to.window(ann_tab)
+    assert len(page_state(browser)["pushes"]) == 1
 
 
 def test_page_resumes_across_a_node_restart(start_demo, browser):
@@ -206,12 +247,16 @@ def test_refused_token_shows_a_clear_error(start_demo, browser, refused):
 
 def test_fanout_demo_with_its_bot(start_demo, browser):
     """`fanout demo` as a person runs it: the bot's chat and gifts arrive,
-    and its viewers count in the online figure."""
+    its viewers count in the online figure, and it welcomes the page's user
+    on the user's channel."""
     demo = start_demo("--bot-rate", "20", "--bot-viewers", "3")
     browser.get(demo.url)
     connected(browser)
     state = wait_page(browser, lambda s: len({m[3] for m in s["messages"]}) == 2
-                      and s["online"] == 4, "chat, a gift and 4 online")
+                      and s["online"] == 4 and s["pushes"], "chat, a gift, 4 online, a welcome")
     seqs = [m[2] for m in state["messages"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert browser.find_elements(By.CSS_SELECTOR, "#danmaku .bullet")
+    [welcome] = state["pushes"]
+    assert welcome[0] == "@" + state["user"] and welcome[2:5] == [1, "system", ROOM]
+    assert welcome[5].startswith(f"Welcome to #{ROOM}, {state['user']}!")

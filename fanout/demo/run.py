@@ -79,6 +79,7 @@ async def serve(args) -> int:
     ws_port = app.node.ws_address[1]
     demo.ws_url = f"ws://{_url_host(host)}:{ws_port}{cfg.ws_path}"
     demo.secret, demo.issuer, demo.audience = cfg.secret, cfg.token_issuer, cfg.token_audience
+    demo.node = app.node                 # the gift service publishes and pushes through it
     bot = None
     if app.admin is None:
         print("fanout demo: no admin API (admin_port -1), so no bot", flush=True)

@@ -1,12 +1,15 @@
 // The demo page: one room's chat as bullet comments, gifts, the online
-// count and a chat box, on the fanout JavaScript SDK over WebSocket.
+// count, a chat box and gift buttons, on the fanout JavaScript SDK over
+// WebSocket. Pushes to this user (its channel, client.channel: the gift
+// service's receipts, system notices) show as toasts.
 //
 // Query parameters (all optional): room, user, ws (the node's WebSocket
 // URL), token (use exactly this token, with no refresh).
 //
 // window.fanoutDemo is the page's state, for people poking at it and for
 // tests/test_browser.py: status, error, online, messages (room, epoch, seq,
-// kind, sender, text), gaps, user, room.
+// kind, sender, text), pushes (the same, from the user's channel), gaps,
+// user, room, channel.
 
 import * as fanout from "/sdk/fanout.browser.js";
 
@@ -16,19 +19,24 @@ const GIFTS = {
   rocket: ["🚀", "Rocket"], crown: ["👑", "Crown"], fireworks: ["🎆", "Fireworks"],
 };
 const BIG_GIFTS = new Set(["rocket", "crown", "fireworks"]);
+const GIFT_BUTTONS = ["rose", "heart", "rocket", "crown"];
 const MAX_KEPT = 5000;      // messages kept in fanoutDemo.messages
 const MAX_LOG = 200;        // lines kept in the chat list
 const MAX_BULLETS = 60;     // comments flying at once
+const MAX_TOASTS = 4;       // pushes shown at once
 
 const $ = (id) => document.getElementById(id);
 const decoder = new TextDecoder();
 
 const state = (window.fanoutDemo = {
-  status: "connecting", error: null, online: null, user: "", room: "",
-  messages: [], gaps: [], received: 0, sampled: 0, reconnects: 0,
+  status: "connecting", error: null, online: null, user: "", room: "", channel: "",
+  messages: [], pushes: [], gaps: [], received: 0, sampled: 0, reconnects: 0,
   client: null,
   send: (text) => sendChat(text),
+  gift: (name, count) => sendGift(name, count),
 });
+// The page's current token: the gift service learns from it who sends.
+let token = "";
 
 // ---------------------------------------------------------------- status
 
@@ -41,6 +49,7 @@ function setStatus(status, detail = "") {
   const live = status === "connected";
   $("text").disabled = !live;
   $("send").disabled = !live;
+  for (const b of document.querySelectorAll("#giftbar button")) b.disabled = !live;
 }
 
 function showError(name, message) {
@@ -178,6 +187,85 @@ function onMessage(m) {
   li.dataset.kind = kind;
 }
 
+// ---------------------------------------------------------------- pushes
+
+function toast(className, parts) {
+  const list = $("toasts");
+  const li = document.createElement("li");
+  li.className = `toast ${className}`;
+  li.append(...parts);
+  list.append(li);
+  while (list.childElementCount > MAX_TOASTS) list.firstElementChild.remove();
+  li.addEventListener("animationend", (e) => { if (e.animationName === "fade") li.remove(); });
+  return li;
+}
+
+function parseReceipt(text) {
+  try {
+    const r = JSON.parse(text);
+    if (r && r.receipt === "gift" && typeof r.gift === "string") return r;
+  } catch (_) { /* a plain notice */ }
+  return null;
+}
+
+// A message on this user's channel: no one else in the room sees it.
+function onPush(m) {
+  const kind = kindName(m.kind);
+  const text = payloadText(m.payload);
+  const sender = m.sender || "system";
+  state.pushes.push({ room: m.room, epoch: m.epoch || "", seq: Number(m.seq), kind, sender, text });
+  if (state.pushes.length > MAX_KEPT) state.pushes.splice(0, state.pushes.length - MAX_KEPT);
+  const receipt = parseReceipt(text);
+  let li;
+  if (receipt) {
+    const [icon, label] = GIFTS[receipt.gift] || ["🎁", receipt.gift];
+    const count = Number(receipt.count) > 1 ? ` ×${receipt.count}` : "";
+    li = toast("receipt", [`${icon} Your ${label}${count} reached the room (#${receipt.room_seq})`]);
+  } else {
+    li = toast("system", [who(sender), " ", text]);
+  }
+  li.dataset.seq = m.seq;
+  li.dataset.kind = receipt ? "receipt" : kind;
+}
+
+async function sendGift(name, count = 1) {
+  if (!token || !state.room) return null;
+  let r;
+  try {
+    r = await fetch("/gift", {
+      method: "POST", cache: "no-store",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: JSON.stringify({ gift: name, count, room: state.room }),
+    });
+  } catch (e) {
+    notice(`gift not sent: ${e.message || e}`);
+    throw e;
+  }
+  const reply = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const err = reply.error || { code: `HTTP ${r.status}`, message: "" };
+    notice(`gift not sent: ${err.code}${err.message ? ": " + err.message : ""}`);
+    throw Object.assign(new Error(err.message), { reasonName: err.code });
+  }
+  return reply;
+}
+
+function giftButtons() {
+  const bar = $("giftbar");
+  for (const name of GIFT_BUTTONS) {
+    const [icon, label] = GIFTS[name];
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.gift = name;
+    b.title = `send a ${label}`;
+    b.textContent = icon;
+    b.disabled = true;
+    b.addEventListener("click", () => sendGift(name).catch(() => {}));
+    bar.append(b);
+  }
+}
+giftButtons();
+
 function onGap(g) {
   state.gaps.push({ room: g.room, from: Number(g.fromSeq ?? g.from_seq), to: Number(g.toSeq ?? g.to_seq) });
   notice(`messages ${g.fromSeq ?? g.from_seq}–${g.toSeq ?? g.to_seq} are gone`);
@@ -227,7 +315,10 @@ async function run(url, token, getToken) {
   });
   state.client = client;
   let joined = false;
-  client.on("message", (m) => { if (m.room === state.room) onMessage(m); });
+  client.on("message", (m) => {
+    if (m.room === state.room) onMessage(m);
+    else if (m.room === client.channel) onPush(m);
+  });
   client.on("gap", (g) => { if (g.room === state.room) onGap(g); });
   client.on("presence", (p) => { if (p.room === state.room) onPresence(p.online); });
   client.on("error", (e) => {
@@ -251,6 +342,7 @@ async function run(url, token, getToken) {
   });
   const auth = await client.connect();
   state.user = auth.user || state.user;
+  state.channel = client.channel || "";
   await client.join(state.room);
   joined = true;
   setStatus("connected", `as ${state.user}`);
@@ -263,7 +355,7 @@ async function main() {
   state.room = q.get("room") || config.room;
   const url = q.get("ws") || config.ws_url;
   $("room").textContent = `#${state.room}`;
-  let token = q.get("token");
+  token = q.get("token") || "";
   let refresh = null;
   if (token) {
     state.user = q.get("user") || "";
@@ -271,7 +363,7 @@ async function main() {
     const t = await json(`/token?user=${encodeURIComponent(q.get("user") || config.user)}`);
     token = t.token;
     state.user = t.user;
-    refresh = async () => (await json(`/token?user=${encodeURIComponent(state.user)}`)).token;
+    refresh = async () => (token = (await json(`/token?user=${encodeURIComponent(state.user)}`)).token);
   }
   $("you").textContent = state.user ? `you are ${state.user}` : "";
   await run(url, token, refresh);
