@@ -133,17 +133,22 @@ def test_admin_push_forms_and_refusals(node):
     reply = api(node, "POST", "/v1/publish", {"messages": [
         {"user": "bob", "kind": "gift", "payload": "g"},
         {"room": "elsewhere", "kind": "chat", "payload": "c"},
-        {"room": "@bob", "kind": "system", "payload": "by room name"}]})
+        {"room": "@bob", "kind": "system", "payload": "by room name"},
+        {"user": "bob", "kind": "system", "payload": "n"}]})
     assert reply.status == 200
-    assert reply.json()["results"] == [{"seq": 2}, {"seq": 1}, {"seq": 3}]
-    assert [(m.seq, m.payload) for m in c.messages(3)] == [
-        (1, b"pb"), (2, b"g"), (3, b"by room name")]
+    results = reply.json()["results"]
+    assert results[:2] == [{"seq": 2}, {"seq": 1}] and results[3] == {"seq": 3}
+    # a channel is pushed to by naming the user, never as a room: a service
+    # passing on a room name its users chose cannot push to anyone
+    assert results[2]["error"]["code"] == "BAD_REQUEST"
+    assert "push to a user with 'user'" in results[2]["error"]["message"]
+    assert [(m.seq, m.payload) for m in c.messages(3)] == [(1, b"pb"), (2, b"g"), (3, b"n")]
     for body, needle in [
             ({"user": "bob", "room": "x", "kind": "chat", "payload": "p"}, "not both"),
             ({"user": "", "kind": "chat", "payload": "p"}, "user is empty"),
             ({"user": "u" * 129, "kind": "chat", "payload": "p"}, "longer than 128"),
             ({"user": 7, "kind": "chat", "payload": "p"}, "'user' must be a string"),
-            ({"room": "@", "kind": "chat", "payload": "p"}, "user is empty")]:
+            ({"room": "@", "kind": "chat", "payload": "p"}, "users' channels")]:
         reply = api(node, "POST", "/v1/publish", body)
         assert reply.status == 400 and needle in reply.error["message"], (body, reply.body)
     status, response = publish_pb(node, pb.Publish(user="bob", room="x", kind=pb.CHAT))

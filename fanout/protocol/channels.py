@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .auth import MAX_SUB_BYTES
 
-__all__ = ["PREFIX", "MAX_CHANNEL_NAME", "user_channel", "channel_user", "is_channel"]
+__all__ = ["PREFIX", "MAX_CHANNEL_NAME", "user_channel", "is_channel"]
 
 #: The first character of every user channel's name.
 PREFIX = "@"
@@ -30,7 +30,3 @@ def is_channel(room: str) -> bool:
     """True if ``room`` names a user's channel (reserved)."""
     return room.startswith(PREFIX)
 
-
-def channel_user(room: str) -> str | None:
-    """The user whose channel ``room`` is, or None if it is a plain room."""
-    return room[len(PREFIX):] if room.startswith(PREFIX) else None

@@ -32,7 +32,7 @@ from ..logic.revocations import covers
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
 from ..protocol.auth import MAX_SUB_BYTES
-from ..protocol.channels import channel_user, is_channel, user_channel
+from ..protocol.channels import is_channel, user_channel
 from ..protocol.wire import KIND_CODES, KIND_NAMES, record_json
 from . import eager, tlsconf
 from .config import NodeConfig
@@ -696,10 +696,17 @@ class Node:
             ``MESSAGE_TOO_LARGE``, ``ROOM_OVERLOADED`` (chat dropped by
             overload control) or ``DRAINING``.
         """
+        if is_channel(room):
+            # A service that passes on room names its users chose must not
+            # become a way to push to any user: pushes name the user.
+            raise Rejected(pb.BAD_REQUEST, "room names starting with '@' are users' channels; "
+                                           "push to a user with 'user'")
+        return await self._publish(room, kind, payload, sender=sender, priority=priority)
+
+    async def _publish(self, room: str, kind: int | str, payload: bytes | str, *,
+                       sender: str, priority: int) -> int:
         if self.draining:
             raise Rejected(pb.DRAINING, "node is draining; publish to another node")
-        if is_channel(room):
-            self._check_channel(channel_user(room))
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         return await self.logic.publish(room, parse_kind(kind), payload, sender=sender,
@@ -711,8 +718,8 @@ class Node:
         to its channel (docs/protocol.md, section 5.10). Like
         :meth:`publish`; the seq is the channel's."""
         self._check_channel(user)
-        return await self.publish(user_channel(user), kind, payload, sender=sender,
-                                  priority=priority)
+        return await self._publish(user_channel(user), kind, payload, sender=sender,
+                                   priority=priority)
 
     def _check_channel(self, user: str) -> None:
         if not self.config.user_channels:
