@@ -125,7 +125,7 @@ async def test_rooms_with_history_are_kept_for_resume_then_forgotten():
         client.close()
 
 
-async def test_a_users_channel_is_held_while_connected_and_kept_for_resume_when_pushed():
+async def test_a_users_channel_opens_with_its_first_push_and_is_kept_for_resume():
     async with local_app(room_idle_ttl_s=0.3) as app:
         quiet = await StreamClient.connect(app.node.address)
         quiet.send((FT.HELLO, pb.Hello(token=token("quiet"))))
@@ -133,18 +133,69 @@ async def test_a_users_channel_is_held_while_connected_and_kept_for_resume_when_
         pushed = await StreamClient.connect(app.node.address)
         pushed.send((FT.HELLO, pb.Hello(token=token("pushed"))))
         await pushed.until(1, FT.AUTH_OK)
-        assert room_counts(app, channels=True) == (2, 2, 2)
+        # Connected users who were never pushed to hold nothing but their
+        # place in the waiting table: no room, no logic state, no subscription.
+        assert room_counts(app, channels=True) == (0, 0, 0)
+        assert len(app.node.channels) == 2
         await app.node.push("pushed", "system", b"receipt")
+        await pushed.until(1, FT.BATCH)
+        assert set(app.node.hub.rooms) == {"@pushed"}
+        assert room_counts(app, channels=True) == (1, 1, 1)
+        assert len(app.node.channels) == 1
         quiet.close()
         pushed.close()
-        # Never pushed to: given back with the connection. Pushed to: kept
-        # for a resume, then forgotten like a room.
-        await settle(app, lambda: room_counts(app, channels=True) == (1, 1, 1))
-        assert set(app.node.hub.rooms) == {"@pushed"}
+        await settle(app, lambda: len(app.node.channels) == 0
+                     and not len(app.node.hub.rooms["@pushed"]))
+        # Pushed to: kept for a resume, then forgotten like a room.
+        assert room_counts(app, channels=True) == (1, 1, 1)
         await asyncio.sleep(0.4)
         app.node.rooms.sweep(0.3)
         await settle(app, lambda: room_counts(app, channels=True) == (0, 0, 0))
         assert room_counts(app, channels=True) == (0, 0, 0)
+
+
+async def test_a_channel_with_history_not_open_here_waits_or_replays_by_cursor():
+    async with local_app() as app:
+        first = await StreamClient.connect(app.node.address)
+        first.send((FT.HELLO, pb.Hello(token=token("sleeper"))))
+        await first.until(1, FT.AUTH_OK)
+        await app.node.push("sleeper", "system", b"one")
+        frames = await first.until(1, FT.BATCH)
+        [wake] = [m for t, m in frames if t == FT.ACK]
+        assert (wake.req_id, wake.room, wake.seq) == (0, "@sleeper", 0) and wake.epoch
+        first.close()
+        await settle(app, lambda: not len(app.node.hub.rooms["@sleeper"]))
+        app.node.rooms.sweep(0.0)     # the node lets the room go; its history stays
+        await settle(app, lambda: "@sleeper" not in app.node.hub.rooms)
+        assert "@sleeper" in app.logic.sequencer.rooms
+        # Up to date: waits with its cursor, nothing opened.
+        current = await StreamClient.connect(app.node.address)
+        current.send((FT.HELLO, pb.Hello(token=token("sleeper"), device_class="a",
+                                         channel_last_seq=1, channel_epoch=wake.epoch)))
+        [(_, ok)] = await current.until(1, FT.AUTH_OK)
+        assert (ok.channel_seq, ok.channel_epoch) == (1, wake.epoch)
+        assert "@sleeper" not in app.node.hub.rooms
+        # Behind: the channel opens at its Hello, and what follows the AuthOk
+        # accounts for seq 1: a Gap, since this node's ring went with the room
+        # (a cluster would replay it from the stored history).
+        behind = await StreamClient.connect(app.node.address)
+        behind.send((FT.HELLO, pb.Hello(token=token("sleeper"), device_class="b",
+                                        channel_last_seq=0, channel_epoch=wake.epoch)))
+        frames = await behind.until(1, FT.GAP)
+        assert [t for t, _ in frames] == [FT.AUTH_OK, FT.GAP]
+        assert frames[0][1].channel_seq == 0
+        assert (frames[1][1].from_seq, frames[1][1].to_seq) == (1, 1)
+        assert "@sleeper" in app.node.hub.rooms
+        # The next push: the waiting one joins from its cursor, both get it once.
+        await app.node.push("sleeper", "gift", b"two")
+        for client in (current, behind):
+            frames = await client.until(1, FT.BATCH)
+            got = [m.seq for t, b in frames if t == FT.BATCH for m in b.messages]
+            assert got == [2]
+        [rejoin] = [m for t, m in current.frames if t == FT.ACK]
+        assert (rejoin.req_id, rejoin.seq, rejoin.epoch) == (0, 1, wake.epoch)
+        current.close()
+        behind.close()
 
 
 class LaterLogic:

@@ -35,16 +35,26 @@ def push(node, user: str, text: str, kind: str = "system") -> int:
     return reply.json()["seq"]
 
 
+def wake_ack(client: RawClient, channel: str) -> pb.Ack:
+    """The Ack{req_id 0} a waiting connection gets when its channel opens."""
+    ack = client.expect(FT.ACK)
+    assert (ack.req_id, ack.room) == (0, channel) and ack.epoch, ack
+    return ack
+
+
 def test_every_connection_of_the_user_gets_its_pushes_in_order(node):
     phone, ok = authed(node, "u1", device_class="mobile")
-    assert (ok.channel, ok.channel_seq) == ("@u1", 0) and ok.channel_epoch
+    # no history yet: the cursor has no epoch, and the connection waits
+    assert (ok.channel, ok.channel_seq, ok.channel_epoch) == ("@u1", 0, "")
     web, ok_web = authed(node, "u1", device_class="web")
-    assert ok_web.channel == "@u1" and ok_web.channel_epoch == ok.channel_epoch
+    assert (ok_web.channel, ok_web.channel_epoch) == ("@u1", "")
     other, ok_other = authed(node, "u2")
     assert ok_other.channel == "@u2"
     # a room alongside the channel is not disturbed
     assert web.join("show").seq == 0
     assert [push(node, "u1", f"receipt {i}", "gift") for i in range(1, 4)] == [1, 2, 3]
+    # the first push opened the channel: each connection got its epoch first
+    assert wake_ack(phone, "@u1").epoch == wake_ack(web, "@u1").epoch
     for client in (phone, web):
         got = client.messages(3)
         assert [(m.room, m.seq, m.kind, m.payload) for m in got] == [
@@ -55,9 +65,11 @@ def test_every_connection_of_the_user_gets_its_pushes_in_order(node):
 
 
 def test_a_new_connection_resumes_the_channel_from_its_hello(node):
-    first, ok = authed(node, "resumer")
+    first, _ = authed(node, "resumer")
     push(node, "resumer", "one")
     push(node, "resumer", "two")
+    ok = wake_ack(first, "@resumer")
+    assert ok.seq == 0
     assert [m.seq for m in first.messages(2)] == [1, 2]
     first.close()
     # pushed while the user had no connection: kept in the channel's ring
@@ -65,13 +77,13 @@ def test_a_new_connection_resumes_the_channel_from_its_hello(node):
     push(node, "resumer", "four")
     again = RawClient(node.host, node.port)
     again.send(FT.HELLO, pb.Hello(token=token("resumer"), channel_last_seq=2,
-                                  channel_epoch=ok.channel_epoch))
+                                  channel_epoch=ok.epoch))
     ok2 = again.expect(FT.AUTH_OK)
-    assert (ok2.channel, ok2.channel_seq, ok2.channel_epoch) == ("@resumer", 2, ok.channel_epoch)
+    assert (ok2.channel, ok2.channel_seq, ok2.channel_epoch) == ("@resumer", 2, ok.epoch)
     assert [(m.seq, m.payload) for m in again.messages(2)] == [(3, b"three"), (4, b"four")]
     # a fresh connection (no cursor) starts from now on
     fresh, ok3 = authed(node, "resumer", device_class="web")
-    assert ok3.channel_seq == 4
+    assert (ok3.channel_seq, ok3.channel_epoch) == (4, ok.epoch)
     push(node, "resumer", "five")
     assert [m.seq for m in fresh.messages(1)] == [5]
 
@@ -165,6 +177,8 @@ def test_channels_are_not_rooms_in_the_lists_counts_or_presence(start_node):
     node = start_node("--presence-interval-ms", "200")
     c, _ = authed(node, "counted")
     assert isinstance(c.join("stage"), pb.Ack)
+    push(node, "counted", "opens the channel")
+    assert c.messages(1)[0].room == "@counted"
     listing = api(node, "GET", "/v1/rooms").json()
     assert [r["room"] for r in listing["rooms"]] == ["stage"]
     assert (listing["total"], listing["channels"]) == (1, 1)
@@ -182,6 +196,12 @@ def test_channels_are_not_rooms_in_the_lists_counts_or_presence(start_node):
     # the channel's presence answers "how many connections has this user"
     info = api(node, "GET", "/v1/rooms/@counted/presence").json()
     assert (info["online"], info["users"]) == (1, ["counted"])
+    # waiting connections (channel not open) count too
+    others = [authed(node, "counted", device_class="second"), authed(node, "idle-user")]
+    for user, online in (("counted", 2), ("idle-user", 1), ("nobody", 0)):
+        info = api(node, "GET", f"/v1/rooms/@{user}/presence").json()
+        assert info["online"] == online, (user, info)
+    assert len(others) == 2
 
 
 def test_user_channels_off(start_node):
@@ -246,7 +266,7 @@ async def test_sdk_push_reaches_every_device_of_the_user():
 async def test_pushes_reach_the_user_on_every_node_and_resume_on_another(cluster):
     cluster.start_nats()
     cluster.start_router()
-    a, b = cluster.start_node(), cluster.start_node()
+    a, b, c = cluster.start_node(), cluster.start_node(), cluster.start_node()
     phone = Client(a.host, a.port, token("fan"), device_class="phone",
                    endpoints=[(b.host, b.port)], backoff_min=0.05, backoff_max=0.2)
     laptop = Client(b.host, b.port, token("fan"), device_class="laptop")
@@ -262,6 +282,18 @@ async def test_pushes_reach_the_user_on_every_node_and_resume_on_another(cluster
             assert (status, body) == (200, {"seq": sent})
         for client in (phone, laptop):
             assert [m.seq for m in await _channel_messages(client, sent)] == [1, 2, 3, 4]
+        # A connection on a node where the channel is not open waits there;
+        # a push through another node wakes it, and it gets that push alone.
+        tv = Client(c.host, c.port, token("fan"), device_class="tv")
+        await tv.connect()
+        assert tv.cursor("@fan")[1] == 4
+        status, body = admin(a, "POST", "/v1/publish",
+                             {"user": "fan", "kind": "system", "payload": "to all three"})
+        sent += 1
+        assert (status, body) == (200, {"seq": sent})
+        for client in (phone, laptop, tv):
+            assert [m.payload for m in await _channel_messages(client, 1)] == [b"to all three"]
+        await tv.close()
         # Node A goes away: the phone reconnects to B and resumes the channel
         # there from what the cluster stored, pushes made meanwhile included.
         a.stop()
@@ -271,11 +303,11 @@ async def test_pushes_reach_the_user_on_every_node_and_resume_on_another(cluster
                                  {"user": "fan", "kind": "system", "payload": f"r{sent}"})
             assert status == 200, body
         got = await _channel_messages(phone, 3)
-        assert [(m.seq, m.payload) for m in got] == [(5, b"r5"), (6, b"r6"), (7, b"r7")]
+        assert [(m.seq, m.payload) for m in got] == [(6, b"r6"), (7, b"r7"), (8, b"r8")]
         assert phone.stats["gaps"] == 0 and (phone.host, phone.port) == (b.host, b.port)
-        assert [m.seq for m in await _channel_messages(laptop, 3)] == [5, 6, 7]
+        assert [m.seq for m in await _channel_messages(laptop, 3)] == [6, 7, 8]
         status, body = admin(b, "GET", "/v1/rooms/@fan/history")
-        assert status == 200 and [m["seq"] for m in body["messages"]] == list(range(1, 8))
+        assert status == 200 and [m["seq"] for m in body["messages"]] == list(range(1, 9))
     finally:
         await phone.close()
         await laptop.close()

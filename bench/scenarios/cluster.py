@@ -293,11 +293,11 @@ def _wait_lines(proc: Proc, pattern: str, count: int, timeout: float) -> None:
 
 # ---------------------------------------------------------------- reconnect-storm
 
-def reconnect_storm(quick: bool) -> dict:
+def reconnect_storm(quick: bool, **extra) -> dict:
     clients = 500 if quick else 10000
     per_process = clients // 2
     room = "storm"
-    settings = dict(max_connections=19000, room_budget=100000, **OPEN_ADMISSION)
+    settings = dict(max_connections=19000, room_budget=100000, **OPEN_ADMISSION, **extra)
     rig = Rig(nodes=2, node_settings=settings, router_flags=_router_flags(settings))
     a, b = rig.nodes
     results = [BUILD / f"storm-{os.getpid()}-{i}.json" for i in range(2)]

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..logic.base import Rejected
+from ..protocol.errors import ReasonError
 from ..protocol.channels import is_channel
 from .bot import GIFTS
 
@@ -66,7 +66,7 @@ async def send(node, user: str, gift: Gift) -> dict:
     :returns: ``{"room", "seq", "receipt_seq"}``; ``receipt_seq`` is None
         (and ``receipt_error`` says why) when the gift went out but the
         receipt could not, as on a node with user channels off.
-    :raises fanout.logic.base.Rejected: the gift itself was refused.
+    :raises fanout.protocol.errors.ReasonError: the gift itself was refused (the node's Rejected).
     """
     payload = json.dumps({"gift": gift.gift, "count": gift.count})
     seq = await node.publish(gift.room, "gift", payload, sender=user)
@@ -75,6 +75,6 @@ async def send(node, user: str, gift: Gift) -> dict:
     reply: dict = {"room": gift.room, "seq": seq, "receipt_seq": None}
     try:
         reply["receipt_seq"] = await node.push(user, "system", receipt, sender=SENDER)
-    except Rejected as exc:
+    except ReasonError as exc:
         reply["receipt_error"] = str(exc)
     return reply

@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..logic.base import Rejected
+from ..protocol.errors import ReasonError
 from ..protocol.auth import AuthError, mint, verify
 from ..server.admin import REASON_STATUS
 from . import gifts
@@ -151,7 +151,7 @@ def make_app(site: DemoSite) -> web.Application:
             return _error(403, "ROOM_FORBIDDEN", "the token does not allow this room")
         try:
             reply = await gifts.send(site.node, claims.user, wanted)
-        except Rejected as exc:
+        except ReasonError as exc:
             return _error(REASON_STATUS.get(exc.reason, 400), exc.reason_name, exc.message)
         return web.json_response(reply, headers=_NO_STORE)
 

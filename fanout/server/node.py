@@ -32,6 +32,7 @@ from ..logic.revocations import covers
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
 from ..protocol.auth import MAX_SUB_BYTES
+from ..protocol.channels import PREFIX as CHANNEL_PREFIX
 from ..protocol.channels import is_channel, user_channel
 from ..protocol.wire import KIND_CODES, KIND_NAMES, record_json
 from . import eager, tlsconf
@@ -40,6 +41,7 @@ from .listener import Listener
 from .logutil import ThrottledLog
 from .metrics import NodeMetrics
 from .overload import LagProbe, OverloadControl, TimedInput
+from .channels import ChannelTable
 from .rooms import RoomTable
 from .session import Session
 
@@ -106,6 +108,7 @@ class Node:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.hub: _core.Hub | None = None
         self.rooms: RoomTable | None = None
+        self.channels: ChannelTable | None = None
         self.listener: Listener | None = None
         self.draining = False
         self.throttled = ThrottledLog(log)
@@ -168,6 +171,7 @@ class Node:
             logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc,
             exc_info=exc)
         self.rooms = RoomTable(self.hub, self.bus, self.logic, ring_size=cfg.ring_size)
+        self.channels = ChannelTable(self.rooms)
         self.listener = Listener(cfg, loop, on_connection=self._accepted,
                                  connection_count=self.sessions.__len__, metrics=self.metrics,
                                  throttled=self.throttled, tls=tlsconf.make_context(cfg))
@@ -482,12 +486,26 @@ class Node:
             self._disconnect_here(control.user, control.message)
         elif control.op == cpb.Control.REVOKE_USER:
             self._revoke_here(control.user, control.before)
+        elif control.op == cpb.Control.WAKE_CHANNEL and self.channels is not None:
+            name = user_channel(control.user)
+            if self.channels.waiting(name):
+                eager.spawn(self.channels.wake(name), f"waking {name}", log)
 
     def _presence_page(self, query: cpb.PresenceQuery) -> cpb.PresencePage:
         """This node's members of a room: the count, and up to ``limit``
         users sorting after ``after`` (an admin question, not per message)."""
         room = self.rooms.get(query.room) if self.rooms is not None else None
         page = cpb.PresencePage()
+        if is_channel(query.room):
+            # A channel's members are the user's connections, waiting ones too.
+            user = query.room[len(CHANNEL_PREFIX):]
+            here = sum(1 for s in self.sessions.values() if s.user == user and (
+                query.room in s.rooms or s.channel_wait is not None))
+            if here:
+                page.online = here
+                if user > query.after and query.limit:
+                    page.users.append(user)
+            return page
         if room is None or not len(room):
             return page
         users = {s.user for s in self.sessions.values()
@@ -718,8 +736,14 @@ class Node:
         to its channel (docs/protocol.md, section 5.10). Like
         :meth:`publish`; the seq is the channel's."""
         self._check_channel(user)
-        return await self._publish(user_channel(user), kind, payload, sender=sender,
-                                   priority=priority)
+        name = user_channel(user)
+        # Connections waiting here join before the message is published, so
+        # it reaches them live; other nodes' join once it is stored.
+        await self.channels.wake(name)
+        seq = await self._publish(name, kind, payload, sender=sender, priority=priority)
+        if self.clustered:
+            self._broadcast(cpb.Control(op=cpb.Control.WAKE_CHANNEL, user=user))
+        return seq
 
     def _check_channel(self, user: str) -> None:
         if not self.config.user_channels:

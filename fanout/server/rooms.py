@@ -55,6 +55,10 @@ class RoomTable:
     def get(self, name: str) -> _core.Room | None:
         return self.hub.rooms.get(name)
 
+    def held(self, name: str) -> bool:
+        """``name`` is open here, or being opened."""
+        return name in self.hub.rooms or name in self._opening
+
     def _deliver(self, room: str, epoch: str, seq: int, record: bytes, sampled: bool) -> None:
         # The handler of every subscription: once per message, never per member.
         if not self._publish(room, epoch, seq, record, sampled):

@@ -31,6 +31,7 @@ from ..protocol.wire import FrameType
 from . import eager, wsupgrade
 from .config import NodeConfig
 from .logutil import ThrottledLog
+from .channels import ChannelTable
 from .rooms import RoomTable
 
 log = logging.getLogger("fanout.session")
@@ -63,6 +64,24 @@ def _echo_room(name: str) -> str:
     return name
 
 
+#: The waiting cursor of a channel with no history: its whole next epoch is new.
+_NO_HISTORY = ("", 0)
+
+
+def _waiting_cursor(head, hello: pb.Hello) -> tuple[str, int] | None:
+    """The cursor (epoch, seq) a connection whose channel is not open here
+    waits with, given the channel's head (None: no history) and where the
+    Hello resumes it; None if the client is behind and needs a replay now."""
+    if head is None:
+        return _NO_HISTORY
+    last, epoch = hello.channel_last_seq, hello.channel_epoch
+    if (not last and not epoch) or head.seq == 0:
+        return head.epoch, head.seq          # from now on (or nothing to replay)
+    if epoch and epoch != head.epoch:
+        return None                          # another epoch: replay from seq 1
+    return (head.epoch, head.seq) if last >= head.seq else None
+
+
 def _forbidden(name: str, cfg: NodeConfig) -> str:
     """Why a Join of ``name`` is refused (ROOM_FORBIDDEN)."""
     if not is_channel(name):
@@ -79,6 +98,7 @@ class SessionHost(Protocol):
     loop: asyncio.AbstractEventLoop
     logic: Logic
     rooms: RoomTable
+    channels: ChannelTable
     metrics: object          # NodeMetrics: protocol_errors, kicks, slow_consumers
     throttled: ThrottledLog
     ws_origins: frozenset[str] | None   # allowed browser origins (None: any)
@@ -138,7 +158,7 @@ class Session:
     # only what later decisions need (the device id goes to the auth log).
     __slots__ = ("host", "conn", "id", "peer_host", "peer_port", "user", "device_class",
                  "claims", "rooms", "connected_at", "_hard_close", "_logged_in", "_budget_at",
-                 "sent_mark", "end_reason", "idle_s")
+                 "sent_mark", "end_reason", "idle_s", "channel_wait")
 
     def __init__(self, host: SessionHost, conn: _core.Connection, peer, session_id: str):
         self.host = host
@@ -161,6 +181,9 @@ class Session:
         # for, seconds; 0.0 (a shared constant, no float per session): the
         # node's idle_timeout_ms.
         self.idle_s = 0.0
+        # (epoch, seq): the cursor of a connection waiting for its channel
+        # (fanout.server.channels); None while it is not waiting.
+        self.channel_wait: tuple[str, int] | None = None
         # The request budget, a token bucket of request_rate frames per
         # second holding request_burst, kept as one float (GCRA): the loop
         # time at which the bucket would have been empty. Tokens now are
@@ -320,17 +343,42 @@ class Session:
 
     async def _enter_channel(self, hello: pb.Hello, auth_ok: pb.AuthOk) -> bool:
         """Make this connection a member of its user's channel, resumed where
-        the Hello says, and answer with ``auth_ok`` carrying the cursor (its
-        Gap and replay follow it). False if the connection is closing now:
-        the channel could not be opened (the cluster is unreachable: the
-        client retries), or it closed meanwhile."""
+        the Hello says, and answer with ``auth_ok`` carrying the cursor.
+
+        If the channel is open here, or the client needs a replay, the
+        connection joins its room (the Gap and replay follow the AuthOk).
+        Otherwise it waits for the channel's next push with its cursor
+        (fanout.server.channels): a room per connected user would cost every
+        connection for the few users who get pushes. False if the connection
+        is closing now: the channel's head could not be had (the cluster is
+        unreachable: the client retries), or it closed meanwhile."""
         host = self.host
         name = user_channel(self.user)
+        channels = host.channels
+        if not host.rooms.held(name):
+            channels.expect(name, self)
+            try:
+                head = await host.logic.head(name)
+            except Rejected as exc:
+                channels.expected(name, self)
+                # Without its channel the connection would miss the user's
+                # pushes without knowing: refuse the Hello, as a failed login is.
+                self.fail(exc.reason, f"the user's channel cannot be had: {exc.message}")
+                return False
+            woken = channels.expected(name, self)
+            if self.conn.closing:
+                return False
+            cursor = None if woken or host.rooms.held(name) else _waiting_cursor(head, hello)
+            if cursor is not None:
+                auth_ok.channel, (auth_ok.channel_epoch, auth_ok.channel_seq) = name, cursor
+                auth_ok.server_time_ms = _now_ms()
+                self.send(FrameType.AUTH_OK, auth_ok)
+                self.channel_wait = cursor
+                channels.wait(name, self)
+                return not self.conn.closing
         try:
             room = await host.rooms.acquire(name)
         except Rejected as exc:
-            # Without its channel the connection would miss the user's
-            # pushes without knowing: refuse the Hello, as a failed login is.
             self.fail(exc.reason, f"the user's channel cannot be opened: {exc.message}")
             return False
         try:
@@ -339,6 +387,16 @@ class Session:
             if self.conn.closing or name not in self.rooms:
                 host.rooms.leave(name, self.conn)
         return not self.conn.closing
+
+    def channel_woken(self, room: _core.Room, name: str) -> None:
+        """The channel this connection waited for is open: join it from the
+        kept cursor (an Ack{req_id 0} with the epoch, Gap, replay). A cursor
+        without an epoch was taken when the channel had no history: all of
+        its current epoch is new to the client."""
+        epoch, seq = self.channel_wait
+        self.channel_wait = None
+        if not self.conn.closing:
+            self._enter(room, 0, name, seq, epoch or room.epoch)
 
     def _may_join(self, name: str, claims: Claims) -> bool:
         """The token allows ``name``; a user's channel only to that user
@@ -408,7 +466,8 @@ class Session:
         except Rejected as exc:
             self.error(req_id, exc.reason, exc.message, name)
             return
-        if name in self.rooms:
+        if name in self.rooms or (self.channel_wait is not None
+                                  and name == user_channel(self.user)):
             # Not a resume: a second replay of the same history is work an
             # attacker could ask for 6,000 times in one write.
             self.error(req_id, pb.ALREADY_JOINED, "already in this room; Leave first to rejoin",
@@ -482,6 +541,10 @@ class Session:
         log.debug("%s: joined %s at seq %d", self, name, cursor)
 
     def _leave(self, msg: pb.Leave) -> None:
+        if self.channel_wait is not None and msg.room == user_channel(self.user):
+            self._stop_waiting()
+            self.send(FrameType.ACK, pb.Ack(req_id=msg.req_id, room=msg.room))
+            return
         if msg.room not in self.rooms:
             self.error(msg.req_id, pb.NOT_A_MEMBER, f"not in room {clip(msg.room)}", msg.room)
             return
@@ -494,13 +557,13 @@ class Session:
         self.host.rooms.leave(name, self.conn)
 
     async def _chat(self, msg: pb.Chat) -> None:
-        if msg.room not in self.rooms:
-            self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {clip(msg.room)} before chatting in it",
-                       msg.room)
-            return
         if is_channel(msg.room):
             self.error(msg.req_id, pb.ROOM_FORBIDDEN,
                        "a user's channel takes pushes from the admin API only, not chat",
+                       msg.room)
+            return
+        if msg.room not in self.rooms:
+            self.error(msg.req_id, pb.NOT_A_MEMBER, f"join {clip(msg.room)} before chatting in it",
                        msg.room)
             return
         if self.conn.closing:                     # a closing connection gets no more work
@@ -580,10 +643,16 @@ class Session:
             grace = self.host.config.close_grace_ms / 1000
             self._hard_close = self.host.loop.call_later(grace, self.conn.close)
 
+    def _stop_waiting(self) -> None:
+        self.channel_wait = None
+        self.host.channels.discard(user_channel(self.user), self)
+
     def _detach(self) -> None:
         """Stop receiving broadcasts and give up the login; idempotent."""
         for name in list(self.rooms):
             self._leave_room(name)
+        if self.channel_wait is not None:
+            self._stop_waiting()
         if self._logged_in:                    # give the login back, once
             self._logged_in = False
             eager.spawn(self.host.logic.logout(self.user, self.device_class, self.id),
