@@ -31,6 +31,7 @@ from typing import Protocol
 from .. import _core
 from ..logic.base import Rejected
 from ..protocol import fanout_pb2 as pb
+from ..protocol.channels import user_channel
 from .rooms import RoomTable
 
 log = logging.getLogger("fanout.channels")
@@ -53,56 +54,74 @@ class Session(Protocol):
 
 
 class ChannelTable:
-    """:param rooms: the node's rooms, where a woken channel is opened."""
+    """:param rooms: the node's rooms, where a woken channel is opened.
+
+    Keyed by user id (the session's own string, no channel name made per
+    connection), each holding the one waiting session, or a list of them
+    when the user has several here: an idle connection costs its dict entry
+    alone.
+    """
 
     def __init__(self, rooms: RoomTable) -> None:
         self._rooms = rooms
-        self._waiting: dict[str, list[Session]] = {}
+        self._waiting: dict[str, Session | list[Session]] = {}
         self._expecting: dict[str, dict[Session, bool]] = {}   # -> woken meanwhile
 
-    def waiting(self, name: str) -> int:
-        """Connections waiting for channel ``name`` here."""
-        return len(self._waiting.get(name, ()))
+    def waiting(self, user: str) -> int:
+        """Connections of ``user`` waiting for the user's channel here."""
+        held = self._waiting.get(user)
+        return 0 if held is None else len(held) if isinstance(held, list) else 1
 
     def __len__(self) -> int:
-        return sum(len(sessions) for sessions in self._waiting.values())
+        return sum(len(h) if isinstance(h, list) else 1 for h in self._waiting.values())
 
-    def expect(self, name: str, session: Session) -> None:
-        """``session`` is asking for the head of its channel ``name``."""
-        self._expecting.setdefault(name, {})[session] = False
+    def expect(self, user: str, session: Session) -> None:
+        """``session`` is asking for the head of its user's channel."""
+        self._expecting.setdefault(user, {})[session] = False
 
-    def expected(self, name: str, session: Session) -> bool:
+    def expected(self, user: str, session: Session) -> bool:
         """``session`` has its answer; True if the channel was woken meanwhile."""
-        expecting = self._expecting.get(name)
+        expecting = self._expecting.get(user)
         woken = expecting.pop(session, False) if expecting is not None else False
         if not expecting:
-            self._expecting.pop(name, None)
+            self._expecting.pop(user, None)
         return woken
 
-    def wait(self, name: str, session: Session) -> None:
-        """``session`` (its cursor kept on it) waits for a wake of ``name``."""
-        self._waiting.setdefault(name, []).append(session)
+    def wait(self, user: str, session: Session) -> None:
+        """``session`` (its cursor kept on it) waits for a wake of its channel."""
+        held = self._waiting.get(user)
+        if held is None:
+            self._waiting[user] = session
+        elif isinstance(held, list):
+            held.append(session)
+        else:
+            self._waiting[user] = [held, session]
 
-    def discard(self, name: str, session: Session) -> bool:
-        """``session`` no longer waits for ``name``; True if it did."""
-        sessions = self._waiting.get(name)
-        if sessions is None or session not in sessions:
+    def discard(self, user: str, session: Session) -> bool:
+        """``session`` no longer waits; True if it did."""
+        held = self._waiting.get(user)
+        if held is session:
+            del self._waiting[user]
+            return True
+        if not isinstance(held, list) or session not in held:
             return False
-        sessions.remove(session)
-        if not sessions:
-            del self._waiting[name]
+        held.remove(session)
+        if len(held) == 1:
+            self._waiting[user] = held[0]
         return True
 
-    async def wake(self, name: str) -> None:
-        """Open channel ``name`` here if connections wait for it, and join
+    async def wake(self, user: str) -> None:
+        """Open ``user``'s channel here if connections wait for it, and join
         them. A channel that cannot be opened (the cluster is unreachable)
         closes its waiting connections with ``Kick(UNAVAILABLE)``: they
         reconnect and resume, where waiting on would miss the push."""
-        for session in self._expecting.get(name, ()):
-            self._expecting[name][session] = True
-        sessions = self._waiting.pop(name, None)
-        if not sessions:
+        for session in self._expecting.get(user, ()):
+            self._expecting[user][session] = True
+        held = self._waiting.pop(user, None)
+        if held is None:
             return
+        sessions = held if isinstance(held, list) else [held]
+        name = user_channel(user)
         try:
             room = await self._rooms.acquire(name)
         except Rejected as exc:

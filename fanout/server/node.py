@@ -487,9 +487,8 @@ class Node:
         elif control.op == cpb.Control.REVOKE_USER:
             self._revoke_here(control.user, control.before)
         elif control.op == cpb.Control.WAKE_CHANNEL and self.channels is not None:
-            name = user_channel(control.user)
-            if self.channels.waiting(name):
-                eager.spawn(self.channels.wake(name), f"waking {name}", log)
+            if self.channels.waiting(control.user):
+                eager.spawn(self.channels.wake(control.user), "waking a user's channel", log)
 
     def _presence_page(self, query: cpb.PresenceQuery) -> cpb.PresencePage:
         """This node's members of a room: the count, and up to ``limit``
@@ -739,7 +738,7 @@ class Node:
         name = user_channel(user)
         # Connections waiting here join before the message is published, so
         # it reaches them live; other nodes' join once it is stored.
-        await self.channels.wake(name)
+        await self.channels.wake(user)
         seq = await self._publish(name, kind, payload, sender=sender, priority=priority)
         if self.clustered:
             self._broadcast(cpb.Control(op=cpb.Control.WAKE_CHANNEL, user=user))

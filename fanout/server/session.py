@@ -356,16 +356,16 @@ class Session:
         name = user_channel(self.user)
         channels = host.channels
         if not host.rooms.held(name):
-            channels.expect(name, self)
+            channels.expect(self.user, self)
             try:
                 head = await host.logic.head(name)
             except Rejected as exc:
-                channels.expected(name, self)
+                channels.expected(self.user, self)
                 # Without its channel the connection would miss the user's
                 # pushes without knowing: refuse the Hello, as a failed login is.
                 self.fail(exc.reason, f"the user's channel cannot be had: {exc.message}")
                 return False
-            woken = channels.expected(name, self)
+            woken = channels.expected(self.user, self)
             if self.conn.closing:
                 return False
             cursor = None if woken or host.rooms.held(name) else _waiting_cursor(head, hello)
@@ -374,7 +374,7 @@ class Session:
                 auth_ok.server_time_ms = _now_ms()
                 self.send(FrameType.AUTH_OK, auth_ok)
                 self.channel_wait = cursor
-                channels.wait(name, self)
+                channels.wait(self.user, self)
                 return not self.conn.closing
         try:
             room = await host.rooms.acquire(name)
@@ -645,7 +645,7 @@ class Session:
 
     def _stop_waiting(self) -> None:
         self.channel_wait = None
-        self.host.channels.discard(user_channel(self.user), self)
+        self.host.channels.discard(self.user, self)
 
     def _detach(self) -> None:
         """Stop receiving broadcasts and give up the login; idempotent."""
