@@ -66,9 +66,28 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
 
 export interface ClientOptions {
-  /** ws:// or wss:// URL(s); reconnects rotate through a list. */
+  /** ws:// or wss:// URL(s); reconnects rotate through a list, and each
+   * connect races up to `race` of them from the current one. */
   url?: string | string[];
   urls?: string[];
+  /** How many URLs one connect opens at most (default 3). */
+  race?: number;
+  /** Ms between starting two WebSockets of a race (default 2500); a failed one starts the next at once. */
+  raceStaggerMs?: number;
+  /** The key of the network the device is on ("wifi:home", "cell:46001"); the heartbeat search remembers one interval per key (default ""). */
+  network?: string;
+  /** Search for the longest ping interval the network tolerates (default true); false: ping at the node's default. */
+  adaptiveHeartbeat?: boolean;
+  /** Where the search's results are kept (default: one in-memory store per page/process); see localStorageHeartbeatStore(). */
+  heartbeatStore?: HeartbeatStoreLike;
+  /** The safe interval an unknown network starts at, ms (default 20000), within the node's bounds. */
+  heartbeatStartMs?: number;
+  /** Factor of a step up, > 1 (default 1.5). */
+  heartbeatStep?: number;
+  /** Answered probes in a row before a step up (default 3). */
+  heartbeatStepAfter?: number;
+  /** Ms a Ping may go unanswered, nothing else received, before the link counts as dead (default 5000; at most the idle timeout minus the grant). */
+  pongTimeoutMs?: number;
   token?: string;
   getToken?: () => string | Promise<string>;
   deviceClass?: string;
@@ -207,6 +226,71 @@ export interface ClientStats {
   reconnects: number;
   sampledBatches: number;
   refreshes: number;
+  /** Connections ended by the client's heartbeat (a Ping unanswered, or the idle timeout). */
+  deadLinks: number;
+  /** Answered probes of the heartbeat search (Pings after a full interval of silence). */
+  probes: number;
+}
+
+/** What the heartbeat search learnt about one network. */
+export interface HeartbeatState {
+  intervalMs: number;
+  /** The longest interval with an answered probe (0: none yet). */
+  goodMs: number;
+  /** Stepping up stopped after a dead link. */
+  locked: boolean;
+}
+
+/** Where heartbeat searches keep their state, per network key (synchronous). */
+export interface HeartbeatStoreLike {
+  get(network: string): HeartbeatState | null | undefined;
+  set(network: string, state: HeartbeatState): void;
+}
+
+/** The default store: in memory. */
+export declare class HeartbeatStore implements HeartbeatStoreLike {
+  constructor();
+  get(network: string): HeartbeatState | null;
+  set(network: string, state: HeartbeatState): void;
+}
+
+/** The part of a Web Storage object (localStorage) the store uses. */
+export interface WebStorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+}
+
+/** A store kept as JSON under `key` (default "fanout.heartbeat") in `storage`
+ * (default: globalThis.localStorage). Without one it keeps memory only; a
+ * storage that throws or holds bad JSON costs a new search, never an exception. */
+export declare function localStorageHeartbeatStore(options?: {
+  key?: string;
+  storage?: WebStorageLike | null;
+}): HeartbeatStoreLike & { readonly storage: WebStorageLike | null };
+
+/** The heartbeat search of one network (docs/protocol.md 5.6; the Python SDK's HeartbeatTuner). */
+export declare class HeartbeatTuner {
+  constructor(store: HeartbeatStoreLike, network?: string,
+    options?: { stepAfter?: number; stepFactor?: number; startMs?: number });
+  readonly store: HeartbeatStoreLike;
+  readonly network: string;
+  readonly stepAfter: number;
+  readonly stepFactor: number;
+  readonly startMs: number;
+  /** The current interval (0 until the first AuthOk). */
+  intervalMs: number;
+  goodMs: number;
+  locked: boolean;
+  /** Answered probes in a row at intervalMs. */
+  successes: number;
+  /** What the next Hello asks for: the node's maximum while searching, else the interval found. */
+  requestMs(): number;
+  /** Take an AuthOk's grant and bounds; returns the ms to ping at. */
+  granted(intervalMs: number, minMs: number, maxMs: number): number;
+  /** A probe at intervalMs was answered; returns the ms to ping at from now on. */
+  probeAnswered(intervalMs: number, grantMs: number): number;
+  /** A dead link: back off and lock. */
+  deadLink(): void;
 }
 
 export declare class Client implements AsyncIterable<Event> {
@@ -217,6 +301,11 @@ export declare class Client implements AsyncIterable<Event> {
   readonly stats: ClientStats;
   reconnect: boolean;
   requestTimeoutMs: number;
+  race: number;
+  raceStaggerMs: number;
+  pongTimeoutMs: number;
+  /** The heartbeat search of `network`; null with adaptiveHeartbeat: false. */
+  readonly heartbeat: HeartbeatTuner | null;
   readonly connected: boolean;
   readonly auth: AuthInfo | null;
   readonly rooms: string[];

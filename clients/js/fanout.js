@@ -1,11 +1,15 @@
 // fanout JavaScript client (wire protocol v1 over WebSocket, docs/protocol.md).
 // Modelled on the Python SDK, fanout/client/sdk.py: same reconnect, resume,
-// cursor and token rules; README.md documents the API.
+// cursor, token and weak-network rules (adaptive heartbeat, racing); README.md
+// documents the API.
 import {
   FrameType, MAX_SERVER_FRAME, DICTIONARIES, WireError,
   decodeFrames, decodeMessage, encodeFrame, kindName, reasonName, toNumber, pb,
 } from "./src/wire.js";
+import { DEFAULT_STORE, HeartbeatTuner } from "./src/heartbeat.js";
+import { dropWebSocket, raceWebSockets } from "./src/race.js";
 
+export { HeartbeatStore, HeartbeatTuner, localStorageHeartbeatStore } from "./src/heartbeat.js";
 export { FrameType, WireError, reasonName, kindName } from "./src/wire.js";
 export { decodeFrames, decodeMessage, encodeFrame, DICTIONARIES } from "./src/wire.js";
 
@@ -37,6 +41,10 @@ const REFRESH_RETRY_MIN_MS = 1000;
 // Used only if a node's AuthOk leaves the heartbeat fields at 0.
 const DEFAULT_PING_INTERVAL_MS = 15000;
 const IDLE_PER_PING = 3;
+// A Ping after this share of the interval in silence (both ways) is a probe
+// of the adaptive heartbeat: pinging on the node's schedule, the last Pong's
+// round trip eats into the silence.
+const PROBE_SILENCE = 0.8;
 const WS_OPEN = 1;
 
 const now = () => performance.now();
@@ -115,37 +123,36 @@ function tokenExpMs(token) {
 
 // ------------------------------------------------------------------ connection
 
-/** One WebSocket connection; a Client goes through many. */
+/** One WebSocket connection (the open winner of a race); a Client goes
+ * through many. It sends the Hello at once. */
 class Connection {
-  constructor(client, url) {
+  constructor(client, ws, url) {
     this.client = client;
     this.url = url;
     this.auth = null;
     this.started = now();
     this.lastRecv = this.started;
+    this.lastSent = this.started;
+    this.pong = 0;        // nonce of the last Pong
+    this.pongFrames = 0;  // the client's frame count at it
     this.error = null;
     this.timers = new Set();
-    this.sawClosingFrame = false;
     this.ended = new Promise((resolve) => { this._resolveEnded = resolve; });
-    const WS = client._WebSocket;
-    const protocols = client.protocols.length ? client.protocols : undefined;
-    // The third argument is for Node's `ws` (e.g. {ca} for a development
-    // CA over wss://); browsers' WebSocket takes two.
-    this.ws = client.wsOptions ? new WS(url, protocols, client.wsOptions) : new WS(url, protocols);
-    this.ws.binaryType = "arraybuffer";
+    this.ws = ws;
     this._on = {
-      open: () => this.send(FrameType.HELLO, client._hello()),
       message: (ev) => this._message(ev.data),
       close: (ev) => this._closed(ev),
       error: () => this.fail(new ConnectionLostError(0, `WebSocket error on ${url}`)),
     };
     for (const [name, fn] of Object.entries(this._on)) this.ws.addEventListener(name, fn);
+    this.send(FrameType.HELLO, client._hello());
   }
 
   send(type, fields) {
     if (this.error || this.ws.readyState !== WS_OPEN) return false;
     try {
       this.ws.send(encodeFrame(type, fields));
+      this.lastSent = now();
       return true;
     } catch (e) {
       this.fail(new ConnectionLostError(0, `send failed: ${e.message}`));
@@ -166,12 +173,7 @@ class Connection {
     this.error = error;
     for (const t of this.timers) clearTimeout(t);
     this.timers.clear();
-    for (const [name, fn] of Object.entries(this._on)) this.ws.removeEventListener(name, fn);
-    this.ws.addEventListener("error", () => {}); // a late error must not become an uncaught one
-    try {
-      if (typeof this.ws.terminate === "function" && this.ws.readyState !== WS_OPEN) this.ws.terminate();
-      else this.ws.close(1000);
-    } catch { /* already closing */ }
+    dropWebSocket(this.ws, this._on);
     this._resolveEnded(error);
   }
 
@@ -227,7 +229,7 @@ export class Client {
   constructor(options = {}) {
     const o = options;
     const urls = o.urls ?? o.url;
-    this.urls = (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
+    this.urls = [...new Set((Array.isArray(urls) ? urls : [urls]).filter(Boolean))];
     if (!this.urls.length) throw new TypeError("need url (a ws:// or wss:// URL, or a list)");
     this._urlIndex = 0;
     this.token = o.token ?? null;
@@ -244,6 +246,20 @@ export class Client {
     }
     this.connectTimeoutMs = o.connectTimeoutMs ?? 5000;
     this.requestTimeoutMs = o.requestTimeoutMs ?? 10000;
+    this.race = o.race ?? 3;
+    this.raceStaggerMs = o.raceStaggerMs ?? 2500;
+    this.pongTimeoutMs = o.pongTimeoutMs ?? 5000;
+    if (!(Number.isInteger(this.race) && this.race >= 1 && this.raceStaggerMs >= 0 && this.pongTimeoutMs > 0)) {
+      throw new RangeError("need race >= 1 (an integer), raceStaggerMs >= 0 and pongTimeoutMs > 0");
+    }
+    /** The heartbeat search of `network` (null: adaptiveHeartbeat off). */
+    this.heartbeat = (o.adaptiveHeartbeat ?? true)
+      ? new HeartbeatTuner(o.heartbeatStore ?? DEFAULT_STORE, o.network ?? "", {
+        stepAfter: o.heartbeatStepAfter ?? 3,
+        stepFactor: o.heartbeatStep ?? 1.5,
+        startMs: o.heartbeatStartMs ?? 20000,
+      })
+      : null;
     this.protocols = o.protocols ?? ["fanout.v1"];
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
     this.wsOptions = o.wsOptions ?? null;
@@ -254,6 +270,7 @@ export class Client {
     /** Counters, as the Python SDK's. */
     this.stats = {
       frames: 0, messages: 0, duplicates: 0, gaps: 0, reconnects: 0, sampledBatches: 0, refreshes: 0,
+      deadLinks: 0, probes: 0,
     };
     this._cursors = new Map(); // room -> {epoch, seq}: joined rooms, last seq accounted for
     // The user's channel as the node named it in AuthOk: resumed through
@@ -273,6 +290,7 @@ export class Client {
     this._ended = false;
     this._endError = null;
     this._wake = null;       // cuts a reconnect sleep short on close()
+    this._dial = null;       // the race in progress, if any
   }
 
   // ---------------------------------------------------------------- public API
@@ -307,6 +325,7 @@ export class Client {
     if (this._closed) return;
     this._closed = true;
     if (this._wake) this._wake();
+    this._dial?.cancel(new ConnectionLostError(0, "client closed while connecting"));
     const conn = this._conn;
     if (conn) conn.fail(new ConnectionLostError(0, "client closed"));
     this._disconnected(new ConnectionLostError(0, "client closed"));
@@ -481,15 +500,46 @@ export class Client {
 
   // ---------------------------------------------------------------- lifecycle
 
-  _open() {
-    const url = this.url;
-    const conn = new Connection(this, url);
+  /** Race up to `race` URLs from the current one; the Hello goes to the
+   * winner only. Resolves with the connection at its AuthOk. */
+  async _open() {
+    const deadline = now() + this.connectTimeoutMs;
+    const rotation = [...this.urls.slice(this._urlIndex), ...this.urls.slice(0, this._urlIndex)];
+    const dial = raceWebSockets(rotation, {
+      fan: this.race,
+      staggerMs: this.raceStaggerMs,
+      open: (url) => this._webSocket(url),
+      onError: (url, message) => new ConnectionLostError(0, message),
+    });
+    this._dial = dial;
+    const timer = setTimeout(() => dial.cancel(new FanoutTimeoutError(
+      `no WebSocket of ${rotation.slice(0, this.race).join(", ")} opened within ${this.connectTimeoutMs} ms`)),
+    this.connectTimeoutMs);
+    let won;
+    try {
+      won = await dial.promise;
+    } finally {
+      clearTimeout(timer);
+      if (this._dial === dial) this._dial = null;
+    }
+    this._urlIndex = this.urls.indexOf(won.url);
+    const conn = new Connection(this, won.ws, won.url);
     conn.timer(() => conn.fail(new FanoutTimeoutError(
-      `no AuthOk from ${url} within ${this.connectTimeoutMs} ms`)), this.connectTimeoutMs);
+      `no AuthOk from ${won.url} within ${this.connectTimeoutMs} ms`)), deadline - now());
     return new Promise((resolve, reject) => {
       conn.onAuth = () => resolve(conn);
       conn.ended.then((error) => { if (!conn.auth) reject(error); });
     });
+  }
+
+  _webSocket(url) {
+    const WS = this._WebSocket;
+    const protocols = this.protocols.length ? this.protocols : undefined;
+    // The third argument is for Node's `ws` (e.g. {ca} for a development
+    // CA over wss://); browsers' WebSocket takes two.
+    const ws = this.wsOptions ? new WS(url, protocols, this.wsOptions) : new WS(url, protocols);
+    ws.binaryType = "arraybuffer";
+    return ws;
   }
 
   /** Called from dispatch, in stream order, when the AuthOk arrives. */
@@ -601,6 +651,7 @@ export class Client {
       deviceId: this.deviceId,
       deviceClass: this.deviceClass,
       client: this.clientName,
+      pingIntervalMs: this.heartbeat ? this.heartbeat.requestMs() : 0,
       resume: [...this._cursors]
         .filter(([room]) => room !== this._channel)
         .map(([room, c]) => ({ room, lastSeq: c.seq, epoch: c.epoch })),
@@ -621,24 +672,67 @@ export class Client {
     return token;
   }
 
+  /** Ping after an interval of silence; declare the link dead when a Ping
+   * goes unanswered for pongTimeoutMs with nothing else received, or nothing
+   * at all arrived for the idle timeout. Feeds the heartbeat search: probes
+   * answered, dead links (sdk.py's _keepalive, step for step). */
   _keepalive(conn) {
-    const interval = conn.auth.pingIntervalMs || DEFAULT_PING_INTERVAL_MS;
-    const idle = conn.auth.idleTimeoutMs || interval * IDLE_PER_PING;
+    const auth = conn.auth;
+    const grant = auth.pingIntervalMs || DEFAULT_PING_INTERVAL_MS;
+    const idle = auth.idleTimeoutMs || grant * IDLE_PER_PING;
+    const tuner = this.heartbeat;
+    let interval = tuner ? tuner.granted(grant, auth.pingIntervalMinMs, auth.pingIntervalMaxMs) : grant;
+    const pongTimeout = Math.min(this.pongTimeoutMs, Math.max(idle - grant, 50));
     let nonce = 0;
-    let nextPing = now() + interval;
+    let sentAt = 0;       // of the outstanding Ping (0: none)
+    let probe = 0;        // nonce of the outstanding probe (0: none)
+    let probeMs = 0;
+    let probeFrames = 0;  // frames received before the probe
     const tick = () => {
+      if (conn.error) return;
       const t = now();
-      if (t - conn.lastRecv >= idle) {
-        conn.fail(new ConnectionLostError(R.HEARTBEAT_TIMEOUT, `nothing received from the node for ${idle} ms`));
+      if (sentAt && conn.pong >= nonce) sentAt = 0;
+      if (probe && conn.pong >= probe) {
+        // Only a Pong that came alone counts: a frame before it was already
+        // on its way, and broke the silence at the NAT.
+        if (conn.pong === probe && conn.pongFrames === probeFrames + 1) {
+          this.stats.probes++;
+          if (tuner) interval = tuner.probeAnswered(probeMs, grant);
+        }
+        probe = 0;
+      }
+      const quiet = t - conn.lastRecv;
+      if (quiet >= idle || (sentAt && t - Math.max(sentAt, conn.lastRecv) >= pongTimeout)) {
+        const why = quiet >= idle ? `nothing received from the node for ${idle} ms`
+          : `a ping unanswered for ${pongTimeout} ms`;
+        this.stats.deadLinks++;
+        if (tuner) tuner.deadLink();
+        conn.fail(new ConnectionLostError(R.HEARTBEAT_TIMEOUT, `dead link: ${why}`));
         return;
       }
-      if (t >= nextPing) {
-        conn.send(FrameType.PING, { nonce: ++nonce });
-        nextPing = t + interval;
+      // A Ping is due after an interval of silence both ways (what a NAT
+      // times), and at the latest a granted interval after the last frame
+      // sent (what the node requires).
+      const silentSince = Math.max(conn.lastSent, conn.lastRecv);
+      let due = Math.min(silentSince + interval, conn.lastSent + grant);
+      if (t >= due) {
+        nonce++;
+        if (!probe && t - silentSince >= interval * PROBE_SILENCE) {
+          probe = nonce;
+          probeMs = interval;
+          probeFrames = this.stats.frames;
+        }
+        if (!conn.send(FrameType.PING, { nonce })) return;
+        // The oldest unanswered Ping counts: pinging more often than the
+        // pong timeout must not keep postponing the verdict.
+        if (!sentAt) sentAt = t;
+        due = t + interval;
       }
-      conn.timer(tick, Math.min(nextPing, conn.lastRecv + idle) - t);
+      let wake = Math.min(due, conn.lastRecv + idle);
+      if (sentAt) wake = Math.min(wake, Math.max(sentAt, conn.lastRecv) + pongTimeout);
+      conn.timer(tick, wake - t + 1);
     };
-    conn.timer(tick, interval);
+    tick();
   }
 
   _scheduleRefresh(conn) {
@@ -732,7 +826,7 @@ export class Client {
         case FrameType.ERROR: return this._onError(conn, msg);
         case FrameType.BATCH: return this._onBatch(msg);
         case FrameType.KICK: return this._onKick(msg);
-        case FrameType.PONG: return null; // receiving it already counted as activity
+        case FrameType.PONG: return this._onPong(conn, msg);
         case FrameType.PRESENCE: return this._onPresence(msg);
         case FrameType.GAP: return this._onGap(msg);
         case FrameType.ACK: return this._onAck(msg);
@@ -756,6 +850,8 @@ export class Client {
       session: msg.session,
       pingIntervalMs: msg.pingIntervalMs,
       idleTimeoutMs: msg.idleTimeoutMs,
+      pingIntervalMinMs: msg.pingIntervalMinMs,
+      pingIntervalMaxMs: msg.pingIntervalMaxMs,
       serverTimeMs: toNumber(msg.serverTimeMs),
       tokenExpiresMs: toNumber(msg.tokenExpiresMs),
       compressDict: msg.compressDict,
@@ -807,6 +903,17 @@ export class Client {
   _onKick(kick) {
     if (FATAL.has(kick.reason)) return new KickedError(kick.reason, kick.message);
     return new ConnectionLostError(kick.reason, kick.message, { reconnectAfterMs: kick.reconnectAfterMs });
+  }
+
+  _onPong(conn, pong) {
+    // Receiving it already counted as activity; the keepalive matches the
+    // nonce to its Ping.
+    const nonce = toNumber(pong.nonce);
+    if (nonce > (conn.pong ?? 0)) {
+      conn.pong = nonce;
+      conn.pongFrames = this.stats.frames;
+    }
+    return null;
   }
 
   _onPresence(p) {

@@ -40,7 +40,7 @@ test("package.json: ES module with types, exports and files for an install from 
   const packed = JSON.parse(execFileSync("npm", ["pack", "--dry-run", "--json"], { cwd: PKG, encoding: "utf8" }));
   const files = new Set(packed[0].files.map((f) => f.path));
   for (const f of ["fanout.js", "fanout.d.ts", "src/wire.js", "src/lz4.js", "src/proto.js",
-    "src/lz4dict-1.js", "dist/fanout.browser.js", "README.md", "package.json"]) {
+    "src/lz4dict-1.js", "src/heartbeat.js", "src/race.js", "dist/fanout.browser.js", "README.md", "package.json"]) {
     assert.ok(files.has(f), `npm pack leaves out ${f}`);
   }
   assert.ok(![...files].some((f) => f.startsWith("test") || f.startsWith("node_modules")));

@@ -10,7 +10,9 @@ import { createServer as createHttpsServer } from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import WebSocket, { WebSocketServer } from "ws";
-import { Client, FrameType, encodeFrame, decodeFrames, decodeMessage, proto as pb } from "../fanout.js";
+import {
+  Client, FrameType, HeartbeatStore, encodeFrame, decodeFrames, decodeMessage, proto as pb,
+} from "../fanout.js";
 
 const servers = [];
 after(() => Promise.all(servers.map((s) => new Promise((r) => { for (const c of s.clients) c.terminate(); s.close(r); }))));
@@ -155,5 +157,45 @@ test("wss:// with the ws package: wsOptions carries the CA that signed the node'
   await assert.rejects(client(url).connect(), (e) => e.name === "ConnectionLostError");
   const c = client(url, { wsOptions: { ca: cert } });
   assert.equal((await c.connect()).user, "u");
+  await c.close();
+});
+
+test("heartbeat: the Hello asks for the search's interval, Pings never come rarer than granted, an unanswered one is a dead link", async () => {
+  // A node without bounds in its AuthOk (an older node): the search keeps
+  // its 20 s start, yet the client pings at the 200 ms grant. From the
+  // third Ping on the first connection nothing is answered: the pong
+  // timeout (300 ms) runs from the first unanswered Ping, though Pings go
+  // out every 200 ms; the link is dead, the search locks, the client
+  // reconnects.
+  const pings = [[], []];
+  const { wss, url } = await scripted((ws, hello, k) => {
+    ws.send(encodeFrame(FrameType.AUTH_OK, { user: "u", session: "s", pingIntervalMs: 200, idleTimeoutMs: 5000 }));
+    ws.on("message", (data) => {
+      for (const f of decodeFrames(new Uint8Array(data))) {
+        if (f.type !== FrameType.PING) continue;
+        const { nonce } = decodeMessage(f.type, f.body);
+        pings[Math.min(k, 1)].push(performance.now());
+        if (k > 0 || pings[0].length < 3) ws.send(encodeFrame(FrameType.PONG, { nonce, serverTimeMs: Date.now() }));
+      }
+    });
+  });
+  const c = client(url, { network: "t:1", heartbeatStore: new HeartbeatStore(), pongTimeoutMs: 300 });
+  await c.connect();
+  assert.equal(wss.hellos[0].pingIntervalMs, 0xffffffff);   // searching: asks for the most
+  let deadAt = 0;
+  c.on("reconnecting", () => { deadAt ||= performance.now(); });
+  const ev = await nextOf(c, "reconnecting");
+  assert.equal(ev.reasonName, "HEARTBEAT_TIMEOUT");
+  assert.match(ev.message, /ping unanswered for 300 ms/);
+  const detected = deadAt - pings[0][2];
+  assert.ok(detected >= 250 && detected < 500, `dead link noticed ${detected.toFixed(0)} ms after the unanswered Ping`);
+  const gaps = pings[0].slice(1).map((t, i) => t - pings[0][i]);
+  assert.ok(gaps.every((g) => g > 150 && g < 400), `ping gaps ${gaps.map(Math.round)}`);
+  assert.equal(c.stats.deadLinks, 1);
+  assert.equal(c.stats.probes, 2);                           // the two Pongs that came alone
+  // Back to the longest interval that held (the grant's), locked.
+  assert.deepEqual([c.heartbeat.intervalMs, c.heartbeat.goodMs, c.heartbeat.locked], [200, 200, true]);
+  await nextOf(c, "connected");
+  assert.equal(wss.hellos[1].pingIntervalMs, 200);            // locked: asks for it
   await c.close();
 });

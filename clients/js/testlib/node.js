@@ -130,21 +130,25 @@ export class Node {
 /**
  * A TCP proxy on 127.0.0.1 in front of `port`: `cut()` resets every
  * connection through it (a network failure), `hold()` refuses new ones
- * until `release()`.
+ * until `release()`. With `natTimeoutMs` it behaves like a carrier's NAT:
+ * a connection silent both ways that long is forgotten, and from then on
+ * nothing passes either way and nobody is told (`blackholed` counts them).
  */
 export class Proxy {
-  static async start(port) {
-    const p = new Proxy(port);
+  static async start(port, options = {}) {
+    const p = new Proxy(port, options);
     await new Promise((resolve) => p.server.listen(0, "127.0.0.1", resolve));
     p.port = p.server.address().port;
     return p;
   }
 
-  constructor(target) {
+  constructor(target, { natTimeoutMs = 0 } = {}) {
     this.target = target;
+    this.natTimeoutMs = natTimeoutMs;
     this.held = false;
     this.pairs = new Set();
     this.accepted = 0;
+    this.blackholed = 0;
     this.server = createServer((client) => {
       if (this.held) { client.resetAndDestroy(); return; }
       this.accepted++;
@@ -154,8 +158,22 @@ export class Proxy {
       const drop = () => { this.pairs.delete(pair); client.destroy(); upstream.destroy(); };
       client.on("error", drop).on("close", drop);
       upstream.on("error", drop).on("close", drop);
-      client.pipe(upstream);
-      upstream.pipe(client);
+      // The mapping is forgotten lazily, as a NAT does: the first packet
+      // after the silence finds it gone.
+      let last = Date.now();
+      let forgotten = false;
+      const forward = (from, to) => from.on("data", (data) => {
+        const t = Date.now();
+        if (!forgotten && this.natTimeoutMs && t - last >= this.natTimeoutMs) {
+          forgotten = true;
+          this.blackholed++;
+        }
+        if (forgotten) return;
+        last = t;
+        if (!to.write(data)) { from.pause(); to.once("drain", () => from.resume()); }
+      });
+      forward(client, upstream);
+      forward(upstream, client);
     });
   }
 
@@ -179,4 +197,48 @@ export class Proxy {
     this.cut();
     await new Promise((resolve) => this.server.close(resolve));
   }
+}
+
+/**
+ * A TCP listener on 127.0.0.1 that accepts and never answers: a WebSocket
+ * to it never opens (its HTTP upgrade stays unanswered), as to a node on a
+ * dead path. `sockets` holds what it accepted; `closed` counts the ones the
+ * other side closed.
+ */
+export class SilentListener {
+  static async start() {
+    const l = new SilentListener();
+    await new Promise((resolve) => l.server.listen(0, "127.0.0.1", resolve));
+    l.port = l.server.address().port;
+    return l;
+  }
+
+  constructor() {
+    this.sockets = [];
+    this.closed = 0;
+    this.server = createServer((s) => {
+      this.sockets.push(s);
+      s.resume(); // read (and ignore) the upgrade request, so its end is seen
+      s.on("error", () => {});
+      s.on("close", () => { this.closed++; });
+    });
+  }
+
+  url(path = "/ws") {
+    return `ws://127.0.0.1:${this.port}${path}`;
+  }
+
+  async close() {
+    for (const s of this.sockets) s.destroy();
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+/** A port of 127.0.0.1 nothing listens on (connects are refused). */
+export async function refusedPort() {
+  const server = createServer();
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
 }

@@ -1,6 +1,7 @@
 // Compiles under --strict: the typed API as an application uses it.
 import {
   Client, FanoutError, AuthError, Reason, type Event, type RoomMessage, type GapEvent, type AuthInfo, type Ack,
+  HeartbeatStore, localStorageHeartbeatStore, type HeartbeatState,
 } from "@fanout/client";
 
 export async function main(): Promise<void> {
@@ -44,6 +45,24 @@ export async function main(): Promise<void> {
     }
   }
   await c.close();
+}
+
+export function weakNetwork(): number {
+  const c = new Client({
+    urls: ["wss://a.example/ws", "wss://b.example/ws"],
+    token: "t",
+    race: 2,
+    raceStaggerMs: 1000,
+    network: "wifi:home",
+    heartbeatStore: localStorageHeartbeatStore({ key: "app.heartbeat" }),
+    heartbeatStartMs: 20000,
+    heartbeatStep: 1.5,
+    heartbeatStepAfter: 3,
+    pongTimeoutMs: 5000,
+  });
+  const state: HeartbeatState | null = new HeartbeatStore().get("wifi:home");
+  const asked: number = c.heartbeat ? c.heartbeat.requestMs() : 0;
+  return asked + c.stats.deadLinks + c.stats.probes + (state ? state.intervalMs : 0);
 }
 
 export const forbidden: 20 = Reason.ROOM_FORBIDDEN;
