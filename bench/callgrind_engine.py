@@ -2,7 +2,7 @@
 cannot move (docs/benchmarks.md, "Before and after the structure work").
 
     valgrind --tool=callgrind --callgrind-out-file=build/cg.out \\
-        .venv/bin/python bench/callgrind_engine.py [--rounds 400] [--members 100]
+        .venv/bin/python bench/callgrind_engine.py [--rounds 400] [--members 100] [--metrics]
     callgrind_annotate --inclusive=yes --auto=no build/cg.out | grep -E 'Hub_|send_'
 
 Run it from the root of the tree to measure: it uses that tree's
@@ -30,8 +30,8 @@ import uvloop  # noqa: E402
 from bench.fanout_socketpairs import EngineFanout  # noqa: E402
 
 
-async def rounds(members: int, count: int, frame_bytes: int) -> None:
-    eng = EngineFanout(asyncio.get_running_loop(), members, frame_bytes)
+async def rounds(members: int, count: int, frame_bytes: int, observer: bool) -> None:
+    eng = EngineFanout(asyncio.get_running_loop(), members, frame_bytes, observer=observer)
     try:
         await eng.run(count)
         eng.check_sent()
@@ -44,8 +44,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--members", type=int, default=100)
     ap.add_argument("--frame-bytes", type=int, default=2048)
+    ap.add_argument("--metrics", action="store_true",
+                    help="with a node's metrics on (the engine_obs variant)")
     args = ap.parse_args()
-    uvloop.run(rounds(args.members, args.rounds, args.frame_bytes))
+    uvloop.run(rounds(args.members, args.rounds, args.frame_bytes, args.metrics))
 
 
 if __name__ == "__main__":

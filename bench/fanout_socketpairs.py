@@ -15,6 +15,9 @@ Variants, each on N fresh AF_UNIX socketpairs:
           past the opening handshake): the same frame in one binary message,
           its header written once per round into the frame's headroom; each
           write is the frame and 2-10 bytes more;
+  engine_obs  (--variants) the engine with a node's metrics on, as a node
+          runs it (NodeMetrics.observe_flush once per frame, and the hub's
+          delivery latency histogram): at few members, their per-frame cost;
   naive   the same frame bytes, sock.send(frame) in a Python for-loop;
   c       bench/c_reference.c (compiled here with cc -O2): one writev per
           socket in C, the kernel's cost with nothing above it;
@@ -157,7 +160,7 @@ class EngineFanout:
     bench/perf_check.py and bench/test_micro.py."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int, frame_bytes: int,
-                 threads: int = 0, kind: str = "tcp"):
+                 threads: int = 0, kind: str = "tcp", observer: bool = False):
         self.n, self.frame_bytes = n, frame_bytes
         self.kind = kind
         # what a member's socket gets per round: the frame, in a WebSocket
@@ -172,6 +175,11 @@ class EngineFanout:
         # part waits for them), else the loop thread does.
         self.threads = threads
         self.hub = _core.Hub(loop, compress_min=0, write_threads=threads, thread_min_members=1)
+        if observer:
+            from fanout.server.metrics import NodeMetrics
+            metrics = NodeMetrics()
+            self.hub.flush_observer = metrics.observe_flush
+            metrics.track_delivery_latency(self.hub)
         self.room = self.hub.room(ROOM, EPOCH, FIRST_SEQ - 1)
         self.failures: list[int] = []
         self.conns: list = []
@@ -290,8 +298,8 @@ def ws_open(conn, peer: socket.socket) -> None:
 
 
 async def run_engine(n: int, frame_bytes: int, rounds: int, threads: int = 0,
-                     kind: str = "tcp") -> dict:
-    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes, threads, kind)
+                     kind: str = "tcp", observer: bool = False) -> dict:
+    eng = EngineFanout(asyncio.get_running_loop(), n, frame_bytes, threads, kind, observer)
     try:
         await eng.run(1)                       # an untimed warm-up round
         seconds = await eng.run(rounds)
@@ -386,6 +394,8 @@ def run_variant(name: str, n: int, frame_bytes: int, rounds: int,
     :func:`build_c` first)."""
     if name == "engine":
         return loop.run_until_complete(run_engine(n, frame_bytes, rounds))
+    if name == "engine_obs":
+        return loop.run_until_complete(run_engine(n, frame_bytes, rounds, observer=True))
     if name == "engine_ws":
         return loop.run_until_complete(run_engine(n, frame_bytes, rounds, kind="ws"))
     if name.startswith("engine_t"):            # engine_t1, engine_t2: writer threads

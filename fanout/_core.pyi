@@ -33,6 +33,7 @@ def prefix_copies() -> int: ...
 
 def encode_room_message(room: str, seq: int, kind: int, priority: int, sender: str,
                         payload: Buffer, server_ts_ms: int) -> bytes: ...
+def room_record_ts_ms(record: Buffer) -> int: ...
 def pack_frame(ftype: int, body: Buffer, compress_min: int = 0, level: int = 0,
                dict_id: int = 0) -> bytes: ...
 def parse_frames(data: Buffer, max_body: int,
@@ -100,6 +101,7 @@ class Room:
     bytes_in: int
     bytes_out: int
     first_pending: float
+    first_transit: float
     sampled: bool
     last_activity: float
     replay_builds: int
@@ -134,6 +136,7 @@ class Hub:
     rounds: int
     waiting_bytes: int
     flush_observer: Callable[[int, int, int, int, float], object] | None
+    latency_sum: float
     error_handler: Callable[[Room | Connection, BaseException], object] | None
     def __init__(self, loop: AbstractEventLoop, *, max_delay: float = 0.05,
                  max_batch_bytes: int = 65536, compress_min: int = 256,

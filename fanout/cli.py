@@ -7,6 +7,7 @@
     fanout events --nats nats://HOST:4222                   (tail the event log)
     fanout token --user U [--rooms a,b] [--ttl S] [--iss I] [--aud A]
     fanout listen ROOM [--host H --port N] [--device-class C] [--tls --ca FILE]
+                       [--network KEY] [--heartbeat-file FILE]
     fanout say ROOM TEXT [--host H --port N] [--device-class C] [--tls --ca FILE]
     fanout config --sample [--output FILE]               (every setting, as a TOML file)
     fanout cert [--dir DIR] [--name HOST ...]            (a development CA and certificate)
@@ -143,9 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("listen", help="join a room and print its messages",
                        description="Join ROOM and print every message (its seq, kind, "
                                    "priority, sender and payload; binary payloads in hex), "
-                                   "gaps, reconnects, epoch changes and the online count.")
+                                   "gaps, reconnects, epoch changes, the online count, the "
+                                   "ping interval the node granted and the adaptive "
+                                   "heartbeat's steps and locks.")
     p.add_argument("room", help="the room to join")
     p.add_argument("--count", type=int, default=0, help="exit after N messages (default 0: never)")
+    p.add_argument("--network", default="", metavar="KEY",
+                   help="the network this device is on, e.g. 'wifi:home' or 'cell:46001': the "
+                        "adaptive heartbeat learns the longest ping interval per key "
+                        "(default '': one unnamed network)")
+    p.add_argument("--heartbeat-file", default=None, metavar="FILE",
+                   help="a JSON file to keep what the heartbeat learnt per network across "
+                        "runs (default: none, kept in memory for this run only)")
     _client_args(p, "listen")
 
     p = sub.add_parser("say", help="send one chat message to a room")
@@ -347,15 +357,52 @@ def show_payload(payload: bytes) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def _secs(ms: int) -> str:
+    return f"{ms / 1000:g} s"
+
+
 class _Status:
     """What ``fanout listen`` reports besides messages: reconnects, epoch
-    changes and the online count, each printed when it changes."""
+    changes, the online count, the ping interval the node granted and the
+    adaptive heartbeat's steps and locks, each printed when it changes."""
 
     def __init__(self, client, room: str, epoch: str) -> None:
         self.client, self.room = client, room
         self.epoch, self.reconnects, self.online = epoch, 0, None
+        self.grant: tuple | None = None
+        self.beat: tuple[int, bool] = (0, False)    # the tuner's (interval_ms, locked)
+
+    def heartbeat(self) -> None:
+        auth = self.client.auth
+        if auth is not None:
+            grant = (auth.ping_interval_ms, auth.idle_timeout_ms, auth.ping_interval_min_ms,
+                     auth.ping_interval_max_ms)
+            if grant != self.grant:
+                self.grant = grant
+                print(f"-- heartbeat: the node grants a ping every {_secs(grant[0])} and cuts "
+                      f"a connection silent for {_secs(grant[1])} (a Hello may ask for "
+                      f"{_secs(grant[2])} to {_secs(grant[3])})", flush=True)
+        tuner = self.client.heartbeat
+        if tuner is None:
+            return
+        beat = (tuner.interval_ms, tuner.locked)
+        if beat == self.beat or not beat[0]:      # 0: not granted yet on a new network
+            return
+        (was, was_locked), (now, locked) = self.beat, beat
+        self.beat = beat
+        name = f"-- heartbeat [{tuner.network or 'unnamed network'}]"
+        if not was:
+            state = ("locked (found earlier)" if locked else
+                     f"searching: steps up after {tuner.step_after} answered probes")
+            print(f"{name}: pinging every {_secs(now)}, {state}", flush=True)
+        elif locked and (not was_locked or now < was):
+            print(f"{name}: dead link at {_secs(was)}; back to {_secs(now)}, locked",
+                  flush=True)
+        elif now > was:
+            print(f"{name}: {_secs(was)} held; trying {_secs(now)}", flush=True)
 
     def report(self) -> None:
+        self.heartbeat()
         reconnects = self.client.stats["reconnects"]
         if reconnects != self.reconnects:
             self.reconnects = reconnects
@@ -393,10 +440,12 @@ async def _listen(args) -> int:
 
     async with Client(args.host, args.port, _token(args), device_id="cli",
                       device_class=args.device_class, token_refresher=_refresher(args),
+                      network=args.network, heartbeat_file=args.heartbeat_file,
                       **_tls_options(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
         status = _Status(client, args.room, ack.epoch)
+        status.report()
         watcher = asyncio.create_task(status.watch())
         seen = 0
         try:

@@ -280,6 +280,13 @@ def test_metrics_follow_publishes_and_connections(start_node):
     assert grew("fanout_batch_messages_count") >= 1
     assert grew("fanout_batch_messages_sum") == gifts
     assert grew("fanout_flush_delay_seconds_count") == grew("fanout_batch_messages_count")
+    # End to end: one observation per frame as well (every record has its
+    # server_ts_ms), each the frame's flush delay plus the trip from the
+    # sequencer to the room: on one node, on one clock, a few ms at most.
+    frames = grew("fanout_delivery_latency_seconds_count")
+    assert frames == grew("fanout_flush_delay_seconds_count") >= 1
+    waited = grew("fanout_flush_delay_seconds_sum")
+    assert waited <= grew("fanout_delivery_latency_seconds_sum") <= waited + 0.05 * frames
     assert grew("fanout_batch_bytes_total", stage="raw") > 0
     # Body bytes only, so the ratio cannot read over 1 (headers were counted once).
     assert 0 < grew("fanout_batch_bytes_total", stage="compressed") <= grew(

@@ -259,3 +259,68 @@ def test_events_says_it_waits_for_an_unreachable_nats():
         proc.kill()
         proc.wait(10)
     assert f"no NATS answers at nats://127.0.0.1:{port} yet; waiting" in "".join(lines), lines
+
+
+def test_listen_shows_the_grant_and_the_heartbeat_search(start_node, tmp_path):
+    """listen --network --heartbeat-file: the grant as the node gave it, and
+    the search of that network stepping up while the room is quiet, kept in
+    the file. Short heartbeats: the node's default 300 ms, and the network
+    known from the file to hold 300 ms so far."""
+    import json
+    import os
+    import re
+    import time
+    node = start_node("--presence-interval-ms", "0", "--ping-interval-ms", "300",
+                      "--idle-timeout-ms", "900", "--ping-interval-min-ms", "100",
+                      "--ping-interval-max-ms", "5000")
+    beats = tmp_path / "heartbeat.json"
+    beats.write_text(json.dumps({"wifi:test": {"interval_ms": 300, "good_ms": 300,
+                                               "locked": False}}))
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
+         "--count", "1", "--network", "wifi:test", "--heartbeat-file", str(beats)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        assert "joined lobby" in listener.stdout.readline()
+        time.sleep(3.0)                 # quiet: probes of 300 ms, three answered, a step
+        out = run_cli("say", "lobby", "done", "--port", str(node.port))
+        assert out.returncode == 0, out.stderr
+        stdout = listener.stdout.read()
+        listener.wait(20)
+        stderr = listener.stderr.read()
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    grant = re.search(r"-- heartbeat: the node grants a ping every ([\d.]+) s and cuts a "
+                      r"connection silent for ([\d.]+) s \(a Hello may ask for 0.1 s to 5 s\)",
+                      stdout)
+    assert grant, stdout
+    assert float(grant[2]) == 3 * float(grant[1])        # the node's ratio, 900 : 300
+    assert ("-- heartbeat [wifi:test]: pinging every 0.3 s, searching: steps up after 3 "
+            "answered probes") in stdout, stdout
+    assert "-- heartbeat [wifi:test]: 0.3 s held; trying 0.45 s" in stdout, stdout
+    saved = json.loads(beats.read_text())["wifi:test"]
+    assert saved["interval_ms"] >= 450 and not saved["locked"]
+
+
+def test_listen_says_when_a_dead_link_locks_the_heartbeat(capsys):
+    """The lock (a dead link needs an impaired path: tests/test_weak_network.py
+    runs one; here the tuner is told, and listen's status line follows)."""
+    from fanout.cli import _Status
+    from fanout.client import Client
+
+    client = Client("127.0.0.1", 1, "t", network="cell:1", heartbeat_step_after=1)
+    status = _Status(client, "r", "e")
+    tuner = client.heartbeat
+    tuner.granted(20_000, 5000, 300_000)
+    status.report()
+    tuner.probe_answered(20_000, 300_000)
+    status.report()
+    tuner.dead_link()
+    status.report()
+    status.report()                                      # said once
+    assert capsys.readouterr().out.splitlines() == [
+        "-- heartbeat [cell:1]: pinging every 20 s, searching: steps up after 1 answered probes",
+        "-- heartbeat [cell:1]: 20 s held; trying 30 s",
+        "-- heartbeat [cell:1]: dead link at 30 s; back to 20 s, locked"]

@@ -98,10 +98,14 @@ async def test_dead_link_is_detected_within_the_configured_bounds():
 
 async def test_heartbeat_search_steps_up_backs_off_locks_and_remembers(tmp_path):
     """An idle client behind a NAT that forgets after 0.85 s, starting at
-    300 ms: 300 -> 450 -> 675 -> 1012 ms (two answered probes per step); at
-    1012 the link is black-holed, the client notices, backs off to 675 ms
-    (the longest that held) and locks; a new client on the same network (the same
-    JSON file) starts there, locked."""
+    300 ms: 300 -> 450 -> 675 -> 1012 ms (two answered probes per step).
+    Each Hello asks for the next step, never the node's maximum, so the
+    node's idle cut follows the search, and a connection climbs one step:
+    the test cuts the link when one is done (as a network change would), and
+    the next connection asks for the next. At 1012 the link is black-holed,
+    the client notices, backs off to 675 ms (the longest that held) and
+    locks; a new client on the same network (the same JSON file) starts
+    there, locked."""
     path = tmp_path / "heartbeat.json"
     async with local_app(**NODE) as app:
         async with ImpairedLink(app.node.address[1], latency=0.01, nat_timeout=0.85) as link:
@@ -111,10 +115,24 @@ async def test_heartbeat_search_steps_up_backs_off_locks_and_remembers(tmp_path)
             async with client:
                 await client.join("r")
                 tuner = client.heartbeat
+                for connection, step in enumerate((450, 675), 1):
+                    # Asked for the step (the node's maximum is 5000 ms), and
+                    # the idle cut in the node's ratio of it (900 : 300).
+                    auth = client.auth
+                    assert (auth.ping_interval_ms, auth.idle_timeout_ms) == (step, 3 * step)
+                    # Two probes below the grant, a step to it, two there:
+                    # held, it climbs no further on this connection.
+                    await wait_for(lambda: client.stats["probes"] >= 4 * connection, 10)
+                    assert (tuner.interval_ms, tuner.good_ms) == (step, step)
+                    assert not tuner.locked
+                    reconnects = client.stats["reconnects"]
+                    link.cut_all()
+                    await wait_for(lambda: client.stats["reconnects"] == reconnects + 1, 5)
+                assert client.auth.ping_interval_ms == 1012          # the next step
                 await wait_for(lambda: tuner.locked, 15)
                 assert link.blackholed >= 1 and client.stats["dead_links"] == 1
                 assert (tuner.interval_ms, tuner.good_ms) == (675, 675)
-                await wait_for(lambda: client.stats["reconnects"] == 1, 5)
+                await wait_for(lambda: client.stats["reconnects"] == 3, 5)
                 # Locked: the Hello asks for the interval itself, and it holds.
                 assert client.auth.ping_interval_ms == 675
                 probes = client.stats["probes"]
@@ -128,9 +146,10 @@ async def test_heartbeat_search_steps_up_backs_off_locks_and_remembers(tmp_path)
     assert again.heartbeat.locked and again.heartbeat.request_ms() == 675
     other = Client("127.0.0.1", 1, token("v"), network="cell:1",
                    heartbeat_store=HeartbeatStore(str(path)))
-    # An unknown network starts at the safe interval, searching (asks the most).
+    # An unknown network starts at the safe interval, searching: its Hello
+    # asks for the first step (20 s x 1.5 by default).
     assert (other.heartbeat.interval_ms, other.heartbeat.locked) == (0, False)
-    assert other.heartbeat.request_ms() == 0xFFFFFFFF
+    assert other.heartbeat.request_ms() == 30_000
 
 
 def _unanswering_listener() -> tuple[socket.socket, list[socket.socket]]:
@@ -221,9 +240,10 @@ async def test_rooms_receive_every_message_over_a_weak_network():
     scaled down), and 5% of connections dropped every second. Traffic
     comes in bursts with silences longer than the NAT timeout, for 30 s
     (the 60 s of the issue halved to keep the test short; the behaviour
-    repeats every 3 s). The heartbeat search starts at 300 ms and steps after
-    2 probes, so it reaches the NAT's limit within the test. Every viewer
-    yields every message once, no Gap."""
+    repeats every 3 s). The heartbeat search starts at 1.2 s and steps after
+    2 probes (a connection climbs one step: its Hello asked for 1.8 s), so it
+    reaches the NAT's limit within the test. Every viewer yields every
+    message once, no Gap."""
     async with local_app(**NODE) as app:
         node = app.node
         links = [ImpairedLink(node.address[1], latency=0.15, jitter=0.02, bandwidth=200_000,
@@ -234,7 +254,7 @@ async def test_rooms_receive_every_message_over_a_weak_network():
             await link.__aenter__()
             viewers.append(Client("127.0.0.1", link.port, token(f"viewer{i}"),
                                   network=f"cell:{i}", heartbeat_store=store,
-                                  heartbeat_start=0.3, heartbeat_step_after=2,
+                                  heartbeat_start=1.2, heartbeat_step_after=2,
                                   pong_timeout=0.6, backoff_min=0.1, backoff_max=1.0,
                                   connect_timeout=3.0))
         seen = [[] for _ in viewers]

@@ -16,12 +16,16 @@ interval that survives (the rules are docs/protocol.md, section 5.6,
    it) is a probe; its Pong is a success. Pings sent while data
    flows say nothing about the NAT and are not counted.
 3. **Step up**: after ``step_after`` successful probes in a row the
-   interval grows by ``step_factor``, up to the node's maximum. While
-   searching, the Hello asks for the node's maximum and the client pings
-   more often than granted (at its current interval), so a step needs no
-   reconnect; the price is that the node keeps a searching client's dead
-   connection up to its maximum idle timeout. Once locked, the Hello asks
-   for the interval itself.
+   interval grows by ``step_factor``, up to the node's maximum and to the
+   connection's grant. While searching, the Hello asks for the next step
+   (the current interval times ``step_factor``) and the client pings at its
+   current interval, more often than granted: one step needs no reconnect,
+   and the node's idle timeout follows what the client may do next rather
+   than the node's maximum (with the defaults, a searching client's dead
+   connection is cut after 2.25 x 1.5 = 3.4 current intervals, not the 675 s
+   of a 300 s maximum). A step past the grant waits for the next connection,
+   whose Hello asks for it: a connection climbs one step. Once locked, the
+   Hello asks for the interval itself.
 4. **Back off and lock**: a dead link (a Ping unanswered, or nothing
    received for the idle timeout; not a reset, not a Kick) steps back to the
    last interval that succeeded and locks: no more stepping up on this
@@ -117,12 +121,13 @@ class HeartbeatTuner:
         self._max_ms = 0
 
     def request_ms(self) -> int:
-        """What the next Hello asks for: the node's maximum while searching
-        (unknown yet: any large value, the node clamps it), else the
-        interval found."""
+        """What the next Hello asks for: the interval found, once locked;
+        while searching, the next step from the current interval (from
+        ``start_ms`` on a new network), within the node's maximum once known
+        (the node clamps a request to its bounds anyway)."""
         if self.locked and self.interval_ms:
             return self.interval_ms
-        return self._max_ms or _UINT32_MAX
+        return min(self._step(self.interval_ms or self.start_ms), _UINT32_MAX)
 
     def granted(self, interval_ms: int, min_ms: int, max_ms: int) -> float:
         """Take a connection's AuthOk; returns the seconds to ping at (the
@@ -148,7 +153,9 @@ class HeartbeatTuner:
             return min(self.interval_ms, grant_ms) / 1000
         self.successes += 1
         if self.successes >= self.step_after:
-            stepped = self._step(self.interval_ms)
+            # Never past this connection's grant: the node would cut a
+            # client pinging more rarely. The next Hello asks for the step.
+            stepped = min(self._step(self.interval_ms), grant_ms)
             if stepped > self.interval_ms:
                 log.debug("heartbeat %r: %d ms held %d times; trying %d ms", self.network,
                           self.interval_ms, self.successes, stepped)

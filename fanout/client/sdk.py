@@ -34,9 +34,14 @@ Weak networks (docs/protocol.md, sections 5.6 and 5.8):
   steps up by ``heartbeat_step`` after ``heartbeat_step_after`` answered
   probes (pings after a full interval of silence), and after a dead link
   (a ping unanswered for ``pong_timeout``, or the idle timeout) steps back
-  to the last interval that held and locks there. What it learns is kept in
-  a :class:`~fanout.client.heartbeat.HeartbeatStore` (in memory, or a JSON
-  file with ``heartbeat_file``).
+  to the last interval that held and locks there. While searching, the
+  Hello asks for the next step (the current interval times
+  ``heartbeat_step``), so the node cuts a dead connection after the idle
+  timeout of what the client may try next, not of the node's maximum; a
+  connection climbs at most one step, the next connection asks for the
+  next. Once locked, the Hello asks for the interval found. What it learns
+  is kept in a :class:`~fanout.client.heartbeat.HeartbeatStore` (in memory,
+  or a JSON file with ``heartbeat_file``).
 * **Reconnect ladder.** Exponential backoff with full jitter, capped at
   ``backoff_max``; after a ``Kick`` with ``reconnect_after_ms`` (a node
   draining) the first retry waits that long plus at most ``backoff_min``.

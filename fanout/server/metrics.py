@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
+    from .. import _core
     from ..bus.nats import NatsBus
     from ..logic.remote import RouterLogic
 
@@ -26,6 +28,10 @@ GaugeProvider = Callable[[], Iterable[tuple[str, str, float]]]
 
 BATCH_MESSAGE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 FLUSH_DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Wider than the flush delay's: in a cluster it holds the router -> JetStream
+# -> node trip (and clock skew between hosts).
+DELIVERY_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                            5.0)
 LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -92,6 +98,13 @@ class NodeMetrics:
         r.register(_Provided(self._providers, GaugeMetricFamily))
         r.register(_Provided(self._counters, CounterMetricFamily))
 
+    def track_delivery_latency(self, hub: "_core.Hub") -> None:
+        """Export ``hub``'s end-to-end delivery latency histogram: counted
+        by the hub in C, once per frame (a Python histogram would cost a
+        call per frame), read at scrape time."""
+        hub.track_latency(DELIVERY_LATENCY_BUCKETS)
+        self.registry.register(_HubLatency(hub))
+
     def add_gauges(self, provider: GaugeProvider) -> None:
         """Export the gauges ``provider`` returns, read at every scrape."""
         self._providers.append(provider)
@@ -152,3 +165,24 @@ class _Provided:
         for provider in self._providers:
             for name, doc, value in provider():
                 yield self._family(name, doc, value=value)
+
+
+class _HubLatency:
+    """fanout_delivery_latency_seconds, from the hub's counts (Hub.track_latency)."""
+
+    def __init__(self, hub: "_core.Hub") -> None:
+        self._hub = hub
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        bounds, counts, total = self._hub.latency_histogram()
+        buckets = [(floatToGoString(b), c) for b, c in zip(bounds, counts)]
+        buckets.append(("+Inf", counts[-1]))
+        yield HistogramMetricFamily(
+            "fanout_delivery_latency_seconds", "Time from a frame's oldest message's "
+            "acceptance (its server_ts_ms: this node's logic, or the router in a cluster) to "
+            "the frame handed to every member socket, per frame (end to end within the "
+            "cluster; across hosts it includes their clocks' skew)",
+            buckets=buckets, sum_value=total)

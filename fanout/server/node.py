@@ -166,6 +166,7 @@ class Node:
                              ring_bytes=cfg.ring_bytes, write_threads=cfg.writer_threads(),
                              thread_min_members=cfg.write_thread_min_members)
         self.hub.flush_observer = self.metrics.observe_flush
+        self.metrics.track_delivery_latency(self.hub)
         self.overload.work_clock = lambda: self.hub.flush_seconds
         self.hub.error_handler = lambda where, exc: self.throttled.log(
             logging.ERROR, "core-fault", "internal error in the core at %r: %r", where, exc,

@@ -53,3 +53,6 @@ cdef Py_ssize_t frame_need(const char* data, Py_ssize_t n, Py_ssize_t max_body) 
 
 # The reason text for a header check_header() refused.
 cdef str header_problem(int reason, const uint8_t* p, Py_ssize_t max_body)
+
+# The server_ts_ms of one Batch.messages record (unix ms; 0: none or malformed).
+cdef uint64_t record_ts_ms(const uint8_t* p, Py_ssize_t n) noexcept nogil

@@ -234,6 +234,40 @@ def encode_room_message(str room, unsigned long long seq, unsigned int kind,
     return out
 
 
+cdef uint64_t record_ts_ms(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """The server_ts_ms (field 7) of one ``Batch.messages`` record
+    (``0x0A varint(len) RoomMessage``), 0 when it has none or is malformed.
+    Walks the fields, skipping each by its length: a few steps, whatever
+    the payload's size (called once per batch, for its first record)."""
+    cdef const uint8_t* end = p + n
+    cdef uint64_t length, tag, value
+    if n < 2 or p[0] != 0x0A:
+        return 0
+    p = get_varint(p + 1, end, &length)
+    if p == NULL or length > <uint64_t>(end - p):
+        return 0
+    end = p + length
+    while p < end:
+        p = get_varint(p, end, &tag)
+        if p == NULL:
+            return 0
+        if tag == 0x38:
+            return value if get_varint(p, end, &value) != NULL else 0
+        p = skip_field(p, end, tag)
+        if p == NULL:
+            return 0
+    return 0
+
+
+def room_record_ts_ms(record):
+    """The ``server_ts_ms`` of one pre-encoded record, as the hub reads it
+    (0: none, or not a record); for tests."""
+    cdef const unsigned char[:] view = record
+    if view.shape[0] == 0:
+        return 0
+    return record_ts_ms(<const uint8_t*>&view[0], view.shape[0])
+
+
 # ---------------------------------------------------------------- Python API
 
 cdef bytes _core_frame(unsigned int ftype, body, Py_ssize_t compress_min, int level,

@@ -12,6 +12,7 @@
 
 cdef enum:
     FLUSH_BURST = 3
+    LATENCY_BOUNDS_MAX = 32
 # Where a frame goes (_deliver): a room below thread_min_members is written
 # on the loop thread at once; a larger one becomes a write round for the
 # writer threads (rounds.pxd), and the loop goes on. A flush due while the
@@ -48,6 +49,14 @@ cdef class Hub:
     cdef readonly double delay_seconds
     cdef readonly unsigned long long delayed_messages
     cdef public object flush_observer # f(messages, members, raw, wire, delay) or None
+    # end-to-end delivery latency (track_latency): seconds from a frame's
+    # oldest message's acceptance to the frame handed to every member, one
+    # count per frame, in C; _lat_n bounds (0: not tracked), counts per
+    # bucket, the last one +Inf
+    cdef double _lat_bounds[LATENCY_BOUNDS_MAX]
+    cdef unsigned long long _lat_counts[LATENCY_BOUNDS_MAX + 1]
+    cdef int _lat_n
+    cdef readonly double latency_sum
     cdef public object error_handler  # f(room_or_connection, exc) or None
 
     # writer threads (rounds.pxd): a room of at least thread_min_members is
@@ -65,13 +74,15 @@ cdef class Hub:
     cdef void _flush(self, Room room, bint now=*) except *
     cdef void _deliver(self, Room room, bytes frame, unsigned long long seq,
                        Py_ssize_t messages, Py_ssize_t raw, Py_ssize_t wire,
-                       double first_pending) except *
+                       double first_pending, double first_transit) except *
     cdef void _start_round(self, Room room, bytes frame, Py_ssize_t messages,
-                           Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *
+                           Py_ssize_t raw, Py_ssize_t wire, double first_pending,
+                           double first_transit) except *
     cdef void _reconcile(self) except *
     cdef void _finish_round(self, WriteRound rnd) except *
     cdef void _delivered(self, Room room, Py_ssize_t messages, Py_ssize_t reached,
-                         Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *
+                         Py_ssize_t raw, Py_ssize_t wire, double first_pending,
+                         double first_transit) except *
     cdef void _report_all(self, list troubled) except *
     cdef void _flush_isolated(self, Room room, bint now=*) except *
     cdef void _fault(self, object where, object exc) except *

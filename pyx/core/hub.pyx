@@ -1,6 +1,7 @@
 # Every room on this node and the adaptive flush schedule (see hub.pxd).
 
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
+from libc.math cimport NAN
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from libc.errno cimport errno as c_errno
 
@@ -9,6 +10,20 @@ cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline double _transit(bytes record) noexcept:
+    # Wall-clock seconds since the record's acceptance (its server_ts_ms, set
+    # with the seq by the logic: this node's sequencer, or a router on
+    # another host), NAN without one. Read once per batch, for its first
+    # record: the batch's oldest message.
+    cdef uint64_t ts_ms = record_ts_ms(<const uint8_t*>PyBytes_AS_STRING(record),
+                                       PyBytes_GET_SIZE(record))
+    cdef timespec ts
+    if ts_ms == 0:
+        return NAN
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return (ts.tv_sec - <double>(ts_ms // 1000)) + (ts.tv_nsec * 1e-9 - (ts_ms % 1000) * 1e-3)
 
 
 # A connection whose owner's callback raised gets this, then is closed.
@@ -155,6 +170,9 @@ cdef class Hub:
         now = self._loop.time()
         if room._pend_len == 0:
             room.first_pending = now
+            # Only when counted (a node does): the read costs ~350 instructions
+            # per batch (bench/callgrind_engine.py).
+            room.first_transit = _transit(record) if self._lat_n else NAN
         if not room.append(seq, record):
             return False
         if sampled:
@@ -212,18 +230,20 @@ cdef class Hub:
         # wire: the body as sent, like raw, so that wire / raw is the
         # compression ratio (the headroom and the frame header are not body).
         self._deliver(room, frame, seq, messages, raw,
-                      PyBytes_GET_SIZE(frame) - HEADROOM - HEADER_SIZE, room.first_pending)
+                      PyBytes_GET_SIZE(frame) - HEADROOM - HEADER_SIZE, room.first_pending,
+                      room.first_transit)
 
     cdef void _deliver(self, Room room, bytes frame, unsigned long long seq,
                        Py_ssize_t messages, Py_ssize_t raw, Py_ssize_t wire,
-                       double first_pending) except *:
+                       double first_pending, double first_transit) except *:
         # Write a room's frame to its members now, or start a round for it,
         # or (a round is out) queue it behind. seq: the newest record in it
         # (0: a control frame), which replays may serve once it is out.
         cdef list troubled
         cdef Py_ssize_t members
         if room._round is not None:
-            room._waiting.append((frame, seq, room.epoch, messages, raw, wire, first_pending))
+            room._waiting.append((frame, seq, room.epoch, messages, raw, wire, first_pending,
+                                  first_transit))
             self.waiting_bytes += PyBytes_GET_SIZE(frame)
             return
         if seq:
@@ -232,23 +252,38 @@ cdef class Hub:
         if members == 0:
             return
         if self._pool != NULL and members >= self.thread_min_members:
-            self._start_round(room, frame, messages, raw, wire, first_pending)
+            self._start_round(room, frame, messages, raw, wire, first_pending, first_transit)
             return
         troubled = room.send_all(frame)
         if troubled:
             self._report_all(troubled)
             members -= len(troubled)
-        self._delivered(room, messages, members, raw, wire, first_pending)
+        self._delivered(room, messages, members, raw, wire, first_pending, first_transit)
 
     cdef void _delivered(self, Room room, Py_ssize_t messages, Py_ssize_t reached,
-                         Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *:
-        cdef double delay
+                         Py_ssize_t raw, Py_ssize_t wire, double first_pending,
+                         double first_transit) except *:
+        cdef double delay, latency
+        cdef int i
         if messages == 0 or reached <= 0:
             return
         room.deliveries += <unsigned long long>(messages * reached)
         delay = self._loop.time() - first_pending
         self.delay_seconds += delay * messages
         self.delayed_messages += <unsigned long long>messages
+        if self._lat_n and first_transit == first_transit:      # NAN: no ts
+            # The trip to this node plus the wait here: the loop's clock for
+            # the wait, the wall clock only for the trip, which starts on
+            # another host's clock in a cluster (skew can make it negative:
+            # counted as 0). Counted here, in C: no Python per frame.
+            latency = first_transit + delay
+            if latency < 0:
+                latency = 0
+            i = 0
+            while i < self._lat_n and latency > self._lat_bounds[i]:
+                i += 1
+            self._lat_counts[i] += 1
+            self.latency_sum += latency
         if self.flush_observer is not None:
             try:
                 self.flush_observer(messages, reached, raw, wire, delay)
@@ -256,7 +291,8 @@ cdef class Hub:
                 self._fault(room, exc)
 
     cdef void _start_round(self, Room room, bytes frame, Py_ssize_t messages,
-                           Py_ssize_t raw, Py_ssize_t wire, double first_pending) except *:
+                           Py_ssize_t raw, Py_ssize_t wire, double first_pending,
+                           double first_transit) except *:
         # Snapshot the members into a round for the writer threads. Nothing
         # here makes a system call: members behind a backlog (or in another
         # room's round) get the frame queued, the rest become items.
@@ -272,6 +308,7 @@ cdef class Hub:
         rnd.frame = frame
         rnd.messages, rnd.raw, rnd.wire = messages, raw, wire
         rnd.first_pending = first_pending
+        rnd.first_transit = first_transit
         for i in range(n):
             conn = <Connection>PyList_GET_ITEM(members, i)
             if conn.state != CONN_OPEN:
@@ -299,7 +336,8 @@ cdef class Hub:
         if troubled:
             self._report_all(troubled)
         if not rnd._r.n:
-            self._delivered(room, messages, rnd.queued, raw, wire, first_pending)
+            self._delivered(room, messages, rnd.queued, raw, wire, first_pending,
+                            first_transit)
 
     cdef void _reconcile(self) except *:
         # Take back every finished round (see rounds.pxd), oldest first.
@@ -356,14 +394,14 @@ cdef class Hub:
         if troubled:
             self._report_all(troubled)
         self._delivered(room, rnd.messages, ok + rnd.queued, rnd.raw, rnd.wire,
-                        rnd.first_pending)
+                        rnd.first_pending, rnd.first_transit)
         # What waited for this round, in order.
         while room._round is None and room._waiting:
             nxt = room._waiting.pop(0)
             self.waiting_bytes -= PyBytes_GET_SIZE(<bytes>nxt[0])
             self._deliver(room, <bytes>nxt[0],
                           <unsigned long long>nxt[1] if nxt[2] == room.epoch else 0,
-                          nxt[3], nxt[4], nxt[5], nxt[6])
+                          nxt[3], nxt[4], nxt[5], nxt[6], nxt[7])
         if room._round is None and room._flush_after_round:
             room._flush_after_round = False
             self._flush_isolated(room)
@@ -407,6 +445,34 @@ cdef class Hub:
             "message": f"fanout core: error in a callback of {where!r}",
             "exception": exc})
 
+    def track_latency(self, bounds):
+        """Count every frame's end-to-end delivery latency from now on:
+        seconds from its oldest message's acceptance (``server_ts_ms``) to
+        the frame handed to every member, into a histogram with these
+        ascending upper bounds (at most LATENCY_BOUNDS_MAX; +Inf is added).
+        Frames whose records have no ``server_ts_ms`` are not counted."""
+        cdef list values = [float(b) for b in bounds]
+        cdef Py_ssize_t i
+        if not 0 < len(values) <= LATENCY_BOUNDS_MAX or values != sorted(set(values)):
+            raise ValueError(f"need 1-{LATENCY_BOUNDS_MAX} ascending distinct bounds")
+        for i in range(len(values)):
+            self._lat_bounds[i] = values[i]
+        for i in range(LATENCY_BOUNDS_MAX + 1):
+            self._lat_counts[i] = 0
+        self.latency_sum = 0.0
+        self._lat_n = len(values)
+
+    def latency_histogram(self):
+        """``(bounds, cumulative counts, sum)`` of :meth:`track_latency`'s
+        histogram, the last count the +Inf bucket's (every frame counted)."""
+        cdef int i
+        cdef unsigned long long total = 0
+        counts = []
+        for i in range(self._lat_n + 1):
+            total += self._lat_counts[i]
+            counts.append(total)
+        return [self._lat_bounds[i] for i in range(self._lat_n)], counts, self.latency_sum
+
     def broadcast(self, str room_name, bytes frame):
         """Write a ready core frame (:func:`core_frame`; e.g. presence) to
         every member of a room, like a batch: one shared object, written
@@ -417,7 +483,7 @@ cdef class Hub:
         if room is None or not room._members:
             return 0
         members = len(room._members)
-        self._deliver(room, frame, 0, 0, 0, 0, 0.0)
+        self._deliver(room, frame, 0, 0, 0, 0, 0.0, NAN)
         return members
 
     def flush(self, str room_name=None):

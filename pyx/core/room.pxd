@@ -68,6 +68,9 @@ cdef class Room:
 
     # flush scheduling state, driven by Hub
     cdef public double first_pending   # loop time the oldest pending record came
+    # wall-clock seconds from that record's acceptance (its server_ts_ms) to
+    # first_pending: the trip to this node (NAN: the record has no ts)
+    cdef public double first_transit
     cdef double _flush_tokens          # immediate flushes the room may still take
     cdef double _tokens_at             # loop time _flush_tokens was last refilled
     cdef public double last_activity
@@ -83,7 +86,7 @@ cdef class Room:
     # write rounds (rounds.pxd): at most one in flight per room, which keeps
     # each member's frames in order; frames built meanwhile wait in order
     cdef WriteRound _round
-    cdef list _waiting                 # (frame, seq, epoch, messages, raw, wire, first_pending)
+    cdef list _waiting                 # (frame, seq, epoch, messages, raw, wire, first_pending, first_transit)
     cdef bint _flush_after_round       # a flush came while the round was out
 
     cdef int append(self, unsigned long long seq, bytes record) except -1

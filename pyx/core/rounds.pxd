@@ -68,6 +68,7 @@ cdef class WriteRound:
     cdef Py_ssize_t raw               # batch body bytes before lz4
     cdef Py_ssize_t wire              # frame bytes as built
     cdef double first_pending         # loop time its oldest record came
+    cdef double first_transit         # that record's trip to this node (Room.first_transit)
     cdef Py_ssize_t queued            # members that got it queued at the snapshot
 
     cdef int add(self, Connection conn, PyObject* obj, Py_ssize_t start) except -1
