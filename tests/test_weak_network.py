@@ -96,6 +96,24 @@ async def test_dead_link_is_detected_within_the_configured_bounds():
                 assert isinstance(event, pb.RoomMessage) and event.payload == b"after"
 
 
+async def test_an_unanswered_ping_is_a_dead_link_even_when_pings_come_faster():
+    """Pings every 0.3 s and a pong timeout of 1 s: the timeout runs from the
+    oldest unanswered Ping, so the later Pings do not put it off (it would
+    otherwise wait for the 9 s idle timeout)."""
+    async with local_app(**{**NODE, "idle_timeout_ms": 9000}) as app:
+        async with ImpairedLink(app.node.address[1]) as link:
+            client = Client("127.0.0.1", link.port, token("v"), adaptive_heartbeat=False,
+                            pong_timeout=1.0, backoff_min=0.05)
+            async with client:
+                assert (client.auth.ping_interval_ms, client.auth.idle_timeout_ms) == (300, 9000)
+                await asyncio.sleep(0.4)
+                loop = asyncio.get_running_loop()
+                link.blackhole_all()
+                start = loop.time()
+                await wait_for(lambda: client.stats["dead_links"] == 1, 12, step=0.005)
+                assert loop.time() - start <= 0.3 + 1.0 + 0.3    # interval + pong timeout + slack
+
+
 async def test_heartbeat_search_steps_up_backs_off_locks_and_remembers(tmp_path):
     """An idle client behind a NAT that forgets after 0.85 s, starting at
     300 ms: 300 -> 450 -> 675 -> 1012 ms (two answered probes per step).
@@ -276,7 +294,13 @@ async def test_rooms_receive_every_message_over_a_weak_network():
                          for v, s, g in zip(viewers, seen, gaps)]
             total = 0
             for burst in range(10):                       # 10 x (1 s of traffic + 2 s quiet)
-                for _ in range(20):
+                for i in range(20):
+                    if burst == 4 and i == 10:
+                        # Besides the random drops (about 7.5 expected, but 2
+                        # or fewer in 2% of runs), one cut of every link in
+                        # the middle of a burst.
+                        for link in links:
+                            link.cut_all()
                     total += 1
                     assert await node.publish("live", "chat", f"m{total}") == total
                     await asyncio.sleep(0.05)
@@ -302,7 +326,7 @@ async def test_rooms_receive_every_message_over_a_weak_network():
               f"{sorted(v.heartbeat.interval_ms for v in viewers)} ms")
         # The conditions happened: connections were dropped and black-holed.
         # (A cut during a handshake is a failed attempt, not a reconnect.)
-        assert cuts >= 3 and reconnects >= 3
+        assert cuts >= len(links) and reconnects >= 3
         assert sum(link.blackholed for link in links) >= 1
 
 

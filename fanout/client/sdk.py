@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import inspect
 import json
 import logging
@@ -566,9 +567,9 @@ class Client:
 
     @property
     def rooms(self) -> list[str]:
-        """The joined rooms (the ones resumed on reconnect), with the user's
-        channel."""
-        return list(self._cursors)
+        """The joined rooms (the ones resumed on reconnect); the user's
+        channel is :attr:`channel`."""
+        return [room for room in self._cursors if room != self._channel]
 
     @property
     def channel(self) -> str | None:
@@ -825,14 +826,19 @@ class Client:
         grant = grant_ms / 1000
         pong_timeout = min(self.pong_timeout, max(idle - grant, 0.05))
         nonce = 0
-        sent_at = 0.0           # of the outstanding Ping (0: none)
+        # (nonce, sent at) of the Pings not answered yet, oldest first: the
+        # pong timeout runs from the oldest, or pinging more often than it
+        # (a short grant) would put off a dead link until the idle timeout.
+        unanswered: collections.deque[tuple[int, float]] = collections.deque()
+        sent_at = 0.0           # of the oldest unanswered Ping (0: none)
         probe = 0               # nonce of the outstanding probe (0: none)
         probe_ms = 0
         probe_frames = 0        # frames received before the probe
         while True:
             now = loop.time()
-            if sent_at and conn.pong >= nonce:
-                sent_at = 0.0
+            while unanswered and unanswered[0][0] <= conn.pong:
+                unanswered.popleft()
+            sent_at = unanswered[0][1] if unanswered else 0.0
             if probe and conn.pong >= probe:
                 # Only a Pong that came alone counts: a frame before it was
                 # already on its way, and broke the silence at the NAT.
@@ -864,7 +870,8 @@ class Client:
                     probe, probe_ms = nonce, int(interval * 1000)
                     probe_frames = self.stats["frames"]
                 conn.send(FrameType.PING, pb.Ping(nonce=nonce))
-                sent_at = now
+                unanswered.append((nonce, now))
+                sent_at = sent_at or now
                 due = now + interval
             wake = min(due, conn.last_recv + idle)
             if sent_at:
