@@ -283,11 +283,13 @@ export declare class HeartbeatTuner {
   locked: boolean;
   /** Answered probes in a row at intervalMs. */
   successes: number;
-  /** What the next Hello asks for: the node's maximum while searching, else the interval found. */
+  /** What the next Hello asks for: the interval found once locked; while searching, the next step
+   * (the current interval, or startMs on a new network, times stepFactor), within the node's maximum. */
   requestMs(): number;
   /** Take an AuthOk's grant and bounds; returns the ms to ping at. */
   granted(intervalMs: number, minMs: number, maxMs: number): number;
-  /** A probe at intervalMs was answered; returns the ms to ping at from now on. */
+  /** A probe at intervalMs was answered; returns the ms to ping at from now on (a step never
+   * goes past grantMs, the connection's grant: the next connection's Hello asks for it). */
   probeAnswered(intervalMs: number, grantMs: number): number;
   /** A dead link: back off and lock. */
   deadLink(): void;

@@ -13,9 +13,16 @@
 //    the last Pong's round trip eats into it) is a probe; its Pong, if it is
 //    the first frame after the Ping, is a success.
 // 3. Step up: after stepAfter successes in a row the interval grows by
-//    stepFactor, up to the node's maximum. While searching the Hello asks
-//    for that maximum and the client pings at its own, shorter, interval,
-//    so a step needs no reconnect.
+//    stepFactor, up to the node's maximum and to the connection's grant.
+//    While searching the Hello asks for the next step (the current interval
+//    times stepFactor) and the client pings at its current interval, more
+//    often than granted: one step needs no reconnect, and the node's idle
+//    timeout follows what the client may do next rather than the node's
+//    maximum (with the defaults, a searching client's dead connection is cut
+//    after 2.25 x 1.5 = 3.4 current intervals, not the 675 s of a 300 s
+//    maximum). A step past the grant waits for the next connection, whose
+//    Hello asks for it: a connection climbs one step. Once locked, the Hello
+//    asks for the interval itself.
 // 4. Back off and lock: a dead link (a Ping unanswered, or the idle timeout;
 //    not a reset, not a Kick) steps back to the last interval that held and
 //    locks; a dead link while locked steps back once more (to the node's
@@ -124,11 +131,13 @@ export class HeartbeatTuner {
     this._maxMs = 0;
   }
 
-  /** What the next Hello asks for: the node's maximum while searching
-   * (unknown yet: the most, the node clamps it), else the interval found. */
+  /** What the next Hello asks for: the interval found, once locked; while
+   * searching, the next step from the current interval (from startMs on a
+   * new network), within the node's maximum once known (the node clamps a
+   * request to its bounds anyway). */
   requestMs() {
     if (this.locked && this.intervalMs) return this.intervalMs;
-    return this._maxMs || UINT32_MAX;
+    return Math.min(this._step(this.intervalMs || this.startMs), UINT32_MAX);
   }
 
   /** Take a connection's AuthOk; returns the ms to ping at (the current
@@ -158,7 +167,9 @@ export class HeartbeatTuner {
     }
     this.successes++;
     if (this.successes >= this.stepAfter) {
-      const stepped = this._step(this.intervalMs);
+      // Never past this connection's grant: the node would cut a client
+      // pinging more rarely. The next Hello asks for the step.
+      const stepped = Math.min(this._step(this.intervalMs), grantMs);
       if (stepped > this.intervalMs) this.intervalMs = stepped;
       this.successes = 0;
     }

@@ -9,9 +9,9 @@ import { Client, HeartbeatStore, HeartbeatTuner, localStorageHeartbeatStore } fr
 
 test("steps up, backs off to the last good interval and locks", () => {
   const tuner = new HeartbeatTuner(new HeartbeatStore(), "wifi", { stepAfter: 2, stepFactor: 2, startMs: 1000 });
-  assert.equal(tuner.requestMs(), 0xffffffff);                 // searching, bounds unknown: ask the most
+  assert.equal(tuner.requestMs(), 2000);                       // searching: the step after startMs
   assert.equal(tuner.granted(60000, 500, 60000), 1000);        // starts at startMs, not the grant
-  assert.equal(tuner.requestMs(), 60000);
+  assert.equal(tuner.requestMs(), 2000);
   assert.equal(tuner.probeAnswered(1000, 60000), 1000);
   assert.equal(tuner.probeAnswered(1000, 60000), 2000);        // two answered: one step up
   assert.equal(tuner.probeAnswered(1000, 60000), 2000);        // a late probe of the old level: no count
@@ -46,6 +46,30 @@ test("the start and the steps stay within the node's bounds", () => {
   const far = new HeartbeatTuner(store, "cell");
   assert.equal(far.granted(300000, 5000, 300000), 300000);
   assert.deepEqual(store.get("cell"), { intervalMs: 300000, goodMs: 900000, locked: true });
+});
+
+test("a searching Hello asks for the next step, and a step stops at the grant", () => {
+  // The node's idle cut follows what a searching client may do next: the
+  // Hello asks for the current interval times the step (not the node's
+  // maximum), the search never pings more rarely than granted, and the next
+  // connection asks for the step this one could not take.
+  const tuner = new HeartbeatTuner(new HeartbeatStore(), "cell", { stepAfter: 1, stepFactor: 1.5, startMs: 20000 });
+  assert.equal(tuner.requestMs(), 30000);                      // 20 s x 1.5, bounds unknown
+  // The node grants what was asked (within 5 s .. 300 s).
+  assert.equal(tuner.granted(30000, 5000, 300000), 20000);
+  assert.equal(tuner.probeAnswered(20000, 30000), 30000);      // one step: up to the grant
+  assert.equal(tuner.probeAnswered(30000, 30000), 30000);      // the next (45 s) waits
+  assert.deepEqual([tuner.intervalMs, tuner.goodMs], [30000, 30000]);
+  assert.equal(tuner.requestMs(), 45000);                      // ... for the next connection's Hello
+  assert.equal(tuner.granted(45000, 5000, 300000), 30000);
+  assert.equal(tuner.probeAnswered(30000, 45000), 45000);
+  // Near the maximum the request stops there, and a dead link locks at the
+  // last interval that held, which the Hello then asks for.
+  tuner.intervalMs = 250000;
+  assert.equal(tuner.requestMs(), 300000);
+  tuner.deadLink();
+  assert.equal(tuner.locked, true);
+  assert.deepEqual([tuner.requestMs(), tuner.intervalMs], [30000, 30000]);
 });
 
 test("the defaults are the Python SDK's: 20 s start, x1.5 after 3 answered probes", () => {
@@ -125,7 +149,7 @@ test("the client's options: network, store and search parameters reach the tuner
     ["wifi:x", 3000, 2, 4]);
   assert.equal(c._hello().pingIntervalMs, 7000);                 // locked: the interval found
   const other = new Client({ ...opts, network: "cell:1", heartbeatStore: store });
-  assert.equal(other._hello().pingIntervalMs, 0xffffffff);        // unknown: searching, asks the most
+  assert.equal(other._hello().pingIntervalMs, 30000);             // unknown: searching, asks for 20 s x 1.5
   const off = new Client({ ...opts, adaptiveHeartbeat: false });
   assert.equal(off.heartbeat, null);
   assert.equal(off._hello().pingIntervalMs, 0);                   // the node's default

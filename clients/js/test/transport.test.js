@@ -181,7 +181,7 @@ test("heartbeat: the Hello asks for the search's interval, Pings never come rare
   });
   const c = client(url, { network: "t:1", heartbeatStore: new HeartbeatStore(), pongTimeoutMs: 300 });
   await c.connect();
-  assert.equal(wss.hellos[0].pingIntervalMs, 0xffffffff);   // searching: asks for the most
+  assert.equal(wss.hellos[0].pingIntervalMs, 30000);        // searching: asks for the step, 20 s x 1.5
   let deadAt = 0;
   c.on("reconnecting", () => { deadAt ||= performance.now(); });
   const ev = await nextOf(c, "reconnecting");

@@ -42,11 +42,15 @@ async function waitFor(predicate, timeoutMs, what) {
   }
 }
 
-test(`heartbeat search through a NAT: steps up, backs off to the last good interval, locks, and the Hello asks for it (${LOOP})`, async () => {
-  // 300 -> 450 -> 675 -> 1012 ms (two answered probes per step); at 1012 ms
-  // the NAT (850 ms) has forgotten the connection: the probe goes
-  // unanswered, the client backs off to 675 ms and locks; its next Hello
-  // asks for 675 ms and the node grants it.
+test(`heartbeat search through a NAT: one step per connection, each Hello asking for the next; backs off to the last good interval, locks, and the Hello asks for it (${LOOP})`, async () => {
+  // 300 -> 450 -> 675 -> 1012 ms (two answered probes per step). Each Hello
+  // asks for the next step, never the node's maximum, so the node's idle cut
+  // follows the search, and a connection climbs one step: the test cuts the
+  // link when one is done (as a network change would), and the next
+  // connection asks for the next. At 1012 ms the NAT (850 ms) has forgotten
+  // the connection: the probe goes unanswered, the client backs off to
+  // 675 ms (the longest that held) and locks; its next Hello asks for 675 ms
+  // and the node grants it.
   const n = await sharedNode();
   const proxy = await Proxy.start(n.wsPort, { natTimeoutMs: 850 });
   cleanups.push(() => proxy.close());
@@ -58,33 +62,45 @@ test(`heartbeat search through a NAT: steps up, backs off to the last good inter
   c.on("connected", (ev) => connected.push(ev));
   c.on("reconnecting", (ev) => reasons.push(ev.reasonName));
   const auth = await c.connect();
-  // Searching: the Hello asked for the most, the node granted its maximum,
-  // and the client pings at its own interval, 300 ms.
-  assert.deepEqual([auth.pingIntervalMs, auth.pingIntervalMinMs, auth.pingIntervalMaxMs], [5000, 200, 5000]);
-  assert.equal(auth.idleTimeoutMs, 15000);
+  assert.deepEqual([auth.pingIntervalMinMs, auth.pingIntervalMaxMs], [200, 5000]);
   const tuner = c.heartbeat;
+  for (const [i, step] of [450, 675].entries()) {
+    // Asked for the step (the node's maximum is 5000 ms), and the idle cut
+    // in the node's ratio of it (900 : 300).
+    await waitFor(() => connected.length === i + 1 && c.connected, 5000, `connection ${i + 1}`);
+    assert.deepEqual([connected[i].pingIntervalMs, connected[i].idleTimeoutMs], [step, 3 * step]);
+    // Two probes below the grant, a step to it, two there: held, it climbs
+    // no further on this connection.
+    const probes = c.stats.probes;
+    await waitFor(() => c.stats.probes >= probes + 4, 10000, `four probes on connection ${i + 1}`);
+    assert.deepEqual([tuner.intervalMs, tuner.goodMs, tuner.locked], [step, step, false]);
+    assert.equal(c.stats.reconnects, i);
+    proxy.cut();
+  }
+  await waitFor(() => connected.length === 3, 5000, "the third connection");
+  assert.deepEqual([connected[2].pingIntervalMs, connected[2].idleTimeoutMs], [1012, 3036]); // the next step
   await waitFor(() => tuner.locked, 15000, "the search to lock");
   assert.ok(proxy.blackholed >= 1, "the NAT never forgot the connection");
   assert.equal(c.stats.deadLinks, 1);
   assert.deepEqual([tuner.intervalMs, tuner.goodMs], [675, 675]);
-  assert.ok(c.stats.probes >= 6, `probes: ${c.stats.probes}`);
-  await waitFor(() => c.stats.reconnects === 1 && c.connected, 5000, "the reconnect");
-  assert.equal(reasons[0], "HEARTBEAT_TIMEOUT");
+  await waitFor(() => c.stats.reconnects === 3 && c.connected, 5000, "the reconnect");
+  assert.equal(reasons[2], "HEARTBEAT_TIMEOUT");
   // Locked: the Hello asks for the interval itself, and it holds.
-  assert.equal(connected[1].pingIntervalMs, 675);
-  assert.equal(connected[1].idleTimeoutMs, 2025);                  // the node's 900 : 300 ratio
+  assert.equal(connected[3].pingIntervalMs, 675);
+  assert.equal(connected[3].idleTimeoutMs, 2025);                  // the node's 900 : 300 ratio
   const probes = c.stats.probes;
   await sleep(2000);
   assert.ok(c.stats.probes > probes, "no probe answered while locked");
   assert.equal(tuner.intervalMs, 675);
   assert.equal(c.stats.deadLinks, 1);
-  assert.equal(c.stats.reconnects, 1);
+  assert.equal(c.stats.reconnects, 3);
   assert.deepEqual(store.get("wifi:test"), { intervalMs: 675, goodMs: 675, locked: true });
-  // A new client on the same network starts there, locked; another network searches.
+  // A new client on the same network starts there, locked; another network
+  // searches, its Hello asking for the first step (20 s x 1.5 by default).
   const again = new Client({ url: n.wsUrl, token: "t", WebSocket, network: "wifi:test", heartbeatStore: store });
   assert.deepEqual([again.heartbeat.locked, again._hello().pingIntervalMs], [true, 675]);
   const other = new Client({ url: n.wsUrl, token: "t", WebSocket, network: "cell:1", heartbeatStore: store });
-  assert.deepEqual([other.heartbeat.intervalMs, other._hello().pingIntervalMs], [0, 0xffffffff]);
+  assert.deepEqual([other.heartbeat.intervalMs, other.heartbeat.locked, other._hello().pingIntervalMs], [0, false, 30000]);
 });
 
 test("a remembered interval below the node's minimum: the node grants its minimum and the client pings at it", async () => {
