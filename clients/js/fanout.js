@@ -374,9 +374,9 @@ export class Client {
     return c ? { epoch: c.epoch, seq: c.seq } : undefined;
   }
 
-  /** The joined rooms (the ones resumed on reconnect), with the user's channel. */
+  /** The joined rooms (the ones resumed on reconnect); the user's channel is `channel`. */
   get rooms() {
-    return [...this._cursors.keys()];
+    return [...this._cursors.keys()].filter((room) => room !== this._channel);
   }
 
   /** The user's channel ("@" + user) once connected to a node with user

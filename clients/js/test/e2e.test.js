@@ -167,7 +167,8 @@ test("pushes to the user's channel reach every device, and resume after a cut", 
     await web.connect();
     assert.equal(phone.channel, "@dana");
     assert.equal(web.auth.channel, "@dana");
-    assert.deepEqual(phone.rooms, ["@dana"]);
+    assert.deepEqual(phone.rooms, []);
+    assert.deepEqual(phone.cursor("@dana"), { epoch: "", seq: 0 });
     assert.equal(await push("receipt 1"), 1);
     for (const c of [phone, web]) {
       const [m] = await take(c, 1);
