@@ -735,6 +735,8 @@ class Node:
         """Publish a message to every connection of ``user``, on any node:
         to its channel (docs/protocol.md, section 5.10). Like
         :meth:`publish`; the seq is the channel's."""
+        if self.draining:                 # before a channel is opened for nothing
+            raise Rejected(pb.DRAINING, "node is draining; publish to another node")
         self._check_channel(user)
         name = user_channel(user)
         # Connections waiting here join before the message is published, so
