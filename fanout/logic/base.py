@@ -40,28 +40,37 @@ class Rejected(ReasonError):
     """The logic layer refused a request; ``reason`` is the wire Reason code."""
 
 
-def check_room_name(room: str) -> None:
-    """A room name is 1-128 bytes of valid UTF-8; a user's channel (``@`` +
-    the user id, fanout.protocol.channels) up to 129.
+def check_name(value: str, what: str, limit: int) -> None:
+    """``value`` (a room name, a user id) is 1 to ``limit`` bytes of valid
+    UTF-8.
 
     A client's name is valid UTF-8 by the time it gets here (protobuf refuses
     a ``string`` field that is not, as BAD_PROTOBUF); a name from JSON (the
     admin API) can still hold a lone surrogate, which has no UTF-8 form.
 
     :raises Rejected: ``BAD_REQUEST`` for an empty, over-long or non-UTF-8
-        name. The message never quotes the name.
+        value, named by ``what``. The message never quotes the value.
     """
-    if not room:
-        raise Rejected(pb.BAD_REQUEST, "room name is empty")
-    limit = MAX_CHANNEL_NAME if is_channel(room) else MAX_ROOM_NAME
-    if len(room) > limit:                       # no need to encode a 60 KB name
-        raise Rejected(pb.BAD_REQUEST, f"room name longer than {limit} bytes")
+    if not value:
+        raise Rejected(pb.BAD_REQUEST, f"{what} is empty")
+    if len(value) > limit:                      # no need to encode a 60 KB name
+        raise Rejected(pb.BAD_REQUEST, f"{what} longer than {limit} bytes")
     try:
-        size = len(room.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
-        raise Rejected(pb.BAD_REQUEST, "room name is not valid UTF-8") from None
+        raise Rejected(pb.BAD_REQUEST, f"{what} is not valid UTF-8") from None
     if size > limit:
-        raise Rejected(pb.BAD_REQUEST, f"room name longer than {limit} bytes")
+        raise Rejected(pb.BAD_REQUEST, f"{what} longer than {limit} bytes")
+
+
+def check_room_name(room: str) -> None:
+    """A room name is 1-128 bytes of valid UTF-8; a user's channel (``@`` +
+    the user id, fanout.protocol.channels) up to 129.
+
+    :raises Rejected: ``BAD_REQUEST`` (:func:`check_name`).
+    """
+    check_name(room, "room name", MAX_CHANNEL_NAME if is_channel(room) else MAX_ROOM_NAME)
+
 
 
 class Logic(Protocol):

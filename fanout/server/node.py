@@ -27,7 +27,7 @@ import time
 
 from .. import _core
 from ..bus.base import Bus
-from ..logic.base import Logic, Rejected, check_room_name
+from ..logic.base import Logic, Rejected, check_name, check_room_name
 from ..logic.revocations import covers
 from ..protocol import cluster_pb2 as cpb
 from ..protocol import fanout_pb2 as pb
@@ -751,14 +751,7 @@ class Node:
         if not self.config.user_channels:
             raise Rejected(pb.BAD_REQUEST, "user channels are off on this node "
                                            "(user_channels = 0)")
-        if not user:
-            raise Rejected(pb.BAD_REQUEST, "user is empty")
-        try:
-            size = len(user.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise Rejected(pb.BAD_REQUEST, "user is not valid UTF-8") from None
-        if size > MAX_SUB_BYTES:
-            raise Rejected(pb.BAD_REQUEST, f"user longer than {MAX_SUB_BYTES} bytes")
+        check_name(user, "user", MAX_SUB_BYTES)
 
     async def room_info(self, room: str) -> dict:
         """Online count, sequence and recent rates of ``room`` on this node.
