@@ -229,6 +229,55 @@ def _later_logic(cfg, bus):
     return LaterLogic(local_logic(cfg, bus))
 
 
+class GatedHeadLogic(LaterLogic):
+    """The embedded logic whose ``head`` answers (computed at once) only when
+    the test opens the gate: a head call in flight, as across a network."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.gate = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def head(self, room):
+        answer = await self.inner.head(room)
+        self.asked.set()
+        await self.gate.wait()
+        return answer
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_push_while_the_hello_asks_for_the_channel_head_is_accounted_for():
+    from fanout.bus.local import LocalBus
+    from fanout.server import config
+    from fanout.server.app import local_logic
+
+    bus = LocalBus()
+    cfg = config.load(None, env={}, overrides={"secret": "x"})
+    logic = GatedHeadLogic(local_logic(cfg, bus))
+    async with local_app(bus=bus, logic=logic) as app:
+        client = await StreamClient.connect(app.node.address)
+        client.send((FT.HELLO, pb.Hello(token=token("racer"))))
+        await asyncio.wait_for(logic.asked.wait(), 5)    # head taken: no history yet
+        assert await app.node.push("racer", "system", b"during the hello") == 1
+        logic.gate.set()
+        # Woken while asking: the connection resumes from the head it got
+        # (before the push), so seq 1 is accounted for after its AuthOk: here
+        # as a Gap, since a single node keeps no history of a channel that
+        # was not open when the push came (a cluster replays it).
+        frames = await client.until(1, FT.GAP)
+        assert [t for t, _ in frames] == [FT.AUTH_OK, FT.GAP]
+        auth_ok, gap = frames[0][1], frames[1][1]
+        assert (auth_ok.channel, auth_ok.channel_seq) == ("@racer", 0) and auth_ok.channel_epoch
+        assert (gap.room, gap.from_seq, gap.to_seq) == ("@racer", 1, 1)
+        # and it is a member now: the next push comes live
+        assert await app.node.push("racer", "system", b"after") == 2
+        frames = await client.until(1, FT.BATCH)
+        assert [m.seq for t, b in frames if t == FT.BATCH for m in b.messages] == [2]
+        client.close()
+
+
 async def test_replies_keep_request_order_when_the_logic_answers_later():
     from fanout.bus.local import LocalBus
     from fanout.server import config

@@ -355,6 +355,10 @@ class Session:
         host = self.host
         name = user_channel(self.user)
         channels = host.channels
+        # Where to resume the channel: the Hello's cursor, or the one taken
+        # from the channel's head when the channel is not open here.
+        last, epoch = hello.channel_last_seq, hello.channel_epoch
+        from_head = False
         if not host.rooms.held(name):
             channels.expect(self.user, self)
             try:
@@ -368,21 +372,28 @@ class Session:
             woken = channels.expected(self.user, self)
             if self.conn.closing:
                 return False
-            cursor = None if woken or host.rooms.held(name) else _waiting_cursor(head, hello)
-            if cursor is not None:
+            cursor = _waiting_cursor(head, hello)
+            if cursor is not None and not woken and not host.rooms.held(name):
                 auth_ok.channel, (auth_ok.channel_epoch, auth_ok.channel_seq) = name, cursor
                 auth_ok.server_time_ms = _now_ms()
                 self.send(FrameType.AUTH_OK, auth_ok)
                 self.channel_wait = cursor
                 channels.wait(self.user, self)
                 return not self.conn.closing
+            if cursor is not None:
+                # A push came (or another connection opened the channel)
+                # while the head was on its way: what followed the head is
+                # new to this client, so resume from the head, not "from now".
+                (epoch, last), from_head = cursor, True
         try:
             room = await host.rooms.acquire(name)
         except Rejected as exc:
             self.fail(exc.reason, f"the user's channel cannot be opened: {exc.message}")
             return False
+        if from_head and not epoch:
+            epoch = room.epoch                 # no history at the head: all of it is new
         try:
-            self._enter(room, 0, name, hello.channel_last_seq, hello.channel_epoch, auth_ok)
+            self._enter(room, 0, name, last, epoch, auth_ok)
         finally:
             if self.conn.closing or name not in self.rooms:
                 host.rooms.leave(name, self.conn)
