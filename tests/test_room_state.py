@@ -52,8 +52,8 @@ class StreamClient:
 
 
 def room_counts(app, *, channels: bool = False) -> tuple[int, int, int]:
-    """(hub rooms, logic rooms, bus subscriptions); users' channels (one per
-    connected user) only with ``channels``."""
+    """(hub rooms, logic rooms, bus subscriptions); users' channels only with
+    ``channels``."""
     def count(names) -> int:
         return sum(1 for name in names if channels or not is_channel(name))
     return (count(app.node.hub.rooms), count(app.logic.sequencer.rooms),

@@ -776,7 +776,7 @@ class Node:
         if after:
             check_room_name(after)
         held = self.rooms.hub.rooms if self.rooms is not None else {}
-        # Users' channels are left out: one per connected user would bury
+        # Users' channels are left out: one per user pushed to would bury
         # the rooms (GET /v1/rooms/@<user> shows one).
         rooms = [name for name in held if not is_channel(name)]
         names = heapq.nsmallest(limit + 1, (name for name in rooms if name > after))
@@ -795,8 +795,8 @@ class Node:
         channels = sum(1 for name in self.hub.rooms if is_channel(name))
         yield "fanout_rooms", "Rooms held by this node (users' channels not counted)", \
             len(self.hub.rooms) - channels
-        yield ("fanout_user_channels", "Users' channels held by this node (about one per "
-               "connected user)", channels)
+        yield ("fanout_user_channels", "Users' channels open on this node (pushed to while "
+               "the user had a connection here, or being resumed)", channels)
         yield ("fanout_write_backlog_bytes", "Unsent bytes queued across all connections",
                self.write_backlog_bytes())
         yield ("fanout_event_loop_lag_last_seconds", "Mean event-loop lag over the last second",

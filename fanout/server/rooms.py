@@ -42,7 +42,7 @@ class RoomTable:
         self._logic = logic
         self._publish = hub.publish
         # One bound method for every subscription: a new one per room would
-        # be 64 bytes per room held (one per connected user, with channels).
+        # be 64 bytes per room held.
         self._handler = self._deliver
         self._opening: dict[str, list[asyncio.Future]] = {}
         self._early: dict[str, list[tuple]] = {}   # delivered while the room opens
