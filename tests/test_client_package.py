@@ -1,6 +1,7 @@
 """The client-only distribution (clients/python, fanout-im-client): a pure
 Python wheel of the SDK that works against a real node with none of the
-node's packages importable, and the distribution names in pyproject.toml."""
+node's packages importable, the distribution names in pyproject.toml, and
+the node package's build (quiet, with the demo page in it)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,15 @@ def test_distribution_names_and_versions():
     for extra_only in ("rich", "cryptography", "pytest", "numpy", "nats"):
         assert extra_only not in deps, extra_only
     assert set(project["optional-dependencies"]) >= {"tools", "test", "bench", "cluster"}
+
+
+def test_the_node_package_builds_without_warnings_and_ships_the_demo_page(tmp_path):
+    """`make run` and `pip install .` build the package: setuptools' warning
+    that the demo's static files "would be ignored" (a folder it could
+    import that the package list lacked) alarmed every new user's install."""
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "would be ignored" not in out.stderr and "absent from" not in out.stderr, out.stderr
+    shipped = {p.name for p in (tmp_path / "fanout" / "demo" / "static").iterdir()}
+    assert shipped == {p.name for p in (ROOT / "fanout" / "demo" / "static").iterdir()}
