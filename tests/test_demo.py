@@ -75,6 +75,22 @@ def test_demo_refuses_a_taken_port_clearly():
     assert f"cannot serve the page on 127.0.0.1:{port}" in run.stderr
 
 
+def test_demo_says_its_node_ports_are_taken_not_a_traceback():
+    """The README's order: `make run` is serving, then `fanout demo`, whose own
+    node wants the same ports."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "fanout", "demo", "--http-port", "0",
+                              "--port", str(port), "--admin-port", "0", "--no-bot"],
+                             capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "fanout demo: cannot start its node:" in run.stderr, run.stderr
+    assert f"127.0.0.1', {port}" in run.stderr and "--port, --admin-port" in run.stderr
+
+
 def test_bot_sends_chat_and_every_fourth_a_gift():
     bot = Bot("http://127.0.0.1:1", "key", "lobby", seed=1)
     kinds = []

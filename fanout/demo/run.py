@@ -69,6 +69,10 @@ async def serve(args) -> int:
     app = App(cfg)
     try:
         await app.start()
+    except OSError as exc:         # typically: `fanout node` already serves these ports
+        await runner.cleanup()
+        raise SystemExit(f"fanout demo: cannot start its node: {exc} (a node runs there? "
+                         "stop it, or give the demo other ports: --port, --admin-port)") from None
     except BaseException:
         await runner.cleanup()
         raise
