@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from fanout.protocol import wire
 from fanout._loadgen import bucket_index, bucket_value, percentiles_of
 from fanout.load.corpus import Corpus, read_stamp
 from fanout.load import LoadConfig, build_viewers, plan, run
+from fanout.load.report import summary
 from fanout.protocol import fanout_pb2 as pb
 
 FT = wire.FrameType
@@ -68,6 +70,7 @@ def test_load_against_node_counts_every_delivery(start_node):
     assert result["connect"]["time_to_all_joined_s"] > 0
     assert result["drain"]["complete"] is True
     assert result["ok"] is True
+    assert re.search(r"; node [\d.]+ cores\n", summary(result)), summary(result)
     json.dumps(result)
 
 
@@ -168,6 +171,10 @@ def test_checker_catches_gaps_reorders_divergence_and_cuts():
     assert result["check"]["cut_viewers"] == 1
     assert result["latency_ms"]["samples"] == 6
     assert result["ok"] is False
+    # What a run did not measure says so, not "None" (here: the node's CPU).
+    text = summary(result)
+    assert "None" not in text and "node not measured (--node-pid" in text, text
+    assert text.endswith("NOT OK")
 
 
 @pytest.mark.timeout(30)

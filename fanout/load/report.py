@@ -312,20 +312,27 @@ def summary(result: dict) -> str:
     lat = result["latency_ms"]
     conn = result["connect"]
     cpu = result["cpu"]
+    # Figures a run may not have (no samples, no --node-pid) say why, not "None".
+    latency = (f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms, p99.9 {lat['p999']} ms "
+               f"({lat['samples']:,} samples)" if lat["samples"] else
+               "latency: no samples (nothing published, or --latency-every too high)")
+    wire = (f"{result['wire_bytes_per_msg']} wire B/msg"
+            if result["wire_bytes_per_msg"] is not None else "no wire B/msg (no deliveries)")
+    node_cpu = (f"node {cpu['node_window_cores']} cores" if cpu["node_window_cores"] is not None
+                else "node not measured (--node-pid PID to measure it)")
     lines = [
         f"viewers {result['viewers_joined']:,}/{result['viewers']:,} joined in "
         f"{conn['time_to_all_joined_s']} s ({conn['connects_per_s']} connects/s), "
         f"{result['processes']} process(es), {result['rooms']} room(s)",
         f"published {result['published']['accepted_per_s']:,} msg/s accepted; "
         f"deliveries {result['deliveries_per_s']:,.0f}/s; frames {result['frames_per_s']:,.0f}/s; "
-        f"{result['wire_bytes_per_msg']} wire B/msg",
-        f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms, p99.9 {lat['p999']} ms "
-        f"({lat['samples']:,} samples)",
+        f"{wire}",
+        latency,
         f"gaps {result['gaps']}, reorders {result['reorders']}, divergences "
         f"{result['divergences']}, slow-consumer cuts {result['slow_consumer_cuts']}, "
         f"deliveries {result['deliveries']:,} of {result['expected_deliveries']:,} expected",
         f"cpu: load generator {cpu['workers_window_cores']} cores in the window "
-        f"({cpu['loadgen_s']} s total); node {cpu['node_window_cores']} cores",
+        f"({cpu['loadgen_s']} s total); {node_cpu}",
     ]
     if result["errors"]:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(result["errors"].items())))
