@@ -109,7 +109,8 @@ def _client_args(p, role: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fanout", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fanout",
+                                     description=__doc__.split("\n")[0].replace("``", "`"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _node_parser(sub)
@@ -379,9 +380,11 @@ class _Status:
                      auth.ping_interval_max_ms)
             if grant != self.grant:
                 self.grant = grant
-                print(f"-- heartbeat: the node grants a ping every {_secs(grant[0])} and cuts "
-                      f"a connection silent for {_secs(grant[1])} (a Hello may ask for "
-                      f"{_secs(grant[2])} to {_secs(grant[3])})", flush=True)
+                # "at least": the grant is a ceiling; the tuner may ping more often (it
+                # starts low, searching upwards).
+                print(f"-- heartbeat: the node wants a ping at least every {_secs(grant[0])} "
+                      f"and cuts a connection silent for {_secs(grant[1])} (a Hello may ask "
+                      f"for {_secs(grant[2])} to {_secs(grant[3])})", flush=True)
         tuner = self.client.heartbeat
         if tuner is None:
             return
@@ -435,6 +438,16 @@ def _kind_name(kind: int) -> str:
         return f"kind-{kind}"
 
 
+def _whoami(client, device_class: str) -> str:
+    """Who ``fanout listen`` is logged in as, and where a push to that user
+    shows: its default user is made up (listen-PID), and a push to any
+    other user never reaches it."""
+    user = client.auth.user if client.auth is not None else "?"
+    where = (f"a push to user {user} shows here as [{client.channel} ...]" if client.channel
+             else "this node has user channels off")
+    return f"-- as user {user} (device class {device_class}): {where}"
+
+
 async def _listen(args) -> int:
     from .client import Client
 
@@ -444,6 +457,7 @@ async def _listen(args) -> int:
                       **_tls_options(args)) as client:
         ack = await client.join(args.room)
         print(f"joined {args.room} at seq {ack.seq} (epoch {ack.epoch})", flush=True)
+        print(_whoami(client, args.device_class), flush=True)
         status = _Status(client, args.room, ack.epoch)
         status.report()
         watcher = asyncio.create_task(status.watch())

@@ -111,23 +111,30 @@ def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
     """One dev token for both: listen and say log in as different device
     classes, so neither kicks the other (DUPLICATE_LOGIN). listen shows each
     message's kind and priority, the online count, and a binary payload or
-    a terminal escape safely."""
+    a terminal escape safely; and which user it is, so that a push to that
+    user is easy to send (and shows)."""
     import os
     import time
     node = start_node("--presence-interval-ms", "100")
     shared = run_cli("token", "--user", "alice").stdout.strip()
     listener = subprocess.Popen(
         [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
-         "--count", "4", "--token", shared],
+         "--count", "5", "--token", shared],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "FANOUT_SECRET": SECRET})
     try:
         assert "joined lobby" in listener.stdout.readline()
+        # Who it is, from the token: the user a push must name to show here.
+        assert listener.stdout.readline() == (
+            "-- as user alice (device class cli-listen): a push to user alice shows here "
+            "as [@alice ...]\n")
         out = run_cli("say", "lobby", "hello", "--port", str(node.port), "--token", shared)
         assert out.returncode == 0, out.stderr
         _publish(node, {"room": "lobby", "kind": "gift", "priority": 5, "sender": "svc",
                         "payload_b64": "AP8Q"})              # 00 ff 10
         _publish(node, {"room": "lobby", "kind": "system", "payload": "\x1b[2Jboom"})
+        _publish(node, {"user": "alice", "kind": "system", "sender": "host",
+                        "payload": "to alice"})
         time.sleep(1.0)                   # a Presence frame or more, and the watcher's look
         out = run_cli("say", "lobby", "bye", "--port", str(node.port), "--token", shared,
                       "--device-class", "other")
@@ -143,6 +150,7 @@ def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
     assert "#1 chat] alice: hello" in stdout, stdout
     assert "#2 gift p5] svc: <3 bytes> 00 ff 10" in stdout, stdout
     assert "#3 system] " in stdout and "'\\x1b[2Jboom'" in stdout and "\x1b" not in stdout
+    assert "[@alice #1 system] host: to alice" in stdout, stdout
     assert "#4 chat] alice: bye" in stdout, stdout
     assert "-- [lobby] online: " in stdout, stdout
 
@@ -292,7 +300,7 @@ def test_listen_shows_the_grant_and_the_heartbeat_search(start_node, tmp_path):
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
-    grant = re.search(r"-- heartbeat: the node grants a ping every ([\d.]+) s and cuts a "
+    grant = re.search(r"-- heartbeat: the node wants a ping at least every ([\d.]+) s and cuts a "
                       r"connection silent for ([\d.]+) s \(a Hello may ask for 0.1 s to 5 s\)",
                       stdout)
     assert grant, stdout

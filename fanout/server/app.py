@@ -121,8 +121,9 @@ class App:
             log.warning("%s is shorter than %d bytes: it can be guessed; use a longer random one",
                         name, MIN_SECRET_BYTES)
         if self.api_key_file is not None:
-            log.warning("no api_key configured; this run's admin API key is in %s",
-                        self.api_key_file)
+            # Generated once per admin port and kept: the same key on every run.
+            log.warning("no api_key configured; the admin API key generated for this port "
+                        "is kept in %s", self.api_key_file)
 
     async def serve_forever(self) -> None:
         """Until the node has drained (SIGTERM, ``POST /v1/drain``), then close."""
