@@ -91,6 +91,21 @@ def test_demo_says_its_node_ports_are_taken_not_a_traceback():
     assert f"127.0.0.1', {port}" in run.stderr and "--port, --admin-port" in run.stderr
 
 
+def test_demo_finds_the_sdk_in_the_checkout_it_is_started_from(tmp_path, monkeypatch):
+    """A plain `pip install .` (the README's line without make) puts the
+    package in site-packages, away from clients/js: the demo then takes the
+    build from the checkout it runs in, where the README starts it."""
+    from fanout.demo import web
+
+    built = tmp_path / "clients" / "js" / "dist" / "fanout.browser.js"
+    assert web.default_sdk(tmp_path) == web.DEFAULT_SDK        # an editable install's
+    monkeypatch.setattr(web, "DEFAULT_SDK", tmp_path / "site-packages" / web.SDK_IN_CHECKOUT)
+    assert web.default_sdk(tmp_path) == web.DEFAULT_SDK        # nowhere: the warning names it
+    built.parent.mkdir(parents=True)
+    built.write_text("export {};\n")
+    assert web.default_sdk(tmp_path) == built
+
+
 def test_bot_sends_chat_and_every_fourth_a_gift():
     bot = Bot("http://127.0.0.1:1", "key", "lobby", seed=1)
     kinds = []

@@ -14,7 +14,7 @@ from aiohttp import web
 from ..server import config as config_mod
 from ..server.app import App, install_loop, print_generated_key
 from .bot import Bot
-from .web import DEFAULT_SDK, DemoSite, make_app
+from .web import DemoSite, default_sdk, make_app
 
 log = logging.getLogger("fanout.demo")
 
@@ -44,7 +44,7 @@ async def serve(args) -> int:
     # up; the page's port is bound first, as the node's Origin check needs it.
     demo = DemoSite(ws_url="", room=args.room, secret="", user=args.user,
                     open_tokens=args.open_tokens,
-                    sdk_path=Path(args.sdk) if args.sdk else DEFAULT_SDK)
+                    sdk_path=Path(args.sdk) if args.sdk else default_sdk())
     runner = web.AppRunner(make_app(demo), access_log=None)
     await runner.setup()
     try:
@@ -100,8 +100,10 @@ async def serve(args) -> int:
     print(f"fanout node listening on {_url_host(host)}:{app.node.address[1]}", flush=True)
     print(f"fanout node WebSocket on {demo.ws_url}", flush=True)
     if not demo.sdk_path.is_file():
-        print(f"fanout demo: WARNING: no SDK browser build at {demo.sdk_path} "
-              "(cd clients/js && npm ci && npm run build)", flush=True)
+        print(f"fanout demo: WARNING: no SDK browser build at {demo.sdk_path}: the page "
+              "cannot connect (start the demo in the source checkout, or give --sdk "
+              "clients/js/dist/fanout.browser.js; build it with: cd clients/js && npm ci && "
+              "npm run build)", flush=True)
     print(f"fanout demo: open http://{_url_host(host)}:{http_port}/"
           f"{'  (the bot is publishing)' if bot else ''}", flush=True)
 

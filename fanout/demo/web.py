@@ -41,8 +41,20 @@ from ..server.admin import REASON_STATUS
 from . import gifts
 
 STATIC = Path(__file__).with_name("static")
+#: Where a source checkout keeps the SDK's browser build.
+SDK_IN_CHECKOUT = Path("clients", "js", "dist", "fanout.browser.js")
 #: The SDK's browser build in a source checkout (clients/js beside fanout/).
-DEFAULT_SDK = Path(__file__).resolve().parents[2] / "clients" / "js" / "dist" / "fanout.browser.js"
+DEFAULT_SDK = Path(__file__).resolve().parents[2] / SDK_IN_CHECKOUT
+
+
+def default_sdk(cwd: Path | None = None) -> Path:
+    """The SDK's browser build: beside the package in a checkout (an editable
+    install, `make run`), else in the checkout the demo is started from (a
+    plain `pip install .` copies the package away from clients/)."""
+    here = (cwd or Path.cwd()) / SDK_IN_CHECKOUT
+    return DEFAULT_SDK if DEFAULT_SDK.is_file() or not here.is_file() else here
+
+
 TOKEN_TTL_S = 3600.0
 MAX_USER_BYTES = 64
 #: A gift request is a few dozen bytes of JSON.
