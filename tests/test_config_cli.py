@@ -332,3 +332,48 @@ def test_listen_says_when_a_dead_link_locks_the_heartbeat(capsys):
         "-- heartbeat [cell:1]: pinging every 20 s, searching: steps up after 1 answered probes",
         "-- heartbeat [cell:1]: 20 s held; trying 30 s",
         "-- heartbeat [cell:1]: dead link at 30 s; back to 20 s, locked"]
+
+
+def test_the_readme_walkthrough_shows_what_it_says(node):
+    """The README's quick start and its admin API examples, as a new user runs
+    them: its listener (the user it names), its `say`, then every publish and
+    push body it gives, with the key. The listener prints each, and the lines
+    the README quotes; the push reaches it because it names the listener's
+    user (a push to a made-up listen-PID user would show nothing)."""
+    import json
+    import os
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    room, user = re.search(r"\.venv/bin/fanout listen (\S+) --user (\S+)", readme).groups()
+    said = re.search(r'\.venv/bin/fanout say (\S+) "([^"]+)"', readme)
+    using = readme.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    bodies = [json.loads(b) for b in re.findall(r"-d '(\{.*?\})'", using)]
+    assert said[1] == room and any(b.get("user") == user for b in bodies), bodies
+    for curl in re.findall(r"curl [^\n]*", using):     # the 415 and $KEY of issue 12
+        assert "Content-Type: application/json" in curl and "$FANOUT_API_KEY" in curl, curl
+    quoted = re.findall(r"The listener(?:, \w+,)? prints `(\[[^`]+\][^`]*)`", using)
+    assert len(quoted) == 2, quoted
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "fanout", "listen", room, "--user", user, "--port",
+         str(node.port), "--count", str(1 + len(bodies))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FANOUT_SECRET": SECRET})
+    try:
+        assert f"joined {room}" in listener.stdout.readline()
+        assert f"-- as user {user} " in listener.stdout.readline()
+        out = run_cli("say", room, said[2], "--port", str(node.port))
+        assert out.returncode == 0, out.stderr
+        for body in bodies:
+            _publish(node, body)
+        stdout = listener.stdout.read()
+        listener.wait(20)
+        stderr = listener.stderr.read()
+    finally:
+        listener.kill()
+    assert listener.returncode == 0, stderr
+    assert re.search(rf"\[{room} #1 chat\] say-\d+: {said[2]}\n", stdout), stdout
+    for line in quoted:               # '#N' in the README: whatever seq it got
+        pattern = re.escape(line).replace("\\#N", "#\\d+").replace("\\ ", " ")
+        assert re.search(pattern, stdout), (line, stdout)
