@@ -231,7 +231,13 @@ async def test_sdk_resumes_the_channel_across_cuts_without_loss_or_duplicates():
                 for i in range(1, 61):
                     await node.push("sdk-user", "gift", f"receipt {i}")
                     if i % 15 == 0:
-                        link.cut_all()          # the connection dies mid-stream
+                        # the connection dies mid-stream (once the client is
+                        # back from the last cut, so each cut cuts something)
+                        for _ in range(500):
+                            if client.connected and link.conns:
+                                break
+                            await asyncio.sleep(0.01)
+                        link.cut_all()
                     await asyncio.sleep(0.005)
                 while len(got) < 60:
                     event = await client.next_event(timeout=10)
