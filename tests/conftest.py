@@ -73,7 +73,17 @@ def token(user: str = "alice", rooms="*", ttl: float = 3600, secret: str = SECRE
     return mint(secret, user, rooms=rooms, ttl=ttl)
 
 
-__all__ = ["token", "SECRET", "DEV_SECRET"]
+def dev_certs(tmp_path_factory, name: str):
+    """A directory with a development CA and a certificate for
+    localhost/127.0.0.1/::1, made by `fanout cert`."""
+    import subprocess
+    d = tmp_path_factory.mktemp(name)
+    subprocess.run([sys.executable, "-m", "fanout", "cert", "--dir", str(d)], check=True,
+                   capture_output=True, timeout=60)
+    return d
+
+
+__all__ = ["token", "dev_certs", "SECRET", "DEV_SECRET"]
 
 
 

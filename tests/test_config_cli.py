@@ -47,6 +47,23 @@ def run_cli(*args, timeout=30, env=None):
                           env={**os.environ, "FANOUT_SECRET": SECRET, **(env or {})})
 
 
+def listen(*args) -> subprocess.Popen:
+    """``fanout listen ARGS`` in the background, its output piped (text)."""
+    import os
+    return subprocess.Popen([sys.executable, "-m", "fanout", "listen", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FANOUT_SECRET": SECRET})
+
+
+def rest(listener: subprocess.Popen, timeout: float = 20) -> tuple[str, str]:
+    """The rest of a listener's output once it exits: (stdout, stderr). Read
+    through the same file object as its readline()s: communicate() would read
+    the pipe beneath it and miss what they buffered."""
+    stdout = listener.stdout.read()
+    listener.wait(timeout)
+    return stdout, listener.stderr.read()
+
+
 def test_token_command():
     out = run_cli("token", "--user", "u1", "--rooms", "a,b", "--ttl", "60")
     assert out.returncode == 0, out.stderr
@@ -60,12 +77,8 @@ def test_node_refuses_bad_flag_value():
 
 
 def test_listen_and_say(node):
-    import os
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
-         "--count", "2", "--user", "watcher"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FANOUT_SECRET": SECRET})
+    listener = listen("lobby", "--port", str(node.port),
+                      "--count", "2", "--user", "watcher")
     try:
         assert "joined lobby" in listener.stdout.readline()
         for text in ("hello there", "second"):
@@ -113,15 +126,11 @@ def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
     message's kind and priority, the online count, and a binary payload or
     a terminal escape safely; and which user it is, so that a push to that
     user is easy to send (and shows)."""
-    import os
     import time
     node = start_node("--presence-interval-ms", "100")
     shared = run_cli("token", "--user", "alice").stdout.strip()
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
-         "--count", "5", "--token", shared],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FANOUT_SECRET": SECRET})
+    listener = listen("lobby", "--port", str(node.port),
+                      "--count", "5", "--token", shared)
     try:
         assert "joined lobby" in listener.stdout.readline()
         # Who it is, from the token: the user a push must name to show here.
@@ -139,10 +148,7 @@ def test_listen_and_say_with_one_token_and_what_listen_shows(start_node):
         out = run_cli("say", "lobby", "bye", "--port", str(node.port), "--token", shared,
                       "--device-class", "other")
         assert out.returncode == 0, out.stderr
-        # The same file object as readline() (communicate() would miss its buffer).
-        stdout = listener.stdout.read()
-        listener.wait(20)
-        stderr = listener.stderr.read()
+        stdout, stderr = rest(listener)
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
@@ -211,17 +217,13 @@ def test_say_names_the_address_nothing_listens_on():
 def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
     """A node restart on the same port: listen reconnects by itself, resumes,
     and says so, and says the room's epoch changed (a new node's seqs)."""
-    import os
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     first = start_node(port=port)
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(port), "--count", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FANOUT_SECRET": SECRET})
+    listener = listen("lobby", "--port", str(port), "--count", "1")
     try:
         joined = listener.stdout.readline()
         assert "joined lobby" in joined
@@ -234,11 +236,8 @@ def test_listen_reports_a_reconnect_and_the_new_epoch(start_node):
             lines.append(listener.stdout.readline())
         out = run_cli("say", "lobby", "after the restart", "--port", str(port))
         assert out.returncode == 0, out.stderr
-        # Read on through the same file object: communicate() would read the
-        # pipe beneath it and miss what readline() already buffered.
-        lines += listener.stdout.read().splitlines()
-        listener.wait(30)
-        stderr = listener.stderr.read()
+        stdout, stderr = rest(listener, 30)
+        lines += stdout.splitlines()
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
@@ -275,7 +274,6 @@ def test_listen_shows_the_grant_and_the_heartbeat_search(start_node, tmp_path):
     the file. Short heartbeats: the node's default 300 ms, and the network
     known from the file to hold 300 ms so far."""
     import json
-    import os
     import re
     import time
     node = start_node("--presence-interval-ms", "0", "--ping-interval-ms", "300",
@@ -284,19 +282,14 @@ def test_listen_shows_the_grant_and_the_heartbeat_search(start_node, tmp_path):
     beats = tmp_path / "heartbeat.json"
     beats.write_text(json.dumps({"wifi:test": {"interval_ms": 300, "good_ms": 300,
                                                "locked": False}}))
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "fanout", "listen", "lobby", "--port", str(node.port),
-         "--count", "1", "--network", "wifi:test", "--heartbeat-file", str(beats)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FANOUT_SECRET": SECRET})
+    listener = listen("lobby", "--port", str(node.port),
+                      "--count", "1", "--network", "wifi:test", "--heartbeat-file", str(beats))
     try:
         assert "joined lobby" in listener.stdout.readline()
         time.sleep(3.0)                 # quiet: probes of 300 ms, three answered, a step
         out = run_cli("say", "lobby", "done", "--port", str(node.port))
         assert out.returncode == 0, out.stderr
-        stdout = listener.stdout.read()
-        listener.wait(20)
-        stderr = listener.stderr.read()
+        stdout, stderr = rest(listener)
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr
@@ -341,7 +334,6 @@ def test_the_readme_walkthrough_shows_what_it_says(node):
     the README quotes; the push reaches it because it names the listener's
     user (a push to a made-up listen-PID user would show nothing)."""
     import json
-    import os
     import re
     from pathlib import Path
 
@@ -355,11 +347,8 @@ def test_the_readme_walkthrough_shows_what_it_says(node):
         assert "Content-Type: application/json" in curl and "$FANOUT_API_KEY" in curl, curl
     quoted = re.findall(r"The listener(?:, \w+,)? prints `(\[[^`]+\][^`]*)`", using)
     assert len(quoted) == 2, quoted
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "fanout", "listen", room, "--user", user, "--port",
-         str(node.port), "--count", str(1 + len(bodies))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FANOUT_SECRET": SECRET})
+    listener = listen(room, "--user", user, "--port",
+                      str(node.port), "--count", str(1 + len(bodies)))
     try:
         assert f"joined {room}" in listener.stdout.readline()
         assert f"-- as user {user} " in listener.stdout.readline()
@@ -367,9 +356,7 @@ def test_the_readme_walkthrough_shows_what_it_says(node):
         assert out.returncode == 0, out.stderr
         for body in bodies:
             _publish(node, body)
-        stdout = listener.stdout.read()
-        listener.wait(20)
-        stderr = listener.stderr.read()
+        stdout, stderr = rest(listener)
     finally:
         listener.kill()
     assert listener.returncode == 0, stderr

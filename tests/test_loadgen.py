@@ -102,6 +102,16 @@ class TinyServer:
             self.threads.append(t)
 
     @staticmethod
+    def _until_closed(conn):
+        """Read (and drop) until the viewer closes its end, or 10 s."""
+        conn.settimeout(10)
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    @staticmethod
     def _read(conn, decoder):
         while True:
             data = conn.recv(65536)
@@ -142,12 +152,7 @@ class TinyServer:
                 conn.sendall(wire.encode_frame(FT.KICK, pb.Kick(
                     reason=pb.SLOW_CONSUMER, message="write backlog over its bound")))
                 conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(10)
-            try:
-                while conn.recv(65536):
-                    pass
-            except OSError:
-                pass
+            self._until_closed(conn)
 
     def close(self):
         self.done.set()

@@ -5,30 +5,22 @@ tell apart: an untrusted certificate, a wrong name, plaintext on the port."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import SECRET
+from conftest import SECRET, dev_certs
 from fanout.load import LoadConfig, build_viewers, plan, run
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run([sys.executable, "-m", "fanout", "cert", "--dir", str(d)], check=True,
-                   capture_output=True, timeout=60)
-    return d
+    return dev_certs(tmp_path_factory, "tls")
 
 
 @pytest.fixture(scope="module")
 def other_certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("other")
-    subprocess.run([sys.executable, "-m", "fanout", "cert", "--dir", str(d)], check=True,
-                   capture_output=True, timeout=60)
-    return d
+    return dev_certs(tmp_path_factory, "other")
 
 
 @pytest.fixture

@@ -189,12 +189,7 @@ class TinyWsServer(TinyServer):
                         reason=pb.SLOW_CONSUMER, message="write backlog over its bound"))))
                 conn.sendall(close_4031)
                 conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(10)
-            try:
-                while conn.recv(65536):
-                    pass
-            except OSError:
-                pass
+            self._until_closed(conn)
 
     @staticmethod
     def _frame(payload: bytes):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import token
+from conftest import dev_certs, token
 from nodeprobe import metric
 from rawclient import RawClient, WsRawClient
 from test_websocket import publish
@@ -45,10 +45,7 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("other")
-    subprocess.run([sys.executable, "-m", "fanout", "cert", "--dir", str(d)], check=True,
-                   capture_output=True, timeout=60)
-    return d
+    return dev_certs(tmp_path_factory, "other")
 
 
 def tls_flags(certs, *more):

@@ -863,9 +863,8 @@ export class Client {
       this._channel = msg.channel;
       const epoch = msg.channelEpoch;
       const seq = toNumber(msg.channelSeq);
-      const cur = this._cursors.get(msg.channel);
-      if (!cur) this._cursors.set(msg.channel, { epoch, seq });
-      else if (epoch !== cur.epoch || seq > cur.seq) { cur.epoch = epoch; cur.seq = seq; }
+      if (!this._cursors.has(msg.channel)) this._cursors.set(msg.channel, { epoch, seq });
+      this._resumed(msg.channel, epoch, seq);
     } else if (this._channel !== null) {
       // This node has no user channels: nothing comes through it here.
       this._cursors.delete(this._channel);
@@ -923,17 +922,22 @@ export class Client {
     return null;
   }
 
+  /** The node's answer to a resume of `room` (a resume point's Ack, the
+   * AuthOk for the channel): its cursor, unless in the same epoch it is
+   * behind ours. Then this node is behind the one left (a cluster): the
+   * seqs up to the cursor come again and are dropped as duplicates. */
+  _resumed(room, epoch, seq) {
+    const cur = this._cursors.get(room);
+    if (cur && (epoch !== cur.epoch || seq > cur.seq)) {
+      cur.epoch = epoch;
+      cur.seq = seq;
+    }
+  }
+
   _onAck(ack) {
     if (!ack.reqId) {
       // A Hello resume point, matched by room.
-      const cur = this._cursors.get(ack.room);
-      const seq = toNumber(ack.seq);
-      // Same epoch, lower seq: a cluster node behind the one left. The
-      // seqs up to the cursor come again and are dropped as duplicates.
-      if (cur && (ack.epoch !== cur.epoch || seq > cur.seq)) {
-        cur.epoch = ack.epoch;
-        cur.seq = seq;
-      }
+      this._resumed(ack.room, ack.epoch, toNumber(ack.seq));
       return null;
     }
     const pending = this._pending.get(ack.reqId);

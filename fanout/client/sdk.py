@@ -1002,11 +1002,8 @@ class Client:
             # The channel's cursor, read like a resume point's Ack (the Gap
             # and replay that follow in this read must see it).
             self._channel = msg.channel
-            cur = self._cursors.get(msg.channel)
-            if cur is None:
-                self._cursors[msg.channel] = [msg.channel_epoch, msg.channel_seq]
-            elif msg.channel_epoch != cur[0] or msg.channel_seq > cur[1]:
-                cur[0], cur[1] = msg.channel_epoch, msg.channel_seq
+            self._cursors.setdefault(msg.channel, [msg.channel_epoch, msg.channel_seq])
+            self._resumed(msg.channel, msg.channel_epoch, msg.channel_seq)
         elif self._channel is not None:
             # This node has no user channels: nothing comes through it here.
             self._cursors.pop(self._channel, None)
@@ -1059,12 +1056,7 @@ class Client:
     def _on_ack(self, ack: pb.Ack) -> None:
         if ack.req_id == 0:
             # Reply to a Hello resume point: matched by room.
-            cur = self._cursors.get(ack.room)
-            if cur is not None and (ack.epoch != cur[0] or ack.seq > cur[1]):
-                cur[0], cur[1] = ack.epoch, ack.seq
-            # Same epoch, lower seq: this node is behind the one the client
-            # left (a cluster). It sends the seqs the client already has as
-            # they reach it: dropped as duplicates, not yielded again.
+            self._resumed(ack.room, ack.epoch, ack.seq)
             return
         pending = self._pending.get(ack.req_id)
         if pending is None:
@@ -1076,6 +1068,16 @@ class Client:
             self._cursors[pending.room] = [ack.epoch, ack.seq]
         if not pending.future.done():
             pending.future.set_result(ack)
+
+    def _resumed(self, room: str, epoch: str, seq: int) -> None:
+        """The node's answer to a resume of ``room`` (a resume point's Ack,
+        the AuthOk for the channel): its cursor, unless in the same epoch it
+        is behind ours. Then this node is behind the one the client left (a
+        cluster): it sends the seqs the client already has as they reach it,
+        dropped as duplicates, not yielded again."""
+        cur = self._cursors.get(room)
+        if cur is not None and (epoch != cur[0] or seq > cur[1]):
+            cur[0], cur[1] = epoch, seq
 
     def _on_gap(self, gap: pb.Gap) -> None:
         cur = self._cursors.get(gap.room)

@@ -723,8 +723,7 @@ class Node:
 
     async def _publish(self, room: str, kind: int | str, payload: bytes | str, *,
                        sender: str, priority: int) -> int:
-        if self.draining:
-            raise Rejected(pb.DRAINING, "node is draining; publish to another node")
+        self._check_draining()
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         return await self.logic.publish(room, parse_kind(kind), payload, sender=sender,
@@ -735,8 +734,7 @@ class Node:
         """Publish a message to every connection of ``user``, on any node:
         to its channel (docs/protocol.md, section 5.10). Like
         :meth:`publish`; the seq is the channel's."""
-        if self.draining:                 # before a channel is opened for nothing
-            raise Rejected(pb.DRAINING, "node is draining; publish to another node")
+        self._check_draining()            # before a channel is opened for nothing
         self._check_channel(user)
         name = user_channel(user)
         # Connections waiting here join before the message is published, so
@@ -746,6 +744,10 @@ class Node:
         if self.clustered:
             self._broadcast(cpb.Control(op=cpb.Control.WAKE_CHANNEL, user=user))
         return seq
+
+    def _check_draining(self) -> None:
+        if self.draining:
+            raise Rejected(pb.DRAINING, "node is draining; publish to another node")
 
     def _check_channel(self, user: str) -> None:
         if not self.config.user_channels:
