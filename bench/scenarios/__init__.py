@@ -7,7 +7,10 @@ connect-storm, wire-bytes, sweep (deliveries/s against viewers, for the
 plot), profile (py-spy of the node at the reference load), node-peers (the
 engine against the Node peers alone), websocket (the engine over WebSocket
 against itself over TCP and against the Node peers), tls-reference (the
-reference room on the TCP, TLS, WebSocket and WSS ports), stalls-quiet (the stall tracer,
+reference room on the TCP, TLS, WebSocket and WSS ports), user-channels
+(connect-storm and idle-connections with users' channels on and off, in
+alternating pairs), reconnect-storm-channels (the cluster's reconnect-storm
+with them on, then off), stalls-quiet (the stall tracer,
 bench/stalltrace.py, in the node under the quiet-rooms load), or all. Each
 starts its own node process
 (``fanout node --port 0 --admin-port 0 ...`` with the settings it needs), its

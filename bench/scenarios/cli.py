@@ -10,8 +10,8 @@ from pathlib import Path
 
 import bench.scenarios
 from bench.scenarios.adversarial import adversarial
-from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, router_throughput,
-                                     workers_reference)
+from bench.scenarios.cluster import (cluster_quiet, reconnect_storm, reconnect_storm_channels,
+                                     router_throughput, workers_reference)
 from bench.scenarios.connections import connect_storm, idle_connections, user_channels
 from bench.scenarios.harness import ROOT, machine
 from bench.scenarios.node_peers import node_peers
@@ -47,6 +47,7 @@ SCENARIOS = {
     "router-throughput": router_throughput,
     "workers-reference": workers_reference,
     "reconnect-storm": reconnect_storm,
+    "reconnect-storm-channels": reconnect_storm_channels,
     "scaling": scaling,
     "writer-threads": writer_threads,
     "node-peers": node_peers,
@@ -56,7 +57,7 @@ SCENARIOS = {
 # Not part of "all": the hardening scenarios, run on their own (bench/README.md).
 SEPARATE = {"adversarial", "soak", "stalls-quiet", "cluster-quiet", "router-throughput",
             "workers-reference", "reconnect-storm", "scaling", "node-peers", "writer-threads",
-            "websocket", "tls-reference", "user-channels"}
+            "websocket", "tls-reference", "user-channels", "reconnect-storm-channels"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,6 +362,18 @@ def reconnect_storm(quick: bool, **extra) -> dict:
                        f"{at(0.5)} s, 99% after {p99} s, all after {at(1.0)} s"}
 
 
+def reconnect_storm_channels(quick: bool) -> dict:
+    """reconnect-storm with users' channels on (the default) and off, one
+    after the other: what the channel costs a cluster's resuming clients."""
+    runs = {label: reconnect_storm(quick, user_channels=value)
+            for label, value in (("on", 1), ("off", 0))}
+    p99 = {label: r["time_to_resumed_s"]["99%"] for label, r in runs.items()}
+    return {"runs": runs, "p99_resumed_s": p99,
+            "summary": f"99% resumed after {p99['on']} s with channels, {p99['off']} s without",
+            "target": TARGETS["reconnect-storm"] + ", channels on",
+            "verdict": runs["on"]["verdict"]}
+
+
 # ---------------------------------------------------------------- the hop alone
 
 def hop_latency(messages: int = 300, rate: float = 50.0) -> dict:
